@@ -1,0 +1,302 @@
+"""The run folder: the only bridge from training to evaluation and the app.
+
+``output_dir/``: ``config.yaml`` (resolved), ``student/`` (a diffusers LoRA file with adapter metadata, or a full
+pipeline), ``sampling.json`` (per step count: scheduler, explicit timesteps, guidance, initial-latent scale),
+``metrics.jsonl``, ``README.md`` (model card), ``checkpoints/``. :func:`load_student` turns it into a ready diffusers
+pipeline; validation, ``eval`` and ``app`` all sample through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .method import SamplingSpec, StepSampling
+from .models import embedded_teacher_path, load_pipeline, resolve_teacher
+
+SAMPLING_FILE = "sampling.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Write a folder under a temporary name and rename it into place only when complete.
+
+    A crash mid-write leaves ``<path>.tmp-*`` (ignored and cleaned later), never a half folder under ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def teacher_ref(path: str) -> str:
+    """How a run names its teacher: "embedded" for the shipped one (so runs move between clones), else the path/id."""
+    p = Path(path)
+    if p.exists() and p.resolve() == embedded_teacher_path().resolve():
+        return "embedded"
+    return str(p.resolve()) if p.exists() else path
+
+
+def weights_hash(folder: str | Path) -> str:
+    """A short hash of a pipeline folder's weight files (names, sizes and the first/last MiB), for cache keys."""
+    folder = Path(resolve_teacher(str(folder)))
+    if not folder.is_dir():
+        return hashlib.sha1(str(folder).encode()).hexdigest()[:16]
+    h = hashlib.sha1()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"):
+            h.update(str(f.relative_to(folder)).encode())
+            h.update(str(f.stat().st_size).encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+                if f.stat().st_size > 2 << 20:
+                    fh.seek(-(1 << 20), 2)
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def spec_to_json(spec: SamplingSpec) -> dict[str, Any]:
+    return {"default_steps": spec.default_steps,
+            "steps": {str(k): dataclasses.asdict(v) for k, v in sorted(spec.steps.items())}}
+
+
+def save_student(models: Any, folder: Path, spec: SamplingSpec, role: str = "student") -> None:
+    """Write the student alone: LoRA safetensors (with adapter metadata so ``lora_alpha`` survives
+    ``load_lora_weights``) or a full pipeline whose scheduler is the default step count's."""
+    pipe = models.pipe
+    if models.student_kind == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(models.unet, adapter_name=role)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        meta = models.unet.peft_config[role].to_dict()
+        type(pipe).save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=meta,
+                                     weight_name=LORA_FILE)
+    else:
+        net = models.net(role)
+        comps = {**pipe.components, "unet": net, "scheduler": make_scheduler(pipe.scheduler.config,
+                                                                             spec.steps[spec.default_steps])}
+        full = type(pipe)(**comps)
+        full.save_pretrained(folder, safe_serialization=True)
+
+
+def save_run(models: Any, method_name: str, spec: SamplingSpec, out: str | Path, cfg_yaml: str | None = None,
+             folder_name: str = "student", role: str = "student", extra: dict[str, Any] | None = None) -> Path:
+    """Export the student and ``sampling.json`` (and the resolved config) into a run folder; returns it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out / folder_name) as tmp:
+        save_student(models, tmp, spec, role)
+    info = {
+        "format": 1,
+        "method": method_name,
+        "pipeline": type(models.pipe).__name__,
+        "teacher": teacher_ref(models.teacher_path),
+        "teacher_hash": weights_hash(models.teacher_path),
+        "student": models.student_kind,
+        "student_dir": folder_name,
+        "lora": models.lora_config or None,
+        "resolution": models.resolution,
+        "prediction_type": models.prediction_type,
+        **spec_to_json(spec),
+        **(extra or {}),
+    }
+    name = SAMPLING_FILE if folder_name == "student" else f"sampling_{folder_name}.json"
+    atomic_write_text(out / name, json.dumps(info, indent=2))
+    if cfg_yaml is not None:
+        atomic_write_text(out / "config.yaml", cfg_yaml)
+    if folder_name == "student":
+        atomic_write_text(out / "README.md", model_card(info, out))
+    return out
+
+
+def model_card(info: dict[str, Any], out: Path) -> str:
+    steps = ", ".join(info["steps"])
+    d = info["steps"][str(info["default_steps"])]
+    ts = d["timesteps"]
+    load = (
+        f"pipe = {info['pipeline']}.from_pretrained(TEACHER)\n"
+        f"pipe.load_lora_weights(\"{out}/student\")\n" if info["student"] == "lora"
+        else f"pipe = {info['pipeline']}.from_pretrained(\"{out}/student\")\n"
+    )
+    return f"""---
+library_name: diffusers
+tags: [distill-diffusion, {info['method']}, step-distillation]
+---
+# {info['method']} student of `{info['teacher']}`
+
+Distilled with [distill-diffusion](https://github.com/) `--method {info['method']}`; student: {info['student']}.
+Supported step counts: {steps} (default {info['default_steps']}). Sampling settings per step count are in
+`sampling.json`.
+
+## Use with plain diffusers
+```python
+import torch
+from diffusers import {info['pipeline']}, {d['scheduler']}
+{load}pipe.scheduler = {d['scheduler']}.from_config(pipe.scheduler.config, **{d['scheduler_kwargs']!r})
+pipe.scheduler.init_noise_sigma = {d['init_noise_scale']}  # the initial latent's scale
+image = pipe("a photo of a sneaker", timesteps={ts}, guidance_scale={d['guidance_scale']}).images[0]
+```
+Or, with distill-diffusion installed: `pipe = distill_diffusion.load_student("{out}")`.
+"""
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+
+
+def read_sampling(run_dir: str | Path, name: str = SAMPLING_FILE) -> dict[str, Any]:
+    p = Path(run_dir) / name
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run folder {str(run_dir)!r} does not exist")
+    if not p.is_file():
+        raise UserError(f"{run_dir} has no {name}: not a finished distill-diffusion run (train.py writes it at the "
+                        "end and at each validation)")
+    try:
+        info = json.loads(p.read_text())
+        info["steps"] = {int(k): StepSampling(**v) for k, v in info["steps"].items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{p} is not a valid sampling file ({type(e).__name__}: {e})") from None
+    return info
+
+
+def make_scheduler(base_config: Any, s: StepSampling) -> Any:
+    """The diffusers scheduler of a step count, built from the teacher's schedule config."""
+    import diffusers
+
+    cls = getattr(diffusers, s.scheduler, None)
+    if cls is None:
+        raise UserError(f"unknown scheduler {s.scheduler!r} in sampling.json")
+    sched = cls.from_config(base_config, **s.scheduler_kwargs)
+    # The pipelines multiply the initial latent by init_noise_sigma: a method that starts from scaled noise
+    # (SiD's sqrt(1 - ᾱ(t_init)) z) records that scale here.
+    sched.init_noise_sigma = s.init_noise_scale
+    return sched
+
+
+class RunSampling:
+    """The sampling settings of a run, attached to a loaded pipeline as ``pipe.distill``."""
+
+    def __init__(self, info: dict[str, Any], run_dir: str | Path) -> None:
+        self.info, self.run_dir = info, Path(run_dir)
+        self.steps: dict[int, StepSampling] = info["steps"]
+        self.default_steps: int = info["default_steps"]
+        self.method: str = info.get("method", "?")
+
+    def get(self, steps: int | None) -> StepSampling:
+        k = self.default_steps if steps is None else steps
+        if k not in self.steps:
+            raise UserError(f"{self.run_dir} supports {sorted(self.steps)} steps, not {k}")
+        return self.steps[k]
+
+
+def load_student(run_dir: str | Path, steps: int | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, sampling_file: str = SAMPLING_FILE) -> Any:
+    """A ready diffusers pipeline for a run: the teacher + the LoRA (or the full student), and the run's scheduler.
+
+    ``pipe.distill`` holds the per-step-count settings; :func:`sample` applies them. ``steps`` picks the scheduler
+    configured on return (default: the run's default step count).
+    """
+    info = read_sampling(run_dir, sampling_file)
+    folder = Path(run_dir) / info.get("student_dir", "student")
+    if info["student"] == "lora":
+        f = folder / LORA_FILE
+        if not f.is_file():
+            raise UserError(f"{run_dir}: missing {f.relative_to(run_dir)}; the run did not finish exporting")
+        pipe = load_pipeline(info["teacher"], dtype)
+        _check_safetensors(f)
+        pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name="student")
+    else:
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"{run_dir}: {folder.name}/ is not a pipeline; the run did not finish exporting")
+        pipe = load_pipeline(str(folder), dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.distill = RunSampling(info, run_dir)
+    configure(pipe, steps)
+    return pipe
+
+
+def _check_safetensors(f: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                fh.get_slice(k)
+    except Exception as e:
+        raise UserError(f"{f} is not a readable safetensors file ({type(e).__name__}); re-export the run") from None
+
+
+def configure(pipe: Any, steps: int | None = None) -> StepSampling:
+    """Set the pipeline's scheduler for a step count of its run (or the teacher's own, for plain pipelines)."""
+    s = pipe.distill.get(steps)
+    pipe.scheduler = make_scheduler(pipe.scheduler.config, s)
+    return s
+
+
+def load_teacher(teacher: str = "embedded", device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Any:
+    """The teacher pipeline with a DDIM scheduler (eta 0), for reference rows."""
+    from diffusers import DDIMScheduler
+
+    pipe = load_pipeline(teacher, dtype)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample(pipe: Any, prompts: list[str], steps: int | None = None, seeds: list[int] | None = None,
+           guidance_scale: float | None = None, negative_prompt: str | None = None,
+           output_type: str = "pil", **kwargs: Any) -> tuple[Any, float]:
+    """Generate one image per prompt with per-image seeds; students use their run's settings for ``steps``.
+
+    Returns (images, seconds). A pipeline without ``pipe.distill`` is a teacher: DDIM with ``steps`` steps.
+    """
+    seeds = list(range(len(prompts))) if seeds is None else seeds
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    res = kwargs.pop("height", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    call: dict[str, Any] = {"height": res, "width": res, "generator": gens, "output_type": output_type}
+    if getattr(pipe, "distill", None) is not None:
+        s = configure(pipe, steps)
+        call.update(timesteps=list(s.timesteps), guidance_scale=s.guidance_scale if guidance_scale is None
+                    else guidance_scale)
+    else:
+        call.update(num_inference_steps=steps or 25, guidance_scale=guidance_scale or 1.0)
+    if negative_prompt is not None:
+        call["negative_prompt"] = [negative_prompt] * len(prompts)
+    t0 = time.perf_counter()
+    out = pipe(prompt=list(prompts), **call, **kwargs)
+    return out.images, time.perf_counter() - t0

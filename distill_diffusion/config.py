@@ -1,0 +1,216 @@
+"""Typed configuration: shared fields here, one dataclass per method (in its file), YAML holds values only.
+
+Resolution order: the dataclass defaults < the YAML file (``--config``) < ``key=value`` overrides (dotted for nested
+keys, e.g. ``method.w_max=12``). Parsing and validation happen before any heavy import, and every mistake becomes a
+:class:`UserError` with one line naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    images: str | None = None  # a folder of images with same-name .txt captions
+    dataset: str | None = None  # a `datasets` dataset saved with save_to_disk (or a hub name where there is network)
+    image_column: str = "image"
+    caption_column: str = "text"
+    prompts: str | None = None  # a text file, one prompt a line (data-free methods)
+    fashion_mnist: str | None = None  # folder of the Fashion-MNIST IDX files; default: Debian's or torchvision's
+    empty_prompt_prob: float = 0.0  # share of captions replaced by "" (keyed per sample)
+    center_crop: bool = True
+
+
+@dataclass
+class TrainConfig:
+    method_name: str = "lcm"  # set by --method; a YAML written for one method names it here
+    teacher: str = "embedded"  # a diffusers pipeline folder or hub id; "embedded" = the shipped Fashion-MNIST teacher
+    student: str = "lora"  # "lora" (adapters on the teacher's UNet) or "full" (a trainable copy)
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_targets: list[str] | None = None  # None: diffusers' LCM-LoRA reference list
+    init_from: str | None = None  # an earlier run folder whose student starts this one (staged recipes)
+    resolution: int | None = None  # None: the teacher's native size
+    max_steps: int = 1000
+    batch_size: int = 8  # per process
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    output_dir: str = "runs/run"
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 2
+    resume: str | None = None  # "latest" or a checkpoint folder
+    validation_steps: int = 0  # 0: only at the end
+    validation_prompts: list[str] | None = None
+    validation_seeds: int = 4  # images per prompt in the validation grid
+    logging_steps: int = 10
+    report_to: str = "tensorboard"  # tensorboard | none
+    max_nonfinite_steps: int = 20  # stop after this many skipped (non-finite) updates in a row
+    allow_overwrite: bool = False  # allow output_dir to hold a finished run that this one replaces
+    data: DataConfig = field(default_factory=DataConfig)
+    method: Any = None  # the method's own dataclass
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SHARED_KEYS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split("\n")[0].split())
+
+
+def parse_config(argv: list[str], registry: dict[str, type]) -> Any:
+    """Parse ``train.py`` arguments into a validated OmegaConf config (struct mode, typed).
+
+    argv: ``[--method NAME] [--config FILE] [--print-config] [key=value ...]``.
+    Returns ``(cfg, print_only)``.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    ap = argparse.ArgumentParser(prog="train.py", add_help=True,
+                                 description="Distill a diffusers teacher into a few-step student.")
+    ap.add_argument("--method", help=f"one of: {', '.join(registry)}")
+    ap.add_argument("--config", help="a YAML file of values (configs/<method>/<name>.yaml)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
+    args, unknown = ap.parse_known_args(argv)
+    if unknown:
+        raise UserError(f"unknown option {unknown[0]!r}; overrides are key=value without dashes (see --help)")
+
+    file_values: dict[str, Any] = {}
+    if args.config:
+        p = Path(args.config)
+        if not p.is_file():
+            raise UserError(f"--config {args.config}: no such file")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:
+            raise UserError(f"--config {args.config}: not valid YAML ({_one_line(e)})") from None
+        if not isinstance(OmegaConf.to_container(loaded), dict):
+            raise UserError(f"--config {args.config}: expected a mapping of keys to values")
+        file_values = OmegaConf.to_container(loaded)  # type: ignore[assignment]
+
+    file_method = file_values.get("method_name")
+    name = args.method or file_method or "lcm"
+    if name not in registry:
+        raise UserError(f"unknown method {name!r}; choose one of: {', '.join(registry)}")
+    if file_method and file_method != name:
+        raise UserError(f"--config {args.config} is written for method {file_method!r}, not {name!r}; "
+                        f"use --method {file_method} or a file under configs/{name}/")
+
+    for ov in args.overrides:
+        if "=" not in ov:
+            raise UserError(f"override {ov!r} is not key=value (e.g. max_steps=100)")
+        key = ov.split("=", 1)[0]
+        if key == "method_name" and ov.split("=", 1)[1] != name:
+            raise UserError("choose the method with --method, not method_name=")
+
+    method_cfg = registry[name].Config()
+    schema = OmegaConf.structured(TrainConfig(method_name=name, method=method_cfg))
+    # With no --config, the embedded teacher gets the values tuned for it (configs/<method>/default.yaml); the
+    # dataclass defaults stay the paper's.
+    teacher = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("teacher=")), "embedded")
+    default_file = CONFIG_DIR / name / "default.yaml"
+    if not args.config and teacher == "embedded" and default_file.is_file():
+        schema = OmegaConf.merge(schema, {k: v for k, v in OmegaConf.to_container(OmegaConf.load(default_file)).items()
+                                          if k != "method_name"})
+    try:
+        cfg = OmegaConf.merge(schema, file_values)
+    except OmegaConfBaseException as e:
+        raise UserError(f"--config {args.config}: {_describe(e, name)}") from None
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
+    except OmegaConfBaseException as e:
+        raise UserError(_describe(e, name)) from None
+    except ValueError as e:
+        raise UserError(f"bad override: {_one_line(e)}") from None
+    validate(cfg)
+    return cfg, args.print_config
+
+
+def _describe(e: Exception, method: str) -> str:
+    """One line for an OmegaConf error: the key, and the valid choices where it is a misspelling."""
+    key = getattr(e, "full_key", None) or ""
+    msg = getattr(e, "msg", None) or _one_line(e)
+    if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        if parent == "method":
+            return f"unknown key {key!r} for method {method!r}; its keys: {', '.join(_method_keys(e))}"
+        if parent == "data":
+            return f"unknown key {key!r}; data keys: {', '.join(f.name for f in dataclasses.fields(DataConfig))}"
+        close = _closest(key, SHARED_KEYS)
+        hint = f" (did you mean {close!r}?)" if close else ""
+        return f"unknown key {key!r}{hint}; run `python train.py --method {method} --print-config` for all keys"
+    if "Value '" in msg or "could not be converted" in msg or "Invalid type" in msg:
+        return f"wrong type for {key!r}: {_one_line(Exception(msg))}"
+    return f"{key + ': ' if key else ''}{_one_line(Exception(msg))}"
+
+
+def _method_keys(e: Exception) -> list[str]:
+    obj = getattr(e, "parent_node", None) or getattr(e, "object_type", None)
+    try:
+        return list(obj.keys())  # type: ignore[union-attr]
+    except Exception:
+        return []
+
+
+def _closest(key: str, choices: list[str]) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(key, choices, n=1, cutoff=0.75)
+    return m[0] if m else None
+
+
+def validate(cfg: Any) -> None:
+    """Range checks the types cannot express; each failure is one line."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise UserError(msg)
+
+    need(cfg.student in ("lora", "full"), f"student={cfg.student!r}: choose 'lora' or 'full'")
+    need(cfg.max_steps > 0, f"max_steps={cfg.max_steps}: must be at least 1")
+    need(cfg.batch_size > 0, f"batch_size={cfg.batch_size}: must be at least 1")
+    need(cfg.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be at least 1")
+    need(cfg.lora_rank > 0, f"lora_rank={cfg.lora_rank}: must be at least 1")
+    need(cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha}: must be positive")
+    need(cfg.learning_rate > 0, f"learning_rate={cfg.learning_rate}: must be positive")
+    need(cfg.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision={cfg.mixed_precision!r}: no, fp16 or bf16")
+    need(cfg.checkpointing_steps > 0, "checkpointing_steps must be at least 1")
+    need(cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit > 0,
+         "checkpoints_total_limit must be at least 1 (or null for no limit)")
+    need(cfg.validation_steps >= 0, "validation_steps must be 0 (end only) or positive")
+    need(cfg.report_to in ("tensorboard", "none"), f"report_to={cfg.report_to!r}: tensorboard or none")
+    need(0.0 <= cfg.data.empty_prompt_prob <= 1.0, "data.empty_prompt_prob must be in [0, 1]")
+    need(cfg.resolution is None or cfg.resolution > 0, "resolution must be positive")
+    check = getattr(method_object(cfg), "check", None)  # a method's own range checks raise UserError
+    if check is not None:
+        check()
+
+
+def to_yaml(cfg: Any) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(cfg)
+
+
+def method_object(cfg: Any) -> Any:
+    """The method's dataclass instance (with its methods, e.g. ``validate``) from the OmegaConf node."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg.method)

@@ -1,0 +1,226 @@
+"""The method interface: what a distillation paper implements, and the data it receives.
+
+A method owns the maths of one paper. It declares its roles and how they update, and returns losses; the training
+loop (``distill_diffusion.loop``) calls backward and steps the optimizers. Methods never touch tokenizers, VAEs,
+optimizers or the accelerator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .models import Models
+
+
+@dataclass
+class Cond:
+    """Text conditioning for a batch, as every UNet call needs it.
+
+    prompt_embeds: (B, L, D); pooled: (B, D2) SDXL ``text_embeds`` or None; time_ids: (B, 6) SDXL ``add_time_ids``
+    or None.
+    """
+
+    prompt_embeds: Tensor
+    pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"encoder_hidden_states": self.prompt_embeds}
+        if self.pooled is not None:
+            kw["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kw
+
+    def cat(self, other: Cond) -> Cond:
+        """Concatenate along the batch (used to run cond and uncond in one forward)."""
+
+        def c(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            return None if a is None else torch.cat([a, b])
+
+        return Cond(c(self.prompt_embeds, other.prompt_embeds), c(self.pooled, other.pooled),
+                    c(self.time_ids, other.time_ids))
+
+    def index(self, idx: Tensor | slice) -> Cond:
+        def s(a: Tensor | None) -> Tensor | None:
+            return None if a is None else a[idx]
+
+        return Cond(s(self.prompt_embeds), s(self.pooled), s(self.time_ids))
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+
+class StepRNG:
+    """Random draws keyed by (seed, step, global sample index, tag), so a run's randomness does not depend on how it
+    was split across processes or interrupted and resumed.
+
+    Per-sample draws use one generator per sample; shared draws (one value for the whole global batch, e.g. DMD2's
+    backward-simulation step) use a generator keyed without the sample index.
+    """
+
+    def __init__(self, seed: int, step: int, sample_ids: Tensor, device: torch.device | str = "cpu") -> None:
+        self.seed, self.step, self.device = seed, step, torch.device(device)
+        self.sample_ids = [int(i) for i in sample_ids]
+
+    def _gen(self, *key: Any) -> torch.Generator:
+        h = hashlib.blake2b(repr((self.seed, self.step) + key).encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+
+    def randn(self, shape: tuple[int, ...], tag: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Standard normal noise of shape (B, *shape), row i keyed by sample i."""
+        rows = [torch.randn(shape, generator=self._gen(tag, i)) for i in self.sample_ids]
+        return torch.stack(rows).to(self.device, dtype)
+
+    def rand(self, tag: str) -> Tensor:
+        """U[0, 1) per sample, (B,)."""
+        return torch.stack([torch.rand((), generator=self._gen(tag, i)) for i in self.sample_ids]).to(self.device)
+
+    def randint(self, low: int, high: int, tag: str) -> Tensor:
+        """Integers in [low, high) per sample, (B,) int64."""
+        return torch.stack(
+            [torch.randint(low, high, (), generator=self._gen(tag, i)) for i in self.sample_ids]
+        ).to(self.device)
+
+    def uniform(self, low: float, high: float, tag: str) -> Tensor:
+        return low + (high - low) * self.rand(tag)
+
+    def shared_randint(self, low: int, high: int, tag: str) -> int:
+        """One integer in [low, high) for the whole global batch at this step."""
+        return int(torch.randint(low, high, (), generator=self._gen(tag, "shared")))
+
+
+@dataclass
+class Batch:
+    """What a method receives at a step.
+
+    latents: (B, C, h, w) VAE latents of real images, already multiplied by the VAE scaling factor; None for
+    data-free runs. cond / uncond: the prompts' and the empty prompt's conditioning. prompts: the captions.
+    rng: keyed random draws for this step and these samples.
+    """
+
+    latents: Tensor | None
+    cond: Cond
+    uncond: Cond
+    prompts: list[str]
+    rng: StepRNG
+
+    def __len__(self) -> int:
+        return len(self.cond)
+
+
+@dataclass
+class StepSampling:
+    """How a student samples at one step count (diffusers scheduler + explicit timesteps)."""
+
+    scheduler: str  # a diffusers scheduler class name, e.g. "LCMScheduler"
+    timesteps: list[int]  # explicit timesteps, in sampling order
+    guidance_scale: float = 1.0  # diffusers convention; for full LCM students it feeds the guidance embedding
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    init_noise_scale: float = 1.0  # the initial latent is init_noise_scale * N(0, I)
+
+
+@dataclass
+class SamplingSpec:
+    """Per supported step count, how the student samples; written to ``sampling.json``."""
+
+    steps: dict[int, StepSampling]
+    default_steps: int
+
+
+@dataclass
+class TargetSpec:
+    """A target network: a no-gradient copy of ``source`` updated by EMA with ``decay`` after each of its steps.
+
+    ``decay=None`` means the source's own current weights, used without gradient (LCM-LoRA, TSCD-LoRA).
+    """
+
+    source: str = "student"
+    decay: float | None = None
+
+
+@dataclass
+class OptimizerSettings:
+    """Per-role optimizer overrides; None falls back to the shared config."""
+
+    learning_rate: float | None = None
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    eps: float | None = None
+
+
+class Method:
+    """One distillation algorithm. Owns the maths; never calls backward, step or the accelerator.
+
+    Subclasses set ``Config`` (a dataclass of the paper's defaults) and implement :meth:`loss` and
+    :meth:`sampling`. Inherit only from this class; never from a concrete method.
+    """
+
+    Config: ClassVar[type]
+    needs_images: ClassVar[bool] = True  # False for data-free methods (SiD): prompts alone suffice
+    # True when no gradient ever flows through a forward of another role (gradient checkpointing is then safe)
+    checkpointing_safe: ClassVar[bool] = True
+
+    def __init__(self, cfg: Any, train_cfg: Any, models: Models) -> None:
+        self.cfg, self.train_cfg, self.models = cfg, train_cfg, models
+
+    # ---- declarations, read by the loop before training --------------------------------------------------------
+    @classmethod
+    def roles_for(cls, cfg: Any) -> tuple[str, ...]:
+        """Trainable roles in update order; may depend on the method's config."""
+        return ("student",)
+
+    @classmethod
+    def targets_for(cls, cfg: Any, student: str) -> dict[str, TargetSpec]:
+        """Target networks by name (``student`` is "lora" or "full")."""
+        return {}
+
+    @classmethod
+    def student_unet_overrides(cls, cfg: Any, student: str) -> dict[str, Any]:
+        """UNet config changes for a full student (LCM's guidance embedding: {"time_cond_proj_dim": 256})."""
+        return {}
+
+    def optimizer_settings(self, role: str) -> OptimizerSettings:
+        return OptimizerSettings()
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Extra trainable modules per role (a GAN head belongs to the critic). Built in __init__."""
+        return {}
+
+    def updates(self, step: int) -> tuple[str, ...]:
+        """Which roles update at this step (two time-scale rules live here)."""
+        return self.roles_for(self.cfg)
+
+    # ---- the maths -----------------------------------------------------------------------------------------------
+    def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Scalar loss for ``role`` at ``step`` and floats to log."""
+        raise NotImplementedError
+
+    def sampling(self) -> SamplingSpec:
+        raise NotImplementedError
+
+    # ---- optional hooks ------------------------------------------------------------------------------------------
+    def exports(self, step: int) -> dict[str, SamplingSpec]:
+        """Extra students to export at ``step`` (after its updates), by folder name (TSCD's per-stage students)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def masked_mean(per_sample: Tensor) -> tuple[Tensor, int]:
+    """Mean of the finite entries of a (B,) loss; returns (mean, number of non-finite samples dropped).
+
+    A non-finite sample contributes zero loss and zero gradient, so one bad sample cannot poison an update.
+    """
+    ok = torch.isfinite(per_sample.detach())
+    dropped = int((~ok).sum())
+    safe = torch.where(ok, per_sample, torch.zeros_like(per_sample))
+    return safe.sum() / ok.sum().clamp(min=1), dropped

@@ -1,0 +1,398 @@
+"""Load a teacher pipeline and build the trainable roles around it.
+
+Roles: ``student`` and optionally ``critic`` (trainable), ``teacher`` (frozen), plus target networks (no gradient).
+With ``student=lora`` every trainable role is a peft LoRA adapter on the one shared base UNet and the teacher is that
+UNet with adapters disabled: one copy of the base weights. With ``student=full`` each trainable role is a full copy.
+Roles are switched only through :meth:`Models.role`, which restores the active adapter and ``requires_grad`` on exit
+(peft's ``set_adapter`` / ``enable_adapters(False)`` rewrite ``requires_grad``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import schedule
+from .errors import UserError
+from .method import Cond, TargetSpec
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# LoRA targets of diffusers' LCM-LoRA reference (attention, feed-forward, resnets, resamplers, time projections).
+DEFAULT_LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]
+
+
+def embedded_teacher_path() -> Path:
+    """The small Fashion-MNIST teacher shipped inside the package."""
+    return Path(__file__).parent / "assets" / "fmnist_teacher"
+
+
+def resolve_teacher(teacher: str) -> str:
+    """``"embedded"`` -> the shipped teacher's folder; otherwise a local folder or hub id, unchanged."""
+    return str(embedded_teacher_path()) if teacher in ("embedded", "", None) else teacher
+
+
+def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32) -> Any:
+    """Load a diffusers SD-family pipeline from a folder or hub id; UserError with what to do when that fails."""
+    from diffusers import DiffusionPipeline
+
+    path = resolve_teacher(teacher)
+    if os.path.isdir(path):
+        if not (Path(path) / "model_index.json").is_file():
+            raise UserError(f"teacher {path!r} is not a diffusers pipeline folder (no model_index.json); "
+                            "give a folder written by save_pretrained or a hub id")
+        cls_name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
+        if cls_name not in SUPPORTED_PIPELINES:
+            raise UserError(f"teacher {path!r} is a {cls_name}; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    elif os.path.exists(path):
+        raise UserError(f"teacher {path!r} is a file, not a diffusers pipeline folder")
+    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise UserError(f"teacher {path!r} does not exist; give a diffusers pipeline folder or a hub id (org/name)")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
+    except OSError as e:  # hub id while offline, missing files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load teacher {path!r} ({first[:200]}); offline machines need a local folder "
+                        "(set HF_HUB_OFFLINE=1 and use a downloaded pipeline)") from None
+    if type(pipe).__name__ not in SUPPORTED_PIPELINES:
+        raise UserError(f"teacher {path!r} is a {type(pipe).__name__}; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    return pipe
+
+
+def _tuner_layers(module: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class Models:
+    """The teacher pipeline's frozen parts, and the roles built from its UNet.
+
+    Attributes: ``pipe`` (the teacher pipeline; its UNet is the shared base), ``alphas_cumprod`` (T,),
+    ``prediction_type``, ``num_train_timesteps``, ``latent_shape`` (C, h, w), ``resolution`` (pixels),
+    ``is_sdxl``, ``student_kind`` ("lora" or "full").
+    """
+
+    def __init__(
+        self,
+        teacher: str,
+        student: str = "lora",
+        roles: tuple[str, ...] = ("student",),
+        targets: dict[str, TargetSpec] | None = None,
+        lora_rank: int = 16,
+        lora_alpha: float = 16,
+        lora_targets: list[str] | None = None,
+        unet_overrides: dict[str, Any] | None = None,
+        resolution: int | None = None,
+        device: torch.device | str = "cpu",
+        weight_dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        from diffusers import DDPMScheduler
+
+        self.device, self.weight_dtype = torch.device(device), weight_dtype
+        self.teacher_path = resolve_teacher(teacher)
+        self.pipe = load_pipeline(teacher)
+        self.is_sdxl = type(self.pipe).__name__ == "StableDiffusionXLPipeline"
+        self.student_kind = student
+        sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
+        self.prediction_type = sched.config.prediction_type
+        self.num_train_timesteps = sched.config.num_train_timesteps
+        unet = self.pipe.unet
+        self.vae_scale_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        self.resolution = resolution or unet.config.sample_size * self.vae_scale_factor
+        h = self.resolution // self.vae_scale_factor
+        self.latent_shape = (unet.config.in_channels, h, h)
+        self.vae_scaling = self.pipe.vae.config.scaling_factor
+
+        # Frozen parts: never in an optimizer. SDXL's VAE overflows in fp16, so VAEs stay fp32.
+        for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
+            m = getattr(self.pipe, name, None)
+            if m is not None:
+                m.requires_grad_(False).eval()
+                want = torch.float32 if name == "vae" else weight_dtype
+                m.to(self.device) if m.dtype == want else m.to(self.device, want)
+
+        self.roles = tuple(roles)
+        self.targets = dict(targets or {})
+        self.lora_config: dict[str, Any] = {}
+        self._nets: dict[str, nn.Module] = {}  # full mode: role -> module
+        if student == "lora":
+            if unet_overrides:
+                pass  # LoRA students keep the teacher's architecture (LCM-LoRA has no guidance embedding)
+            from peft import LoraConfig
+
+            targets_list = list(lora_targets or DEFAULT_LORA_TARGETS)
+            self.lora_config = {"r": lora_rank, "lora_alpha": lora_alpha, "target_modules": targets_list}
+            for role in self.roles:
+                # init_lora_weights=True: B = 0, so every adapter starts exactly at the teacher.
+                unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=role)
+            for name, spec in self.targets.items():
+                if spec.decay is not None:
+                    unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=name)
+            if not _tuner_layers(unet):
+                raise UserError(f"lora_targets {targets_list} match no module of the teacher's UNet; "
+                                "name Linear/Conv2d modules such as to_q, to_k, to_v, to_out.0")
+            self._tuners = _tuner_layers(unet)
+            # LoRA tensors train in fp32 even when the frozen base is in half precision.
+            for n, p in unet.named_parameters():
+                if "lora_" in n:
+                    p.data = p.data.float()
+            unet.set_adapter(self.roles[0])
+            self._base_active = self.roles[0]
+            for name, spec in self.targets.items():
+                if spec.decay is not None:
+                    self._copy_adapter(spec.source, name)
+        elif student == "full":
+            for role in self.roles:
+                self._nets[role] = self._full_copy(unet, unet_overrides if role == "student" else None)
+            for name, spec in self.targets.items():
+                if spec.decay is not None:
+                    self._nets[name] = copy.deepcopy(self._nets[spec.source]).requires_grad_(False)
+        else:
+            raise UserError(f"student={student!r}: choose 'lora' or 'full'")
+        self.unet = unet
+        self._prompt_cache: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self._uncond_cache: tuple[Tensor, Tensor | None] | None = None
+
+    # ---- building ------------------------------------------------------------------------------------------------
+    def _full_copy(self, unet: nn.Module, overrides: dict[str, Any] | None) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        if overrides:
+            config = {**dict(unet.config), **overrides}
+            net = UNet2DConditionModel.from_config(config)
+            missing, unexpected = net.load_state_dict(unet.state_dict(), strict=False)
+            assert not unexpected, unexpected
+        else:
+            net = copy.deepcopy(unet)
+        return net.to(self.device, torch.float32).requires_grad_(True).train()
+
+    def _lora_state(self, adapter: str) -> dict[str, Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.unet, adapter_name=adapter)
+
+    def _copy_adapter(self, src: str, dst: str) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.unet, {k: v.clone() for k, v in self._lora_state(src).items()},
+                                  adapter_name=dst)
+
+    # ---- roles ---------------------------------------------------------------------------------------------------
+    def _lora_params(self, adapter: str) -> list[nn.Parameter]:
+        tag = f".{adapter}."
+        return [p for n, p in self.unet.named_parameters() if "lora_" in n and tag in n + "."]
+
+    def parameters(self, role: str) -> list[nn.Parameter]:
+        """The trainable tensors of a role (LoRA tensors, or all of a full copy)."""
+        if self.student_kind == "lora":
+            return self._lora_params(role)
+        return list(self._nets[role].parameters())
+
+    def net(self, role: str) -> nn.Module:
+        """The module that computes ``role``; with LoRA always the shared base (use inside :meth:`role`)."""
+        if self.student_kind == "lora" or role == "teacher":
+            return self.unet
+        if role in self._nets:
+            return self._nets[role]
+        if role in self.targets:  # decay None: the source's own weights, used without gradient
+            return self._nets[self.targets[role].source]
+        raise KeyError(role)
+
+    @contextlib.contextmanager
+    def role(self, name: str) -> Iterator[nn.Module]:
+        """Make ``name`` the active role of the shared UNet and yield the module to call.
+
+        On exit the previous adapter state and every LoRA tensor's ``requires_grad`` are restored, whatever peft did.
+        Target roles with ``decay=None`` run the source's weights; callers wrap them in ``torch.no_grad``.
+        """
+        if self.student_kind != "lora":
+            yield self.net(name)
+            return
+        saved = [(p, p.requires_grad) for n, p in self.unet.named_parameters() if "lora_" in n]
+        prev_active, prev_disabled = self._base_active, self._tuners[0].disable_adapters
+        adapter = name
+        if name in self.targets and self.targets[name].decay is None:
+            adapter = self.targets[name].source
+        try:
+            if name == "teacher":
+                for layer in self._tuners:
+                    layer.enable_adapters(False)
+            else:
+                for layer in self._tuners:
+                    layer.enable_adapters(True)
+                    layer.set_adapter(adapter)
+                self._base_active = adapter
+            yield self.unet
+        finally:
+            for layer in self._tuners:
+                layer.enable_adapters(True)
+                layer.set_adapter(prev_active)
+                if prev_disabled:
+                    layer.enable_adapters(False)
+            self._base_active = prev_active
+            for p, flag in saved:
+                p.requires_grad_(flag)
+
+    @contextlib.contextmanager
+    def trainable(self, role: str) -> Iterator[None]:
+        """requires_grad on ``role``'s tensors only, for the duration of its loss and backward."""
+        everything = self.all_trainable()
+        saved = [(p, p.requires_grad) for p in everything]
+        mine = {id(p) for p in self.parameters(role)}
+        for p in everything:
+            p.requires_grad_(id(p) in mine)
+        try:
+            yield
+        finally:
+            for p, flag in saved:
+                p.requires_grad_(flag)
+
+    def all_trainable(self) -> list[nn.Parameter]:
+        out: list[nn.Parameter] = []
+        for role in self.roles:
+            out += self.parameters(role)
+        return out
+
+    @torch.no_grad()
+    def update_target(self, name: str) -> None:
+        """EMA step of target ``name`` towards its source: θ' <- decay θ' + (1 - decay) θ."""
+        spec = self.targets[name]
+        if spec.decay is None:
+            return
+        src, dst = self.parameters(spec.source), self.parameters(name) if self.student_kind == "lora" else list(
+            self._nets[name].parameters())
+        torch._foreach_lerp_(dst, src, 1 - spec.decay)
+
+    def frozen_base(self) -> nn.Module:
+        return self.unet
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        mods = [self.unet] if self.student_kind == "lora" else [self._nets[r] for r in self.roles]
+        for m in mods:
+            if on:
+                m.enable_gradient_checkpointing()
+            else:
+                m.disable_gradient_checkpointing()
+
+    # ---- calling the networks ------------------------------------------------------------------------------------
+    def unet_out(
+        self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond | None = None,
+        guidance: Tensor | float | None = None, timestep_cond: Tensor | None = None,
+    ) -> Tensor:
+        """The raw output of ``role`` at (x_t, t), with CFG (diffusers convention) when ``guidance`` is given.
+
+        Conditional and unconditional passes run as one batched forward. xt (B, C, h, w), t (B,), guidance scalar
+        or (B,). Returns (B, C, h, w) in fp32.
+        """
+        with self.role(role) as net:
+            dtype = next(net.parameters()).dtype if role == "teacher" or self.student_kind == "lora" else None
+            cast = (lambda x: x.to(dtype)) if dtype is not None else (lambda x: x)
+            if guidance is None or (not isinstance(guidance, Tensor) and guidance == 1.0):
+                out = net(cast(xt), t, timestep_cond=timestep_cond, **_cast_cond(cond, cast).unet_kwargs()).sample
+                return out.float()
+            assert uncond is not None, "guidance needs the unconditional conditioning"
+            both = _cast_cond(cond.cat(uncond), cast)
+            tc = None if timestep_cond is None else torch.cat([timestep_cond, timestep_cond])
+            out = net(cast(torch.cat([xt, xt])), torch.cat([t, t]), timestep_cond=tc, **both.unet_kwargs()).sample
+            c, u = out.float().chunk(2)
+            return schedule.cfg(u, c, guidance)
+
+    def predict(
+        self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond | None = None,
+        guidance: Tensor | float | None = None, timestep_cond: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(x0, eps) predicted by ``role`` at (x_t, t); see :meth:`unet_out`."""
+        out = self.unet_out(role, xt, t, cond, uncond, guidance, timestep_cond)
+        return schedule.split_prediction(out, xt, t, self.alphas_cumprod, self.prediction_type)
+
+    def denoising_target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The teacher's own regression target (eps, v or x0) for a denoising loss."""
+        return schedule.model_target(x0, eps, t, self.alphas_cumprod, self.prediction_type)
+
+    # ---- frozen encoders -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
+        p = self.pipe
+        if self.is_sdxl:
+            pe, _, pooled, _ = p.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
+                                               do_classifier_free_guidance=False)
+            return pe.float(), pooled.float()
+        pe, _ = p.encode_prompt(prompts, self.device, 1, False)
+        return pe.float(), None
+
+    def _time_ids(self, b: int) -> Tensor:
+        r = self.resolution
+        # (original size, crop top-left, target size): SDXL's micro-conditioning for an uncropped square image.
+        return torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=self.device).repeat(b, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Conditioning for a list of prompts; each distinct prompt is encoded once and cached (frozen encoders)."""
+        new = [q for q in dict.fromkeys(prompts) if q not in self._prompt_cache]
+        if new:
+            if len(self._prompt_cache) > 50_000:
+                self._prompt_cache.clear()
+            pe, pooled = self._encode_text(new)
+            for i, q in enumerate(new):
+                self._prompt_cache[q] = (pe[i], None if pooled is None else pooled[i])
+        rows = [self._prompt_cache[q] for q in prompts]
+        pe = torch.stack([r[0] for r in rows])
+        pooled = torch.stack([r[1] for r in rows]) if self.is_sdxl else None
+        return Cond(pe, pooled, self._time_ids(len(prompts)) if self.is_sdxl else None)
+
+    @torch.no_grad()
+    def encode_uncond(self, b: int) -> Cond:
+        """The unconditional branch: the empty prompt (SD1.x/2.x), zeros when SDXL forces them (its convention)."""
+        if self._uncond_cache is None:
+            if self.is_sdxl and self.pipe.config.get("force_zeros_for_empty_prompt", True):
+                pe, pooled = self._encode_text([""])
+                self._uncond_cache = (torch.zeros_like(pe[0]), torch.zeros_like(pooled[0]))
+            else:
+                pe, pooled = self._encode_text([""])
+                self._uncond_cache = (pe[0], None if pooled is None else pooled[0])
+        pe, pooled = self._uncond_cache
+        return Cond(pe[None].expand(b, -1, -1), None if pooled is None else pooled[None].expand(b, -1),
+                    self._time_ids(b) if self.is_sdxl else None)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w); ``noise`` samples the posterior."""
+        dist = self.pipe.vae.encode(images.to(self.device, torch.float32)).latent_dist
+        z = dist.mean if noise is None else dist.mean + dist.std * noise
+        shift = getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae_scaling
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images in [-1, 1]."""
+        shift = getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
+        return self.pipe.vae.decode(latents.float() / self.vae_scaling + shift).sample.clamp(-1, 1)
+
+    def latent_posterior_shape(self) -> tuple[int, int, int]:
+        return self.latent_shape
+
+
+def _cast_cond(c: Cond, cast: Any) -> Cond:
+    return Cond(cast(c.prompt_embeds), None if c.pooled is None else cast(c.pooled),
+                None if c.time_ids is None else cast(c.time_ids))

@@ -1,0 +1,144 @@
+"""Latent Consistency Distillation (LCM / LCM-LoRA).
+
+Luo, Tan, Huang, Li, Zhao. "Latent Consistency Models: Synthesizing High-Resolution Images with Few-Step
+Inference", 2023 (arXiv:2310.04378), and "LCM-LoRA: A Universal Stable-Diffusion Acceleration Module", 2023
+(arXiv:2311.05556). Checked against diffusers' examples/consistency_distillation/train_lcm_distill_*.py.
+
+One update per step for the student:
+  n ~ U{0..N-1}, t_n = (n+1)k - 1 on the skipping-step grid (k = T/N), x_{t_n} = noise(x0, t_n);
+  student:  f_θ(x_{t_n}, t_n) = c_skip(t_n) x_{t_n} + c_out(t_n) x̂0_θ                  (LCM eq. 9)
+  teacher:  one guided DDIM step t_n -> t_n - k, x̂0 = cond + ω (cond - uncond)          (LCM eq. 8)
+  target:   f_θ⁻(x̂_{t_n-k}, t_n - k) with θ⁻ = EMA(θ) (full) or θ without gradient (LoRA)
+  loss:     pseudo-Huber d(f_θ, f_θ⁻) with c = 0.001                                     (LCM-LoRA recipes)
+The paper's ω (cond + ω(cond - uncond)) is ``w - 1`` of our diffusers-convention w; full students embed ω with the
+UNet's ``time_cond_proj_dim`` exactly as diffusers' pipelines feed ``guidance_scale - 1`` at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distill_diffusion import schedule
+from distill_diffusion.errors import UserError
+from distill_diffusion.method import Batch, Method, SamplingSpec, StepSampling, TargetSpec, masked_mean
+
+
+@dataclass
+class LCMConfig:
+    num_ddim_timesteps: int = 50  # N, skipping-step solver grid (k = T / N = 20)
+    w_min: float = 6.0  # guidance range, diffusers convention (the paper's ω_min = 5, plus 1)
+    w_max: float = 16.0  # (the paper's ω_max = 15, plus 1)
+    loss_type: str = "huber"  # "huber" (pseudo-Huber) or "l2"
+    huber_c: float = 0.001  # c of the pseudo-Huber metric
+    ema_decay: float = 0.95  # μ, target network EMA for full students (LoRA uses the online weights)
+    timestep_scaling: float = 10.0  # boundary-condition scaling of t (diffusers' LCMScheduler)
+    sigma_data: float = 0.5  # σ_data of the boundary conditions
+    w_embedding_dim: int = 256  # full students: guidance embedding size (time_cond_proj_dim)
+    sample_guidance: float = 8.0  # full students: guidance fed to the embedding at sampling (diffusers convention)
+    sampling_steps: tuple[int, ...] = (1, 2, 4, 8)  # exported step counts
+    default_steps: int = 4
+
+    def check(self) -> None:
+        if not 1 <= self.w_min <= self.w_max:
+            raise UserError(f"method.w_min={self.w_min}, method.w_max={self.w_max}: need 1 <= w_min <= w_max "
+                            "(diffusers convention, 1 = no guidance)")
+        if self.loss_type not in ("huber", "l2"):
+            raise UserError(f"method.loss_type={self.loss_type!r}: huber or l2")
+        if self.num_ddim_timesteps < 2 or 1000 % self.num_ddim_timesteps:
+            raise UserError("method.num_ddim_timesteps must divide the 1000 training timesteps (e.g. 50)")
+        if not self.sampling_steps or min(self.sampling_steps) < 1 or self.default_steps not in self.sampling_steps:
+            raise UserError("method.sampling_steps must be positive and contain method.default_steps")
+
+
+def lcm_teacher_guidance(cond: Tensor, uncond: Tensor, w: Tensor) -> Tensor:
+    """The teacher's guided prediction of the paper, cond + ω (cond - uncond), with ω = w - 1 (w diffusers')."""
+    omega = schedule.diffusers_to_paper_guidance(w)
+    return cond + omega.reshape(-1, *[1] * (cond.ndim - 1)) * (cond - uncond)
+
+
+def consistency_output(xt: Tensor, x0: Tensor, t: Tensor, sigma_data: float, timestep_scaling: float) -> Tensor:
+    """f(x, t) = c_skip(t) x + c_out(t) x̂0 (LCM eq. 9). xt, x0: (B, C, h, w); t: (B,)."""
+    c_skip, c_out = schedule.boundary_scalings(t, sigma_data, timestep_scaling)
+    return c_skip.reshape(-1, 1, 1, 1) * xt + c_out.reshape(-1, 1, 1, 1) * x0
+
+
+def lcm_loss(pred: Tensor, target: Tensor, loss_type: str = "huber", c: float = 0.001) -> Tensor:
+    """Per-sample consistency distance (B,): pseudo-Huber sqrt(d² + c²) - c, or squared error, averaged over pixels."""
+    if loss_type == "l2":
+        return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+    return schedule.pseudo_huber(pred, target, c)
+
+
+class LCM(Method):
+    Config = LCMConfig
+
+    @classmethod
+    def targets_for(cls, cfg: LCMConfig, student: str) -> dict[str, TargetSpec]:
+        return {"target": TargetSpec("student", cfg.ema_decay if student == "full" else None)}
+
+    @classmethod
+    def student_unet_overrides(cls, cfg: LCMConfig, student: str) -> dict[str, Any]:
+        return {"time_cond_proj_dim": cfg.w_embedding_dim} if student == "full" else {}
+
+    def __init__(self, cfg: LCMConfig, train_cfg: Any, models: Any) -> None:
+        super().__init__(cfg, train_cfg, models)
+        T = models.num_train_timesteps
+        self.k = T // cfg.num_ddim_timesteps
+        self.solver_t = schedule.solver_timesteps(T, cfg.num_ddim_timesteps).to(models.device)
+        self.w_embed = models.student_kind == "full"
+
+    def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        m, c = self.models, self.cfg
+        x0 = batch.latents
+        n = batch.rng.randint(0, c.num_ddim_timesteps, "lcm-n")
+        t_n = self.solver_t[n]
+        t_prev = (t_n - self.k).clamp(min=0)  # the first grid point steps to ᾱ[0], as diffusers' DDIMSolver
+        eps = batch.rng.randn(tuple(x0.shape[1:]), "lcm-noise")
+        x_tn = schedule.add_noise(x0, eps, t_n, m.alphas_cumprod)
+        w = batch.rng.uniform(c.w_min, c.w_max, "lcm-w")
+        w_cond = None
+        if self.w_embed:
+            w_cond = schedule.guidance_embedding(schedule.diffusers_to_paper_guidance(w), c.w_embedding_dim)
+
+        # Student: consistency function at t_n (with gradient).
+        x0_s, _ = m.predict("student", x_tn, t_n, batch.cond, timestep_cond=w_cond)
+        pred = consistency_output(x_tn, x0_s, t_n, c.sigma_data, c.timestep_scaling)
+
+        with torch.no_grad():
+            # Teacher: one guided DDIM step, CFG in the paper's form on both x0 and eps (same forward, batched).
+            out_c_u = m.unet_out("teacher", torch.cat([x_tn, x_tn]), torch.cat([t_n, t_n]),
+                                 batch.cond.cat(batch.uncond))
+            x0_cu, eps_cu = schedule.split_prediction(out_c_u, torch.cat([x_tn, x_tn]), torch.cat([t_n, t_n]),
+                                                      m.alphas_cumprod, m.prediction_type)
+            x0_t = lcm_teacher_guidance(*x0_cu.chunk(2), w)
+            eps_t = lcm_teacher_guidance(*eps_cu.chunk(2), w)
+            x_prev = schedule.ddim_step(x0_t, eps_t, t_prev, m.alphas_cumprod)
+            # Target network at t_n - k on the teacher's result.
+            x0_tgt, _ = m.predict("target", x_prev, t_prev, batch.cond, timestep_cond=w_cond)
+            target = consistency_output(x_prev, x0_tgt, t_prev, c.sigma_data, c.timestep_scaling)
+
+        per_sample = lcm_loss(pred, target, c.loss_type, c.huber_c)
+        loss, dropped = masked_mean(per_sample)
+        return loss, {"nonfinite": float(dropped), "w": float(w.mean()), "t": float(t_n.float().mean())}
+
+    def sampling(self) -> SamplingSpec:
+        from diffusers import LCMScheduler
+
+        sched = LCMScheduler.from_config(self.models.pipe.scheduler.config,
+                                         original_inference_steps=self.cfg.num_ddim_timesteps,
+                                         timestep_scaling=self.cfg.timestep_scaling)
+        steps = {}
+        for k in self.cfg.sampling_steps:
+            sched.set_timesteps(k)
+            steps[k] = StepSampling(
+                scheduler="LCMScheduler",
+                timesteps=[int(t) for t in sched.timesteps],
+                guidance_scale=self.cfg.sample_guidance if self.w_embed else 1.0,
+                scheduler_kwargs={"original_inference_steps": self.cfg.num_ddim_timesteps,
+                                  "timestep_scaling": self.cfg.timestep_scaling},
+            )
+        return SamplingSpec(steps=steps, default_steps=self.cfg.default_steps)
