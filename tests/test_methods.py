@@ -1,0 +1,39 @@
+"""Every registered method, LoRA and full: each role moves only its own tensors, the base never moves, the
+exported student samples through load_student at every step count. A new method is tested by registering it."""
+
+import pytest
+import torch
+
+from distill_diffusion import artifacts
+from methods import METHODS
+from tests.helpers import build, fixed_batch, optimizers, snapshot, update
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_roles_move_only_their_tensors(name, student, tiny_teachers):
+    models, method, _ = build(METHODS[name], tiny_teachers["sd"], student)
+    opts = optimizers(models, method)
+    batch = fixed_batch(models, with_latents=METHODS[name].needs_images)
+    base = snapshot(models.unet, lora=False)
+    for step in range(2):
+        for role in method.updates(step):
+            before = {r: [p.detach().clone() for p in models.parameters(r)] for r in models.roles}
+            update(models, method, role, batch, opts[role], step)
+            for r in models.roles:
+                moved = any(not torch.equal(a, b) for a, b in zip(before[r], models.parameters(r)))
+                assert moved == (r == role), f"{name}/{student}: role {r} moved={moved} during {role}'s update"
+    after = snapshot(models.unet, lora=False)
+    assert all(torch.equal(base[k], after[k]) for k in base), "the frozen base / teacher weights changed"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_export_samples_at_every_step_count(name, tiny_teachers, tmp_path):
+    models, method, _ = build(METHODS[name], tiny_teachers["sd"], "lora")
+    spec = method.sampling()
+    artifacts.save_run(models, name, spec, tmp_path)
+    pipe = artifacts.load_student(tmp_path)
+    for k, s in spec.steps.items():
+        imgs, _ = artifacts.sample(pipe, ["a red square"], steps=k, seeds=[0], output_type="np")
+        assert imgs.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(imgs)).all()
+        assert [int(t) for t in pipe.scheduler.timesteps] == s.timesteps
