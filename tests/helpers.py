@@ -41,7 +41,7 @@ def update(models: Models, method: Any, role: str, batch: Batch, opt: torch.opti
     for name, spec in models.targets.items():
         if spec.source == role:
             models.update_target(name)
-    return float(loss)
+    return float(loss.detach())
 
 
 def optimizers(models: Models, method: Any, lr: float = 1e-3) -> dict[str, torch.optim.Optimizer]:

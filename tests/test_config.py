@@ -1,0 +1,70 @@
+"""Config: typed values, one-line errors with exit code 2, YAML files for the right method, overrides."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill_diffusion.config import parse_config
+from distill_diffusion.errors import UserError
+from methods import METHODS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_overrides_and_nested_keys():
+    cfg, print_only = parse_config(["--method", "lcm", "teacher=/x", "max_steps=7", "method.w_max=12",
+                                    "data.images=/imgs"], METHODS)
+    assert cfg.max_steps == 7 and cfg.method.w_max == 12.0 and cfg.data.images == "/imgs" and not print_only
+    assert cfg.method.w_min == 6.0  # the paper's default (ω = 5) when the teacher is not the embedded one
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--method", "nope"], "unknown method 'nope'; choose one of: "),
+    (["--method", "lcm", "max_step=3"], "did you mean 'max_steps'"),
+    (["--method", "lcm", "max_steps=abc"], "max_steps"),
+    (["--method", "lcm", "max_steps=0"], "max_steps=0"),
+    (["--method", "lcm", "lora_rank=0"], "lora_rank=0"),
+    (["--method", "lcm", "student=half"], "student='half'"),
+    (["--method", "lcm", "method.w_maxx=3"], "unknown key 'method.w_maxx' for method 'lcm'"),
+    (["--method", "lcm", "method.w_min=20"], "w_min"),
+    (["--method", "lcm", "data.foo=1"], "data keys"),
+    (["--method", "lcm", "--config", "nonexistent.yaml"], "no such file"),
+    (["--method", "lcm", "oops"], "not key=value"),
+    (["--method", "lcm", "--bogus"], "unknown option"),
+])
+def test_errors_are_one_line(argv, fragment):
+    with pytest.raises(UserError) as e:
+        parse_config(argv, METHODS)
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg
+
+
+def test_yaml_for_another_method(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("method_name: other\nmax_steps: 3\n")
+    with pytest.raises(UserError, match="written for method 'other', not 'lcm'"):
+        parse_config(["--method", "lcm", "--config", str(f)], METHODS)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (ROOT / "configs").glob("*/*.yaml")
+                                        if p.parent.name in METHODS))
+def test_shipped_configs_parse(path):
+    name = Path(path).parent.name
+    cfg, _ = parse_config(["--method", name, "--config", path], METHODS)
+    assert cfg.method_name == name
+
+
+def test_cli_exit_code_2_no_traceback():
+    r = subprocess.run([sys.executable, "train.py", "--method", "lcm", "max_stepz=3"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: unknown key 'max_stepz'") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_print_config():
+    r = subprocess.run([sys.executable, "train.py", "--method", "lcm", "--print-config", "max_steps=5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "max_steps: 5" in r.stdout and "w_max" in r.stdout

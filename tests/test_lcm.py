@@ -1,0 +1,133 @@
+"""LCM: closed forms, the loss falls on a fixed batch, the run folder round-trips into plain diffusers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_diffusion import schedule
+from methods.lcm import LCM, consistency_output, lcm_loss, lcm_teacher_guidance
+from tests.helpers import build, fixed_batch, update
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_teacher_guidance_is_paper_form():
+    c, u = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    w = torch.tensor([6.0, 1.0])  # diffusers convention; the paper's ω = w - 1
+    g = lcm_teacher_guidance(c, u, w)
+    torch.testing.assert_close(g[0], c[0] + 5.0 * (c[0] - u[0]))
+    torch.testing.assert_close(g[1], c[1])
+    torch.testing.assert_close(g, schedule.cfg(u, c, w))
+
+
+def test_boundary_at_zero_is_identity_and_large_t_is_x0():
+    x, x0 = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    torch.testing.assert_close(consistency_output(x, x0, torch.tensor([0, 0]), 0.5, 10.0), x)
+    torch.testing.assert_close(consistency_output(x, x0, torch.tensor([999, 999]), 0.5, 10.0), x0, atol=1e-4,
+                               rtol=1e-3)
+
+
+def test_lcm_loss_closed_form():
+    a, b = torch.zeros(1, 2), torch.tensor([[3.0, 4.0]])
+    c = 0.001
+    expected = ((9 + c * c) ** 0.5 - c + (16 + c * c) ** 0.5 - c) / 2
+    assert abs(float(lcm_loss(a, b, "huber", c)[0]) - expected) < 1e-5
+    assert abs(float(lcm_loss(a, b, "l2")[0]) - 12.5) < 1e-6
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+def test_loss_falls_on_fixed_batch(student, tiny_teachers):
+    models, method, _ = build(LCM, tiny_teachers["sd"], student, rank=4, alpha=8, w_min=2.0, w_max=3.0)
+    opt = torch.optim.Adam(models.parameters("student"), lr=3e-3 if student == "lora" else 1e-3)
+    batch = fixed_batch(models, b=4)
+    losses = [update(models, method, "student", batch, opt, step=0) for _ in range(40)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+
+
+def test_frozen_lora_cannot_pass(tiny_teachers):
+    """The same check fails for a LoRA that never trains (learning rate 0): the test above can fail."""
+    models, method, _ = build(LCM, tiny_teachers["sd"], "lora", w_min=2.0, w_max=3.0)
+    opt = torch.optim.Adam(models.parameters("student"), lr=0.0)
+    batch = fixed_batch(models, b=4)
+    losses = [update(models, method, "student", batch, opt, step=0) for _ in range(10)]
+    assert not losses[-1] < 0.7 * losses[0]
+
+
+def _train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_train_py_lora_roundtrip_into_plain_diffusers(tiny_teachers, image_folder, tmp_path):
+    """A run through train.py; its LoRA (alpha != rank) loads into a vanilla pipeline with load_lora_weights and
+    the scheduler from sampling.json, and gives exactly the images of load_student."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from distill_diffusion import load_student, sample
+
+    out = tmp_path / "run"
+    r = _train(["--method", "lcm", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}", "max_steps=4",
+                "batch_size=2", "lora_rank=4", "lora_alpha=12", "learning_rate=1e-2", f"output_dir={out}",
+                "report_to=none", "checkpointing_steps=2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("config.yaml", "sampling.json", "metrics.jsonl", "README.md", "student/pytorch_lora_weights.safetensors"):
+        assert (out / f).exists(), f
+    assert (out / "validation" / "step_000004.png").exists()
+    info = json.loads((out / "sampling.json").read_text())
+    assert info["lora"]["lora_alpha"] == 12 and info["lora"]["r"] == 4
+    s4 = info["steps"]["4"]
+
+    pipe = load_student(out)
+    ours, _ = sample(pipe, ["a red square", "a blue circle"], steps=4, seeds=[0, 1], output_type="np")
+
+    plain = StableDiffusionPipeline.from_pretrained(tiny_teachers["sd"])
+    plain.load_lora_weights(str(out / "student"))
+    plain.scheduler = LCMScheduler.from_config(plain.scheduler.config, **s4["scheduler_kwargs"])
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    ref = plain(["a red square", "a blue circle"], timesteps=s4["timesteps"], guidance_scale=s4["guidance_scale"],
+                generator=gens, output_type="np", height=16, width=16).images
+    assert abs(ours - ref).max() < 1e-5
+    # and the LoRA changed the teacher's function (lora_alpha restored: a wrong scale would not match above)
+    plain.unload_lora_weights()
+    base = plain(["a red square", "a blue circle"], timesteps=s4["timesteps"], guidance_scale=1.0,
+                 generator=[torch.Generator().manual_seed(s) for s in (0, 1)], output_type="np", height=16,
+                 width=16).images
+    assert abs(ours - base).max() > 1e-4
+
+
+@pytest.mark.parametrize("teacher", ["v", "sdxl"])
+def test_train_in_process_v_and_sdxl(teacher, tiny_teachers, image_folder, tmp_path):
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from distill_diffusion import load_student, sample
+    from methods import METHODS
+
+    cfg, _ = parse_config(["--method", "lcm", f"teacher={tiny_teachers[teacher]}", f"data.images={image_folder}",
+                           "max_steps=3", "batch_size=2", f"output_dir={tmp_path}", "report_to=none"], METHODS)
+    train(cfg, LCM)
+    pipe = load_student(tmp_path)
+    assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if teacher == "sdxl" else "StableDiffusionPipeline")
+    imgs, _ = sample(pipe, ["a red square"], steps=4, seeds=[0], output_type="np")
+    assert imgs.shape == (1, 16, 16, 3)
+
+
+def test_full_student_exports_a_pipeline(tiny_teachers, image_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from methods import METHODS
+
+    cfg, _ = parse_config(["--method", "lcm", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
+                           "student=full", "max_steps=2", "batch_size=2", f"output_dir={tmp_path}",
+                           "report_to=none"], METHODS)
+    train(cfg, LCM)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "student")
+    assert pipe.unet.config.time_cond_proj_dim == 256
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    out = pipe("a red square", num_inference_steps=2, guidance_scale=8.0, height=16, width=16, output_type="np")
+    assert out.images.shape == (1, 16, 16, 3)
