@@ -49,8 +49,8 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
         raise UserError(f"gradient_checkpointing=true is not safe for {cfg.method_name}: its loss sends gradients "
                         "through another role's forward, which a checkpointed backward would re-run under the wrong "
                         "adapter; set gradient_checkpointing=false")
-    resume_dir = _find_resume(cfg, out)
-    if resume_dir is None and (out / artifacts.SAMPLING_FILE).exists() and not cfg.allow_overwrite:
+    candidates = _resume_candidates(cfg, out)
+    if not cfg.resume and (out / artifacts.SAMPLING_FILE).exists() and not cfg.allow_overwrite:
         raise UserError(f"output_dir {out} already holds a run; resume=latest continues it, or choose another "
                         "output_dir (allow_overwrite=true replaces it)")
 
@@ -70,6 +70,7 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
         lora_targets=list(cfg.lora_targets) if cfg.lora_targets else None,
         unet_overrides=method_cls.student_unet_overrides(mcfg, cfg.student) if cfg.student == "full" else None,
         resolution=cfg.resolution, device=device, weight_dtype=_dtype(cfg.mixed_precision), seed=cfg.seed,
+        headless_roles=method_cls.headless_roles_for(mcfg),
     )
     if cfg.init_from:
         _init_from(models, cfg.init_from)
@@ -84,10 +85,12 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
 
     # ---- optimizers: one per role; frozen parts never enter one -----------------------------------------------------
     params: dict[str, list[nn.Parameter]] = {}
+    clip_values: dict[str, float | None] = {}
     optimizers, schedulers = {}, {}
     for role in roles:
         params[role] = models.parameters(role) + (list(extras[role].parameters()) if role in extras else [])
         s = method.optimizer_settings(role)
+        clip_values[role] = s.max_grad_value
         opt = torch.optim.AdamW(
             params[role], lr=s.learning_rate or cfg.learning_rate,
             betas=s.betas or (cfg.adam_beta1, cfg.adam_beta2),
@@ -100,10 +103,21 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
 
     # ---- resume ---------------------------------------------------------------------------------------------------
     start = 0
-    if resume_dir is not None:
-        start = _load_checkpoint(resume_dir, models, method, extras, optimizers, schedulers, load_file)
+    for cand in candidates:
+        try:
+            start = _load_checkpoint(cand, models, method, extras, optimizers, schedulers, load_file)
+        except UserError as e:
+            if cfg.resume != "latest":
+                raise
+            if main:
+                print(f"skipping checkpoint {cand}: {e}", flush=True)
+            continue
         if main:
-            print(f"resumed from {resume_dir} at step {start}")
+            print(f"resumed from {cand} at step {start}", flush=True)
+        break
+    else:
+        if cfg.resume and main:
+            print(f"resume={cfg.resume}: no usable checkpoint in {out / 'checkpoints'}; starting at step 0")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         artifacts.atomic_write_text(out / "config.yaml", to_yaml(cfg))
@@ -125,11 +139,20 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
     bad_in_row, skipped_total = 0, 0
     metrics_file = out / "metrics.jsonl"
     t_last = time.perf_counter()
+    crash_at = int(os.environ.get("DISTILL_FAULT_KILL_AT_STEP", "-1"))  # fault injection for the crash tests
     for step in bar:
+        if step == crash_at:
+            os.kill(os.getpid(), 9)
         batches = [make_batch(step, m) for m in range(cfg.gradient_accumulation_steps)]
         logs: dict[str, float] = {}
         for role in method.updates(step):
             loss_sum = 0.0
+            # Only this role's extra modules (e.g. a GAN head) take gradients; stale gradients of any role are
+            # dropped, so a loss that passes through another role's module never leaks into that role's update.
+            for r, m in extras.items():
+                m.requires_grad_(r == role)
+            for o in optimizers.values():
+                o.zero_grad(set_to_none=True)
             for batch in batches:
                 # Backward runs inside the role, so a checkpointed backward re-runs the forward under this role.
                 with models.trainable(role), models.role(role), accelerator.autocast():
@@ -141,6 +164,8 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
             finite, loss_avg = _all_reduce_grads(params[role], loss_sum, accelerator)
             if finite:
                 grad_norm = accelerator.clip_grad_norm_(params[role], cfg.max_grad_norm)
+                if clip_values[role] is not None:  # after the norm clip, which unscales fp16 gradients
+                    torch.nn.utils.clip_grad_value_(params[role], clip_values[role])
                 optimizers[role].step()
                 schedulers[role].step()
                 for name, spec in models.targets.items():
@@ -336,24 +361,22 @@ def _checkpoints(ckdir: Path) -> list[Path]:
             and p.name[len(CKPT_PREFIX):].isdigit()]
 
 
-def _find_resume(cfg: Any, out: Path) -> Path | None:
+def _resume_candidates(cfg: Any, out: Path) -> list[Path]:
+    """Checkpoints to try, newest first: the one named by ``resume``, or every complete one for ``latest``."""
     if not cfg.resume:
-        return None
+        return []
     if cfg.resume != "latest":
         p = Path(cfg.resume)
         if not (p / "state.json").is_file():
             raise UserError(f"resume={cfg.resume!r} is not a checkpoint folder (no state.json)")
-        return p
-    cks = sorted(_checkpoints(out / "checkpoints"), key=lambda p: -int(p.name[len(CKPT_PREFIX):]))
-    for p in cks:
-        if all((p / f).is_file() for f in ("state.json", "trainable.safetensors", "optim.pt")):
-            return p
-        print(f"skipping incomplete checkpoint {p}")
-    return None
+        return [p]
+    return sorted(_checkpoints(out / "checkpoints"), key=lambda p: -int(p.name[len(CKPT_PREFIX):]))
 
 
 def _load_checkpoint(path: Path, models: Models, method: Method, extras: dict[str, nn.Module],
                      optimizers: dict[str, Any], schedulers: dict[str, Any], load_file: Any) -> int:
+    if not all((path / f).is_file() for f in ("state.json", "trainable.safetensors", "optim.pt")):
+        raise UserError(f"checkpoint {path} is incomplete")
     try:
         state = load_file(str(path / "trainable.safetensors"))
         other = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)

@@ -151,6 +151,7 @@ class OptimizerSettings:
     betas: tuple[float, float] | None = None
     weight_decay: float | None = None
     eps: float | None = None
+    max_grad_value: float | None = None  # element-wise gradient clip (SiD's clip_grad_value_)
 
 
 class Method:
@@ -173,6 +174,12 @@ class Method:
     def roles_for(cls, cfg: Any) -> tuple[str, ...]:
         """Trainable roles in update order; may depend on the method's config."""
         return ("student",)
+
+    @classmethod
+    def headless_roles_for(cls, cfg: Any) -> tuple[str, ...]:
+        """Roles of :meth:`roles_for` that own no network (no LoRA adapter, no UNet copy): their only trainable
+        tensors are their :meth:`extra_modules` (TSCD's discriminator heads on frozen teacher features)."""
+        return ()
 
     @classmethod
     def targets_for(cls, cfg: Any, student: str) -> dict[str, TargetSpec]:

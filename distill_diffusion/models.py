@@ -105,6 +105,7 @@ class Models:
         device: torch.device | str = "cpu",
         weight_dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        headless_roles: tuple[str, ...] = (),
     ) -> None:
         from diffusers import DDPMScheduler
 
@@ -133,6 +134,9 @@ class Models:
                 m.to(self.device) if m.dtype == want else m.to(self.device, want)
 
         self.roles = tuple(roles)
+        # Headless roles own no network: no adapter or copy; their trainable tensors are the method's extra modules.
+        self.headless = frozenset(headless_roles)
+        networked = [r for r in self.roles if r not in self.headless]
         self.targets = dict(targets or {})
         self.lora_config: dict[str, Any] = {}
         self._nets: dict[str, nn.Module] = {}  # full mode: role -> module
@@ -143,7 +147,7 @@ class Models:
 
             targets_list = list(lora_targets or DEFAULT_LORA_TARGETS)
             self.lora_config = {"r": lora_rank, "lora_alpha": lora_alpha, "target_modules": targets_list}
-            for role in self.roles:
+            for role in networked:
                 # init_lora_weights=True: B = 0, so every adapter starts exactly at the teacher.
                 unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=role)
             for name, spec in self.targets.items():
@@ -157,13 +161,13 @@ class Models:
             for n, p in unet.named_parameters():
                 if "lora_" in n:
                     p.data = p.data.float()
-            unet.set_adapter(self.roles[0])
-            self._base_active = self.roles[0]
+            unet.set_adapter(networked[0])
+            self._base_active = networked[0]
             for name, spec in self.targets.items():
                 if spec.decay is not None:
                     self._copy_adapter(spec.source, name)
         elif student == "full":
-            for role in self.roles:
+            for role in networked:
                 self._nets[role] = self._full_copy(unet, unet_overrides if role == "student" else None)
             for name, spec in self.targets.items():
                 if spec.decay is not None:
@@ -204,7 +208,9 @@ class Models:
         return [p for n, p in self.unet.named_parameters() if "lora_" in n and tag in n + "."]
 
     def parameters(self, role: str) -> list[nn.Parameter]:
-        """The trainable tensors of a role (LoRA tensors, or all of a full copy)."""
+        """The trainable tensors of a role (LoRA tensors, or all of a full copy; none for a headless role)."""
+        if role in self.headless:
+            return []
         if self.student_kind == "lora":
             return self._lora_params(role)
         return list(self._nets[role].parameters())
@@ -225,7 +231,11 @@ class Models:
 
         On exit the previous adapter state and every LoRA tensor's ``requires_grad`` are restored, whatever peft did.
         Target roles with ``decay=None`` run the source's weights; callers wrap them in ``torch.no_grad``.
+        A headless role has no network: its context changes nothing (its loss picks the roles it calls).
         """
+        if name in self.headless:
+            yield self.unet
+            return
         if self.student_kind != "lora":
             yield self.net(name)
             return
@@ -288,7 +298,8 @@ class Models:
         return self.unet
 
     def set_gradient_checkpointing(self, on: bool) -> None:
-        mods = [self.unet] if self.student_kind == "lora" else [self._nets[r] for r in self.roles]
+        mods = [self.unet] if self.student_kind == "lora" else [
+            self._nets[r] for r in self.roles if r not in self.headless]
         for m in mods:
             if on:
                 m.enable_gradient_checkpointing()
@@ -350,12 +361,13 @@ class Models:
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Conditioning for a list of prompts; each distinct prompt is encoded once and cached (frozen encoders)."""
         new = [q for q in dict.fromkeys(prompts) if q not in self._prompt_cache]
-        if new:
-            if len(self._prompt_cache) > 50_000:
-                self._prompt_cache.clear()
-            pe, pooled = self._encode_text(new)
-            for i, q in enumerate(new):
-                self._prompt_cache[q] = (pe[i], None if pooled is None else pooled[i])
+        if len(self._prompt_cache) + len(new) > 50_000:
+            self._prompt_cache.clear()
+        for q in new:
+            # One prompt per forward: a matmul's rounding depends on its batch size, and a prompt's embedding must
+            # not depend on which other prompts were new at the same step (bit-identical resume).
+            pe, pooled = self._encode_text([q])
+            self._prompt_cache[q] = (pe[0], None if pooled is None else pooled[0])
         rows = [self._prompt_cache[q] for q in prompts]
         pe = torch.stack([r[0] for r in rows])
         pooled = torch.stack([r[1] for r in rows]) if self.is_sdxl else None

@@ -33,6 +33,9 @@ def fixed_batch(models: Models, b: int = 4, seed: int = 0, step: int = 0, with_l
 
 def update(models: Models, method: Any, role: str, batch: Batch, opt: torch.optim.Optimizer, step: int) -> float:
     """One update of ``role`` the way the loop takes it (trainable flags, role context, backward, step)."""
+    for r, m in method.extra_modules().items():
+        m.requires_grad_(r == role)
+    opt.zero_grad(set_to_none=True)
     with models.trainable(role), models.role(role):
         loss, _ = method.loss(role, batch, step)
         loss.backward()

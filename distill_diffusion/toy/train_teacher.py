@@ -1,15 +1,17 @@
 """Train the embedded teacher: a genuine diffusers StableDiffusionPipeline on Fashion-MNIST, on a 2-core CPU.
 
     python -m distill_diffusion.toy.train_teacher --out distill_diffusion/assets/fmnist_teacher \
-        [--vae-minutes 6] [--unet-minutes 30] [--seed 0] [--work runs/_teacher_work]
+        [--minutes N] [--seed 0] [--resume] [--work runs/_teacher_work] [--vae-steps 1000] [--unet-steps 2000]
 
-Phases (each resumable from its checkpoint in --work; rerunning continues where it stopped):
+Phases, each checkpointed in --work (``--resume`` continues where a run stopped; ``--minutes`` stops this run after
+N minutes with a checkpoint, to be continued with ``--resume``); progress goes to a tqdm bar and --work/log.jsonl:
 1. a tiny AutoencoderKL, 32×32×3 -> 4×16×16 (one downsample), L1 + MSE reconstruction with a small KL;
    the scaling factor is measured as 1 / std of the training latents (Rombach et al. 2022, sec. 4.3.2);
 2. every training image encoded once (posterior mean and std kept, sampled per step);
 3. a UNet2DConditionModel and a small CLIPTextModel trained jointly on eps-prediction with Stable Diffusion's
    scaled-linear betas, 10% empty captions for classifier-free guidance.
 The text encoder is the teacher's own (the evaluator's is a separate model), with the real CLIP tokenizer.
+The EMA weights are exported as a StableDiffusionPipeline with a DDIMScheduler (see :func:`export`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .fmnist import CLASS_NAMES, FashionMNIST, TEMPLATES, caption
+from .fmnist import CLASS_NAMES, TEMPLATES, FashionMNIST, caption
 from .tokenizer import build_clip_tokenizer
 
 MAX_TOKENS = 16  # captions are at most ~8 tokens; a short context keeps the text encoder cheap
@@ -33,9 +35,10 @@ MAX_TOKENS = 16  # captions are at most ~8 tokens; a short context keeps the tex
 def make_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+    # Small and attention-free: Fashion-MNIST needs little capacity, and the VAE runs at every encode/decode.
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         layers_per_block=1, norm_num_groups=16, sample_size=32)
+                         layers_per_block=1, norm_num_groups=16, sample_size=32, mid_block_add_attention=False)
 
 
 def make_unet():
@@ -75,7 +78,18 @@ def log(work: Path, **kw) -> None:
         f.write(json.dumps({"time": time.time(), **kw}) + "\n")
 
 
-def train_vae(data: torch.Tensor, work: Path, minutes: float, seed: int) -> None:
+class Deadline:
+    """A wall-clock budget for this invocation (``--minutes``); ``None`` minutes means no limit."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.end = None if minutes is None else time.time() + 60.0 * minutes
+
+    def passed(self) -> bool:
+        return self.end is not None and time.time() >= self.end
+
+
+def train_vae(data: torch.Tensor, work: Path, steps: int, seed: int, deadline: Deadline, batch: int = 32) -> bool:
+    """Train the VAE on ``data`` (N, 3, 32, 32) in [-1, 1] up to ``steps``; True when done, False at the deadline."""
     ck = work / "vae.pt"
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -85,38 +99,43 @@ def train_vae(data: torch.Tensor, work: Path, minutes: float, seed: int) -> None
         vae.load_state_dict(s["model"])
         opt.load_state_dict(s["opt"])
         state = s["state"]
-    if state["elapsed"] >= minutes * 60:
-        return
-    g = torch.Generator().manual_seed(seed)
+    if state["step"] >= steps:
+        return True
+    g = torch.Generator()
     t0 = time.time() - state["elapsed"]
-    bar = tqdm(desc="vae", total=int(minutes * 60), initial=int(state["elapsed"]), unit="s")
-    while time.time() - t0 < minutes * 60:
+    bar = tqdm(desc="vae", total=steps, initial=state["step"])
+    while state["step"] < steps and not deadline.passed():
+        # the generator is re-seeded from the step, so a resumed run draws what an uninterrupted one would
         g.manual_seed(seed * 1_000_003 + state["step"])
-        idx = torch.randint(0, len(data), (64,), generator=g)
+        idx = torch.randint(0, len(data), (batch,), generator=g)
         x = data[idx]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
+        # a weak KL (per pixel) only keeps the latent scale bounded; the diffusion model sees scaled latents anyway
         kl = post.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         state["step"] += 1
+        bar.update(1)
         if state["step"] % 50 == 0:
             state["elapsed"] = time.time() - t0
-            bar.n = int(state["elapsed"])
-            bar.set_postfix(loss=f"{loss.item():.4f}", step=state["step"])
-            log(work, phase="vae", step=state["step"], loss=loss.item())
-            if state["step"] % 500 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log(work, phase="vae", step=state["step"], loss=loss.item(), elapsed=state["elapsed"])
+            if state["step"] % 250 == 0:
                 torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "state": state}, ck)
-    state["elapsed"] = minutes * 60
+    state["elapsed"] = time.time() - t0
     torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "state": state}, ck)
     bar.close()
+    return state["step"] >= steps
 
 
 @torch.no_grad()
-def encode_all(data: torch.Tensor, work: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
+def encode_all(data: torch.Tensor, work: Path, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Encode ``data`` (N, 3, 32, 32) once: posterior mean and std (N, 4, 16, 16) in fp16, and the scaling factor
+    1 / std of sampled latents (measured on 5000 images), cached in ``work``/latents.pt."""
     ck = work / "latents.pt"
     if ck.exists():
         s = torch.load(ck, weights_only=True)
@@ -130,7 +149,8 @@ def encode_all(data: torch.Tensor, work: Path) -> tuple[torch.Tensor, torch.Tens
         means.append(post.mean.half())
         stds.append(post.std.half())
     mean, std = torch.cat(means), torch.cat(stds)
-    z = mean[:5000].float() + std[:5000].float() * torch.randn(5000, *mean.shape[1:])
+    g, n = torch.Generator().manual_seed(seed), min(5000, len(mean))
+    z = mean[:n].float() + std[:n].float() * torch.randn(n, *mean.shape[1:], generator=g)
     scale = float(1.0 / z.std())
     torch.save({"mean": mean, "std": std, "scale": scale}, ck)
     log(work, phase="encode", scale=scale)
@@ -138,7 +158,9 @@ def encode_all(data: torch.Tensor, work: Path) -> tuple[torch.Tensor, torch.Tens
 
 
 def train_unet(mean: torch.Tensor, std: torch.Tensor, scale: float, labels: torch.Tensor, work: Path,
-               minutes: float, seed: int, batch: int) -> None:
+               steps: int, seed: int, batch: int, deadline: Deadline) -> bool:
+    """Train UNet + text encoder on eps-prediction from cached latent posteriors ``mean``/``std`` (N, 4, 16, 16) and
+    class ``labels`` (N,); keeps an EMA of both. True when ``steps`` are done, False at the deadline."""
     ck = work / "unet.pt"
     unet, te = make_unet(), make_text_encoder()
     params = list(unet.parameters()) + list(te.parameters())
@@ -152,25 +174,29 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, scale: float, labels: torc
         opt.load_state_dict(s["opt"])
         ema = s["ema"]
         state = s["state"]
-    if state["elapsed"] >= minutes * 60:
-        return
+    if state["step"] >= steps:
+        return True
     tok = build_clip_tokenizer(MAX_TOKENS)
     caps = all_captions()
     ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
-    sched = make_scheduler()
-    ac = sched.alphas_cumprod
+    ac = make_scheduler().alphas_cumprod
     n_t = len(TEMPLATES)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator()
     t0 = time.time() - state["elapsed"]
-    bar = tqdm(desc="unet", total=int(minutes * 60), initial=int(state["elapsed"]), unit="s")
-    total = minutes * 60
-    while time.time() - t0 < total:
+
+    def save() -> None:
+        torch.save({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(), "ema": ema,
+                    "state": state}, ck)
+
+    bar = tqdm(desc="unet", total=steps, initial=state["step"])
+    while state["step"] < steps and not deadline.passed():
         g.manual_seed(seed * 1_000_003 + state["step"] + 7)
         idx = torch.randint(0, len(mean), (batch,), generator=g)
         z = (mean[idx].float() + std[idx].float() * torch.randn(batch, *mean.shape[1:], generator=g)) * scale
         # caption index: 0 = "" (10% of samples, for classifier-free guidance), else class × template
         cap = 1 + labels[idx] * n_t + torch.randint(0, n_t, (batch,), generator=g)
         cap = torch.where(torch.rand(batch, generator=g) < 0.1, torch.zeros_like(cap), cap)
+        # encode each distinct caption once per batch (at most 31), then scatter to the samples
         uniq, inv = torch.unique(cap, return_inverse=True)
         emb = te(ids[uniq]).last_hidden_state[inv]
         t = torch.randint(0, 1000, (batch,), generator=g)
@@ -179,8 +205,8 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, scale: float, labels: torc
         s = (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
         pred = unet(a * z + s * eps, t, encoder_hidden_states=emb).sample
         loss = F.mse_loss(pred, eps)
-        # cosine decay of the learning rate over the time budget, after a short warm-up
-        frac = min(1.0, (time.time() - t0) / total)
+        # cosine decay to 10% over the planned steps, after a 200-step warm-up
+        frac = state["step"] / steps
         for gr in opt.param_groups:
             gr["lr"] = 4e-4 * min(1.0, (state["step"] + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         opt.zero_grad(set_to_none=True)
@@ -188,24 +214,26 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, scale: float, labels: torc
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
+            # EMA with a warm-up (decay (1+n)/(10+n), capped at 0.999), so early averages are not dominated by init
             decay = min(0.999, (1 + state["step"]) / (10 + state["step"]))
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         state["step"] += 1
+        bar.update(1)
         if state["step"] % 25 == 0:
             state["elapsed"] = time.time() - t0
-            bar.n = int(state["elapsed"])
-            bar.set_postfix(loss=f"{loss.item():.4f}", step=state["step"])
-            log(work, phase="unet", step=state["step"], loss=loss.item(), lr=opt.param_groups[0]["lr"])
-        if state["step"] % 500 == 0:
-            torch.save({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(), "ema": ema,
-                        "state": state}, ck)
-    state["elapsed"] = total
-    torch.save({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(), "ema": ema,
-                "state": state}, ck)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log(work, phase="unet", step=state["step"], loss=loss.item(), lr=opt.param_groups[0]["lr"],
+                elapsed=state["elapsed"])
+        if state["step"] % 250 == 0:
+            save()
+    state["elapsed"] = time.time() - t0
+    save()
     bar.close()
+    return state["step"] >= steps
 
 
-def export(work: Path, out: Path, scale: float) -> None:
+def build_pipeline(work: Path, scale: float):
+    """The StableDiffusionPipeline of the trained VAE and the EMA UNet/text encoder (float32)."""
     from diffusers import StableDiffusionPipeline
 
     vae = make_vae()
@@ -213,41 +241,98 @@ def export(work: Path, out: Path, scale: float) -> None:
     vae.register_to_config(scaling_factor=scale)
     s = torch.load(work / "unet.pt", weights_only=True)
     unet, te = make_unet(), make_text_encoder()
-    n_unet = len(list(unet.parameters()))
     with torch.no_grad():  # the EMA weights are the teacher
-        for p, e in zip(list(unet.parameters()) + list(te.parameters()), s["ema"]):
+        for p, e in zip(list(unet.parameters()) + list(te.parameters()), s["ema"], strict=True):
             p.copy_(e)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=build_clip_tokenizer(MAX_TOKENS), unet=unet,
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=build_clip_tokenizer(MAX_TOKENS), unet=unet,
                                    scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def export(work: Path, out: Path, scale: float, summary: dict) -> int:
+    """Save the pipeline to ``out``; returns its size in bytes.
+
+    Weights are stored in fp16 to keep the package small (about 19 MB instead of 34 MB). diffusers loads its models
+    in float32 unless told otherwise, but transformers' default dtype "auto" reads the text encoder's config, so
+    that config records float32: a plain ``StableDiffusionPipeline.from_pretrained(out)`` is then float32 throughout.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    pipe = build_pipeline(work, scale)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # casting with .to() warns about fp32-only modules; these models have none
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.to(torch.float16)
+    diffusers_logging.set_verbosity(level)
     pipe.save_pretrained(out, safe_serialization=True)
+    cfg_f = out / "text_encoder" / "config.json"
+    cfg = json.loads(cfg_f.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = "float32"
+    cfg_f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    log(work, phase="export", out=str(out), bytes=size, unet_params=sum(p.numel() for p in unet.parameters()),
-        unet_tensors=n_unet)
+    log(work, phase="export", out=str(out), bytes=size, unet_params=sum(p.numel() for p in pipe.unet.parameters()))
     print(f"teacher written to {out} ({size / 2**20:.1f} MiB)")
+    return size
+
+
+def _summary(work: Path, args: argparse.Namespace, scale: float) -> dict:
+    """Provenance for the exported folder: arguments, measured scale, and the losses and times from the log up to
+    the exported checkpoint (the log runs ahead of the last checkpoint when a run is exported mid-way)."""
+    step = torch.load(work / "unet.pt", weights_only=True, map_location="cpu")["state"]["step"]
+    rows = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("phase") == "vae" or (r.get("phase") == "unet" and r["step"] <= step)]
+
+    def phase(name: str, n: int = 8) -> dict:
+        rs = [r for r in rows if r["phase"] == name]
+        losses = [r["loss"] for r in rs[-n:]]
+        return {"steps": rs[-1]["step"] if rs else None, "seconds": round(rs[-1].get("elapsed", 0)) if rs else None,
+                "loss_mean_of_last_8_logs": round(sum(losses) / len(losses), 5) if losses else None}
+
+    return {"args": {k: v for k, v in vars(args).items() if k not in ("out", "work", "export_only")},
+            "exported_unet_step": step, "scaling_factor": scale, "vae": phase("vae"), "unet": phase("unet")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="distill_diffusion/assets/fmnist_teacher")
-    ap.add_argument("--work", default="runs/_teacher_work")
+    ap.add_argument("--work", default="runs/_teacher_work", help="checkpoints and log.jsonl")
     ap.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's or torchvision's)")
-    ap.add_argument("--vae-minutes", type=float, default=5.0)
-    ap.add_argument("--unet-minutes", type=float, default=25.0)
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="stop this run after N minutes with a checkpoint (continue with --resume)")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
+    ap.add_argument("--export-only", action="store_true",
+                    help="export the EMA weights of the latest checkpoint in --work as they are, without training")
+    ap.add_argument("--vae-steps", type=int, default=1000)  # batch 32
+    ap.add_argument("--unet-steps", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # model initialisation
     work = Path(args.work)
+    if args.export_only:
+        if not all((work / f).is_file() for f in ("vae.pt", "latents.pt", "unet.pt")):
+            raise SystemExit(f"{work} has no complete checkpoint (vae.pt, latents.pt, unet.pt) to export")
+        scale = torch.load(work / "latents.pt", weights_only=True)["scale"]
+        export(work, Path(args.out), scale, _summary(work, args, scale))
+        return
+    if not args.resume and any(work.glob("*.pt")):
+        raise SystemExit(f"{work} holds checkpoints of an earlier run: pass --resume to continue it, "
+                         "or another --work to start over")
     work.mkdir(parents=True, exist_ok=True)
+    deadline = Deadline(args.minutes)
     ds = FashionMNIST(args.data, "train")
     data = ds.all_images()
-    train_vae(data, work, args.vae_minutes, args.seed)
-    mean, std, scale = encode_all(data, work)
-    train_unet(mean, std, scale, ds.labels, work, args.unet_minutes, args.seed, args.batch_size)
-    export(work, Path(args.out), scale)
+    if not train_vae(data, work, args.vae_steps, args.seed, deadline):
+        raise SystemExit(f"time budget used up during the VAE phase; continue with --resume --work {work}")
+    mean, std, scale = encode_all(data, work, args.seed)
+    if not train_unet(mean, std, scale, ds.labels, work, args.unet_steps, args.seed, args.batch_size, deadline):
+        raise SystemExit(f"time budget used up during the UNet phase; continue with --resume --work {work}")
+    export(work, Path(args.out), scale, _summary(work, args, scale))
 
 
 if __name__ == "__main__":
