@@ -63,6 +63,9 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
     device = accelerator.device
 
     # ---- models, method, data ------------------------------------------------------------------------------------
+    # New trainable tensors (LoRA A matrices, a method's heads) are initialised from the seed: the same on every
+    # rank and in every resumed process.
+    torch.manual_seed(cfg.seed)
     roles = method_cls.roles_for(mcfg)
     models = Models(
         cfg.teacher, student=cfg.student, roles=roles, targets=method_cls.targets_for(mcfg, cfg.student),
@@ -74,6 +77,7 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
     )
     if cfg.init_from:
         _init_from(models, cfg.init_from)
+    torch.manual_seed(cfg.seed + 1)
     method = method_cls(mcfg, cfg, models)
     extras = {r: m.to(device) for r, m in method.extra_modules().items()}
     if cfg.gradient_checkpointing:
