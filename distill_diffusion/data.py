@@ -73,6 +73,18 @@ class ImageFolder(Source):
         if not self.files:
             raise UserError(f"data.images={root!r} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
         self.resolution, self.center_crop = resolution, center_crop
+        self._check_headers()
+
+    def _check_headers(self) -> None:
+        """Open every file's header (cheap: no pixels decoded) so that a broken image fails now, not hours in."""
+        from PIL import Image, UnidentifiedImageError
+
+        for f in self.files:
+            try:
+                with Image.open(f):
+                    pass
+            except (UnidentifiedImageError, OSError) as e:
+                raise UserError(f"cannot read image {f} ({type(e).__name__}); remove or replace it") from None
 
     def __len__(self) -> int:
         return len(self.files)
