@@ -143,10 +143,13 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
     bad_in_row, skipped_total = 0, 0
     metrics_file = out / "metrics.jsonl"
     t_last = time.perf_counter()
-    crash_at = int(os.environ.get("DISTILL_FAULT_KILL_AT_STEP", "-1"))  # fault injection for the crash tests
+    # Fault injection for the crash tests: SIGKILL this process, or raise, when step N begins.
+    crash_at = int(os.environ.get("DISTILL_FAULT_AT_STEP", "-1"))
     for step in bar:
         if step == crash_at:
-            os.kill(os.getpid(), 9)
+            if os.environ.get("DISTILL_FAULT_KIND", "kill") == "kill":
+                os.kill(os.getpid(), 9)
+            raise RuntimeError(f"injected fault at step {step}")
         batches = [make_batch(step, m) for m in range(cfg.gradient_accumulation_steps)]
         logs: dict[str, float] = {}
         for role in method.updates(step):
