@@ -40,7 +40,8 @@ def split_prediction(
 ) -> tuple[Tensor, Tensor]:
     """Turn a network output into (x0, eps) for the schedule's parameterisation.
 
-    epsilon: x0 = (x_t - sqrt(1-ᾱ) eps) / sqrt(ᾱ); v_prediction (Salimans & Ho 2022): x0 = a x_t - s v, eps = s x_t + a v;
+    epsilon: x0 = (x_t - sqrt(1-ᾱ) eps) / sqrt(ᾱ);
+    v_prediction (Salimans & Ho 2022): x0 = a x_t - s v, eps = s x_t + a v;
     sample: the output is x0.
     """
     a, s = alpha_sigma(t, alphas_cumprod)

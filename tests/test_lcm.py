@@ -101,9 +101,9 @@ def test_train_py_lora_roundtrip_into_plain_diffusers(tiny_teachers, image_folde
 
 @pytest.mark.parametrize("teacher", ["v", "sdxl"])
 def test_train_in_process_v_and_sdxl(teacher, tiny_teachers, image_folder, tmp_path):
+    from distill_diffusion import load_student, sample
     from distill_diffusion.config import parse_config
     from distill_diffusion.loop import train
-    from distill_diffusion import load_student, sample
     from methods import METHODS
 
     cfg, _ = parse_config(["--method", "lcm", f"teacher={tiny_teachers[teacher]}", f"data.images={image_folder}",

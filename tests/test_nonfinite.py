@@ -3,7 +3,6 @@ naming the step and role, keeping the last good checkpoint."""
 
 import json
 
-
 from distill_diffusion.loop import run_main
 from methods import METHODS
 from methods.lcm import LCM
