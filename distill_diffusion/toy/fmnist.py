@@ -90,6 +90,7 @@ class FashionMNIST:
         return len(self.labels)
 
     def image(self, i: int) -> Tensor:
+        """Image ``i`` as (3, 32, 32) float in [-1, 1]."""
         return to_rgb32(self.images[i : i + 1])[0]
 
     def all_images(self) -> Tensor:

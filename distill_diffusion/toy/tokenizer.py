@@ -9,6 +9,10 @@ import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -25,6 +29,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def bpe_path() -> Path:
+    """open_clip's copy of OpenAI's BPE file (the first line is a header, then one merge per line)."""
     import open_clip
 
     p = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
@@ -56,8 +61,9 @@ def vocab_files() -> tuple[str, str]:
     return str(vocab_f), str(merges_f)
 
 
-def build_clip_tokenizer(model_max_length: int = 77):
-    """A transformers ``CLIPTokenizer`` equal to OpenAI CLIP's (49408 tokens), padded with <|endoftext|>."""
+def build_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A transformers ``CLIPTokenizer`` equal to OpenAI CLIP's (49408 tokens), padded with <|endoftext|> as Stable
+    Diffusion's is (open_clip pads with 0; the ids up to <|endoftext|> are identical)."""
     from transformers import CLIPTokenizer
 
     vocab_f, merges_f = vocab_files()

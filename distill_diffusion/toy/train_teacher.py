@@ -1,7 +1,7 @@
 """Train the embedded teacher: a genuine diffusers StableDiffusionPipeline on Fashion-MNIST, on a 2-core CPU.
 
     python -m distill_diffusion.toy.train_teacher --out distill_diffusion/assets/fmnist_teacher \
-        [--minutes N] [--seed 0] [--resume] [--work runs/_teacher_work] [--vae-steps 1000] [--unet-steps 2000]
+        [--minutes N] [--seed 0] [--resume] [--work runs/_teacher_work] [--vae-steps 1000] [--unet-steps 1800]
 
 Phases, each checkpointed in --work (``--resume`` continues where a run stopped; ``--minutes`` stops this run after
 N minutes with a checkpoint, to be continued with ``--resume``); progress goes to a tqdm bar and --work/log.jsonl:
@@ -306,7 +306,7 @@ def main() -> None:
     ap.add_argument("--export-only", action="store_true",
                     help="export the EMA weights of the latest checkpoint in --work as they are, without training")
     ap.add_argument("--vae-steps", type=int, default=1000)  # batch 32
-    ap.add_argument("--unet-steps", type=int, default=2000)
+    ap.add_argument("--unet-steps", type=int, default=1800)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

@@ -1,0 +1,423 @@
+"""DMD2: distribution matching distillation with a two time-scale critic and a GAN on the critic's bottleneck.
+
+Yin, Gharbi, Park, Zhang, Shechtman, Durand, Freeman. "Improved Distribution Matching Distillation for Fast Image
+Synthesis", NeurIPS 2024 (arXiv:2405.14867); DMD: Yin et al., CVPR 2024 (arXiv:2311.18828). Details checked against
+the authors' code (tianweiy/DMD2: main/sd_guidance.py, main/sd_unified_model.py, main/train_sd.py).
+
+Roles: the generator G_θ ("student"), the fake score μ_fake^φ ("critic", with a GAN classification head D on its
+bottleneck), the frozen real score μ_real (the teacher; with LoRA the base UNet with adapters disabled).
+
+Generator. Input: pure noise z at the conditioning timestep t_k of step k (few-step: t = 999, 749, 499, 249); output
+x = G_θ(x_k, t_k), the teacher's parameterisation turned into x0. For k > 0 the input comes from backward simulation
+(DMD2 sec. 4.4): run G without gradient from noise through steps 0..k-1, re-noising each x0 with fresh noise to the
+next conditioning timestep; k is drawn once per step for the whole global batch.
+
+Distribution matching (DMD eq. 7, DMD2 sec. 4.1), t ~ U[0.02T, 0.98T], x_t = α_t x + σ_t ε:
+  x̂_real = μ_real(x_t, t) with CFG w (diffusers convention), x̂_fake = μ_fake(x_t, t) without guidance,
+  ∇ = (x̂_fake − x̂_real) / mean_{C,H,W}|x − x̂_real|,   L_DM = ½ ‖x − sg(x − ∇)‖² (mean)  =>  ∂L_DM/∂x ∝ ∇.
+Critic: the teacher's own denoising loss (ε- or v-MSE) on sg(x), t ~ U[0, T)          (DMD eq. 6; two time-scale
+  update rule, DMD2 sec. 4.2: the critic updates every step, the generator every ``student_update_every`` steps).
+GAN (DMD2 sec. 4.3, eq. 3-4): D(x_t, t) = head(bottleneck of μ_fake at (x_t, t)) with real latents and generated x
+  noised at t ~ U[0, T); non-saturating: L_G = softplus(−D(fake)) (weight λ_G = 1e-3, SDXL 5e-3), L_D =
+  softplus(D(fake)) + softplus(−D(real)) (weight λ_D = 1e-2) added to the critic's loss; the head is the critic's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill_diffusion import schedule
+from distill_diffusion.errors import UserError
+from distill_diffusion.method import Batch, Cond, Method, OptimizerSettings, SamplingSpec, StepSampling, masked_mean
+
+
+@dataclass
+class DMD2Config:
+    """Paper defaults: SD1.5, one step (DMD2 appendix / the reference's SD1.5 script). The learning rates and weight
+    decay here replace the shared ``learning_rate`` / ``adam_weight_decay`` keys, which DMD2 does not read."""
+
+    real_guidance_scale: float = 1.75  # w of μ_real, diffusers convention (1 = none); SD1.5 1.75, SDXL 8
+    min_step_ratio: float = 0.02  # DM loss: t ~ U[0.02 T, 0.98 T]
+    max_step_ratio: float = 0.98
+    student_update_every: int = 10  # TTUR: critic updates per generator update (SD1.5 10, SDXL 5)
+    student_lr: float = 1e-5  # generator lr: SD1.5 full 1e-5 (GAN stage 5e-7), SDXL full 5e-7, SDXL LoRA 5e-5
+    critic_lr: float = 1e-5  # fake-score (+ GAN head) lr, same values as the generator's in the paper
+    weight_decay: float = 0.01  # AdamW (0.9, 0.999), weight decay 0.01 for both roles
+    # Conditioning timesteps t_k of the generator, descending. [999] one step (SDXL one step: 399 after an ODE
+    # warm start); [999, 749, 499, 249] four steps with backward simulation.
+    conditioning_timesteps: list[int] = field(default_factory=lambda: [999])
+    gan: bool = True  # the GAN term on the critic's bottleneck (the SD1.5 recipe adds it in a second stage)
+    gan_generator_weight: float = 1e-3  # λ_G (SDXL 5e-3)
+    gan_discriminator_weight: float = 1e-2  # λ_D
+    gan_max_timestep: int = 1000  # real and fake inputs of D are noised at t ~ U[0, gan_max_timestep)
+    # Start the critic (and the GAN head, when the earlier run had one) from the last checkpoint of the run that
+    # ``init_from`` names, as the paper's second stage resumes both networks.
+    init_critic: bool = False
+
+    def check(self) -> None:
+        if self.real_guidance_scale < 1:
+            raise UserError(f"method.real_guidance_scale={self.real_guidance_scale}: need >= 1 (diffusers "
+                            "convention, 1 = no guidance)")
+        if not 0 <= self.min_step_ratio < self.max_step_ratio <= 1:
+            raise UserError("method.min_step_ratio / max_step_ratio: need 0 <= min < max <= 1 (paper 0.02, 0.98)")
+        if self.student_update_every < 1:
+            raise UserError(f"method.student_update_every={self.student_update_every}: must be at least 1")
+        if self.student_lr <= 0 or self.critic_lr <= 0:
+            raise UserError("method.student_lr and method.critic_lr must be positive")
+        if self.weight_decay < 0:
+            raise UserError(f"method.weight_decay={self.weight_decay}: must be >= 0")
+        ts = list(self.conditioning_timesteps)
+        if not ts or min(ts) < 0 or any(a <= b for a, b in zip(ts, ts[1:])):
+            raise UserError(f"method.conditioning_timesteps={ts}: need non-negative timesteps in strictly "
+                            "descending order, e.g. [999] or [999, 749, 499, 249]")
+        if self.gan_generator_weight < 0 or self.gan_discriminator_weight < 0:
+            raise UserError("method.gan_generator_weight and method.gan_discriminator_weight must be >= 0")
+        if self.gan_max_timestep < 1:
+            raise UserError(f"method.gan_max_timestep={self.gan_max_timestep}: must be at least 1")
+
+
+# ---- pure maths ---------------------------------------------------------------------------------------------------
+
+
+def dm_gradient(x0: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """The normalised distribution-matching gradient (DMD eq. 7 with DMD2's per-sample normaliser), (B, C, h, w):
+
+    ∇ = (x̂_fake − x̂_real) / mean_{C,H,W} |x − x̂_real|   (= (p_real − p_fake) / mean|p_real| with p = x − x̂).
+    """
+    denom = (x0 - x0_real).abs().flatten(1).mean(1).reshape(-1, *[1] * (x0.ndim - 1))
+    return (x0_fake - x0_real) / denom
+
+
+def dm_loss(x0: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample L_DM = ½ mean_{C,H,W} (x − sg(x − ∇))², whose gradient wrt x is ∇ / (C·H·W); shape (B,).
+
+    Returns (per-sample loss, ok mask (B,) bool). A sample whose ∇ is not finite (a non-finite score, or a zero
+    normaliser) gets the target sg(x): zero loss and an exactly zero gradient, so it cannot poison the update.
+    """
+    with torch.no_grad():
+        x = x0.detach()
+        grad = dm_gradient(x, x0_real.to(x.dtype), x0_fake.to(x.dtype))
+        ok = torch.isfinite(grad).flatten(1).all(1) & torch.isfinite(x).flatten(1).all(1)
+        target = torch.where(ok.reshape(-1, *[1] * (x.ndim - 1)), x - grad, x)
+    return 0.5 * ((x0 - target) ** 2).flatten(1).mean(1), ok
+
+
+def generator_gan_loss(logits_fake: Tensor) -> Tensor:
+    """Non-saturating generator loss softplus(−D(fake)) per sample (DMD2 eq. 3), (B,) -> (B,)."""
+    return F.softplus(-logits_fake)
+
+
+def discriminator_gan_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """softplus(D(fake)) + softplus(−D(real)) per sample (DMD2 eq. 4: −log(1 − σ(D(fake))) − log σ(D(real)))."""
+    return F.softplus(logits_fake) + F.softplus(-logits_real)
+
+
+def simulate_input(
+    predict_x0: Callable[[Tensor, Tensor], Tensor], timesteps: list[int], k: int, noises: list[Tensor],
+    alphas_cumprod: Tensor,
+) -> Tensor:
+    """Backward simulation (DMD2 sec. 4.4): the generator's input at step k, (B, C, h, w).
+
+    x_0 = noises[0] (pure noise at t_0); for j < k: x̂ = G(x_j, t_j), x_{j+1} = α_{t_{j+1}} x̂ + σ_{t_{j+1}} noises[j+1].
+    ``predict_x0(x, t)`` with t (B,) returns G's x0; call under ``torch.no_grad``. Exactly what LCMScheduler does
+    between steps at sampling time.
+    """
+    x = noises[0]
+    b = x.shape[0]
+    for j in range(k):
+        t = torch.full((b,), timesteps[j], dtype=torch.long, device=x.device)
+        x0 = predict_x0(x, t)
+        t_next = torch.full((b,), timesteps[j + 1], dtype=torch.long, device=x.device)
+        x = schedule.add_noise(x0, noises[j + 1], t_next, alphas_cumprod)
+    return x
+
+
+# ---- the critic's bottleneck and the GAN head ---------------------------------------------------------------------
+
+
+def unet_bottleneck(unet: nn.Module, xt: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    """A diffusers ``UNet2DConditionModel`` run up to and including its mid-block: (B, C_mid, h', w').
+
+    diffusers' forward does not return the mid-block output, so this repeats the first half of
+    ``UNet2DConditionModel.forward`` (time embedding with SDXL's added text/time conditioning, conv_in, down blocks,
+    mid block) and stops; the up blocks never run.
+    """
+    kw = cond.unet_kwargs()
+    ehs, added = kw["encoder_hidden_states"], kw.get("added_cond_kwargs")
+    if unet.config.addition_embed_type == "image_hint":
+        raise UserError("DMD2's GAN head does not support UNets with image_hint conditioning; set method.gan=false")
+    sample = 2 * xt - 1.0 if unet.config.center_input_sample else xt
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
+    class_emb = unet.get_class_embed(sample=sample, class_labels=None)
+    if class_emb is not None:
+        emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=added)
+    if aug is not None:
+        emb = emb + aug
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    ehs = unet.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=added)
+    h = unet.conv_in(sample)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
+        else:
+            h, _ = block(hidden_states=h, temb=emb)
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        return unet.mid_block(h, emb, encoder_hidden_states=ehs)
+    return unet.mid_block(h, emb)
+
+
+def bottleneck_shape(unet: nn.Module, latent_hw: int) -> tuple[int, int]:
+    """(channels, spatial size) of the mid-block output for square latents of side ``latent_hw``."""
+    s = latent_hw
+    for block in unet.down_blocks:
+        if getattr(block, "downsamplers", None):
+            s = (s + 1) // 2  # conv k3 s2 p1
+    return unet.config.block_out_channels[-1], s
+
+
+class GANHead(nn.Module):
+    """The classification branch on the critic's bottleneck: (B, C, s, s) -> (B,) logits.
+
+    [conv 4x4 stride 2 + GroupNorm + SiLU] while the map is larger than 4x4, then a conv covering the whole map
+    (-> 1x1) + GroupNorm + SiLU, then a 1x1 conv to one logit (the reference: SD1.5 8 -> 4 -> 1, SDXL 32 -> ... -> 1).
+    """
+
+    def __init__(self, channels: int, spatial: int, groups: int = 32) -> None:
+        super().__init__()
+        g = groups if channels % groups == 0 else math.gcd(channels, groups)
+        layers: list[nn.Module] = []
+        s = spatial
+        while s > 4:
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(g, channels), nn.SiLU()]
+            s = (s + 2 - 4) // 2 + 1
+        layers += [nn.Conv2d(channels, channels, s), nn.GroupNorm(g, channels), nn.SiLU(), nn.Conv2d(channels, 1, 1)]
+        self.net = nn.Sequential(*layers)
+        self.num_downsamples = sum(isinstance(m, nn.Conv2d) and m.stride == (2, 2) for m in layers)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h.float()).flatten(1).squeeze(1)
+
+
+@contextlib.contextmanager
+def _frozen(params: list[nn.Parameter]) -> Iterator[None]:
+    """requires_grad False on ``params`` (gradients still flow to the inputs), restored on exit."""
+    saved = [(p, p.requires_grad) for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _no_checkpointing(net: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing off for one forward: the generator's GAN term backpropagates through the critic, and
+    a checkpointed backward would re-run that forward under the student's adapter (the active one then)."""
+    mods = [m for m in net.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in mods:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.gradient_checkpointing = True
+
+
+# ---- the method ---------------------------------------------------------------------------------------------------
+
+
+class DMD2(Method):
+    Config = DMD2Config
+    # gan=false does not read images either, but the class declares its data needs statically: DMD2 always asks for
+    # an image dataset (its captions are the prompts).
+    needs_images = True
+    # No gradient flows through another role's checkpointed forward: the one place it would (the generator's GAN
+    # term through the critic) runs with checkpointing switched off (_no_checkpointing).
+    checkpointing_safe = True
+
+    @classmethod
+    def roles_for(cls, cfg: DMD2Config) -> tuple[str, ...]:
+        return ("student", "critic")  # the generator first, then the critic, as the reference's train_one_step
+
+    def __init__(self, cfg: DMD2Config, train_cfg: Any, models: Any) -> None:
+        super().__init__(cfg, train_cfg, models)
+        T = models.num_train_timesteps
+        self.timesteps = [int(t) for t in cfg.conditioning_timesteps]
+        if max(self.timesteps) >= T:
+            raise UserError(f"method.conditioning_timesteps={self.timesteps}: must be below the teacher's {T} "
+                            "training timesteps")
+        self.min_step, self.max_step = int(cfg.min_step_ratio * T), min(int(cfg.max_step_ratio * T), T - 1)
+        self.head: GANHead | None = None
+        if cfg.gan:
+            unet = models.unet
+            c, s = bottleneck_shape(unet, models.latent_shape[1])
+            self.head = GANHead(c, s, unet.config.norm_num_groups or 32).to(models.device)
+        if cfg.init_critic:
+            self._load_critic(getattr(train_cfg, "init_from", None))
+
+    # ---- declarations --------------------------------------------------------------------------------------------
+    def optimizer_settings(self, role: str) -> OptimizerSettings:
+        lr = self.cfg.student_lr if role == "student" else self.cfg.critic_lr
+        return OptimizerSettings(learning_rate=lr, weight_decay=self.cfg.weight_decay)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"critic": self.head} if self.head is not None else {}
+
+    def updates(self, step: int) -> tuple[str, ...]:
+        """TTUR: the critic every step, the generator every ``student_update_every``-th step.
+
+        The generator updates on the last step of each block of r steps (the reference: the first; same rate), so the
+        critic has had r - 1 updates first and the generator's logs land on logging steps that are multiples of r.
+        """
+        r = self.cfg.student_update_every
+        return ("student", "critic") if (step + 1) % r == 0 else ("critic",)
+
+    # ---- pieces --------------------------------------------------------------------------------------------------
+    def pick_step(self, batch: Batch) -> int:
+        """The step k whose input the generator sees, shared by the whole global batch (and by both roles)."""
+        n = len(self.timesteps)
+        return batch.rng.shared_randint(0, n, "dmd2-k") if n > 1 else 0
+
+    def generator_input(self, batch: Batch, k: int) -> Tensor:
+        """x_k: pure noise for k = 0, else backward simulation through steps 0..k-1 (no gradient), (B, C, h, w)."""
+        m = self.models
+        noises = [batch.rng.randn(m.latent_shape, f"dmd2-gen-noise-{j}") for j in range(k + 1)]
+        with torch.no_grad():
+            return simulate_input(lambda x, t: m.predict("student", x, t, batch.cond)[0], self.timesteps, k, noises,
+                                  m.alphas_cumprod)
+
+    def generate(self, batch: Batch, grad: bool) -> tuple[Tensor, int]:
+        """The generator's x0 at a keyed step k (with gradient when ``grad``), and k."""
+        k = self.pick_step(batch)
+        x_k = self.generator_input(batch, k)
+        t_k = torch.full((len(batch),), self.timesteps[k], dtype=torch.long, device=x_k.device)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            x0, _ = self.models.predict("student", x_k, t_k, batch.cond)
+        return x0, k
+
+    @torch.no_grad()
+    def scores(self, xt: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(x̂_real, x̂_fake): the teacher's guided x0 (uncond + w (cond − uncond)) and the critic's unguided x0."""
+        m = self.models
+        x0_real, _ = m.predict("teacher", xt, t, batch.cond, batch.uncond, guidance=self.cfg.real_guidance_scale)
+        x0_fake, _ = m.predict("critic", xt, t, batch.cond)
+        return x0_real, x0_fake
+
+    def discriminate(self, x: Tensor, t: Tensor, cond: Cond, train: bool) -> Tensor:
+        """D(x_t, t): the critic's bottleneck through the GAN head, (B,) logits.
+
+        ``train=False`` (the generator's turn): the critic and the head are frozen and gradients flow only to x.
+        """
+        m, head = self.models, self.head
+        assert head is not None
+        with m.role("critic") as net:
+            lora = m.student_kind == "lora"
+            dtype = next(net.parameters()).dtype if lora else x.dtype
+            c = Cond(cond.prompt_embeds.to(dtype), None if cond.pooled is None else cond.pooled.to(dtype),
+                     None if cond.time_ids is None else cond.time_ids.to(dtype))
+            if train:
+                return head(unet_bottleneck(net, x.to(dtype), t, c))
+            with _frozen(m.parameters("critic") + list(head.parameters())), _no_checkpointing(net):
+                return head(unet_bottleneck(net, x.to(dtype), t, c))
+
+    # ---- losses --------------------------------------------------------------------------------------------------
+    def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if role == "student":
+            return self._generator_loss(batch)
+        if role == "critic":
+            return self._critic_loss(batch)
+        raise KeyError(role)
+
+    def _generator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        m, c, rng = self.models, self.cfg, batch.rng
+        x0, k = self.generate(batch, grad=True)
+        t = rng.randint(self.min_step, self.max_step + 1, "dmd2-dm-t")
+        xt = schedule.add_noise(x0.detach(), rng.randn(m.latent_shape, "dmd2-dm-noise"), t, m.alphas_cumprod)
+        x0_real, x0_fake = self.scores(xt, t, batch)
+        per_sample, ok = dm_loss(x0, x0_real, x0_fake)
+        loss = per_sample.sum() / ok.sum().clamp(min=1)  # masked samples give 0 and count for nothing
+        logs = {"dm": float(loss.detach()), "nonfinite": float((~ok).sum()), "k": float(k),
+                "t": float(t.float().mean())}
+        if self.head is not None and c.gan_generator_weight > 0:
+            t_g = rng.randint(0, c.gan_max_timestep, "dmd2-gan-fake-t")
+            xg = schedule.add_noise(x0, rng.randn(m.latent_shape, "dmd2-gan-fake-noise"), t_g, m.alphas_cumprod)
+            g, _ = masked_mean(generator_gan_loss(self.discriminate(xg, t_g, batch.cond, train=False)))
+            loss = loss + c.gan_generator_weight * g
+            logs["gan_g"] = float(g.detach())
+        return loss, logs
+
+    def _critic_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        m, c, rng = self.models, self.cfg, batch.rng
+        with torch.no_grad():
+            x0, _ = self.generate(batch, grad=False)
+        t = rng.randint(0, m.num_train_timesteps, "dmd2-critic-t")
+        eps = rng.randn(m.latent_shape, "dmd2-critic-noise")
+        xt = schedule.add_noise(x0, eps, t, m.alphas_cumprod)
+        out = m.unet_out("critic", xt, t, batch.cond)
+        per_sample = ((out - m.denoising_target(x0, eps, t)) ** 2).flatten(1).mean(1)
+        loss, dropped = masked_mean(per_sample)
+        logs = {"denoise": float(loss.detach()), "nonfinite": float(dropped)}
+        if self.head is not None:
+            if batch.latents is None:
+                raise UserError("method.gan=true needs real images (data.images or data.dataset)")
+            t_r = rng.randint(0, c.gan_max_timestep, "dmd2-gan-real-t")
+            t_f = rng.randint(0, c.gan_max_timestep, "dmd2-gan-critic-fake-t")
+            x_r = schedule.add_noise(batch.latents, rng.randn(m.latent_shape, "dmd2-gan-real-noise"), t_r,
+                                     m.alphas_cumprod)
+            x_f = schedule.add_noise(x0, rng.randn(m.latent_shape, "dmd2-gan-critic-fake-noise"), t_f,
+                                     m.alphas_cumprod)
+            d_real = self.discriminate(x_r, t_r, batch.cond, train=True)
+            d_fake = self.discriminate(x_f, t_f, batch.cond, train=True)
+            d, _ = masked_mean(discriminator_gan_loss(d_real, d_fake))
+            loss = loss + c.gan_discriminator_weight * d
+            logs.update(gan_d=float(d.detach()), p_real=float(torch.sigmoid(d_real.detach()).mean()),
+                        p_fake=float(torch.sigmoid(d_fake.detach()).mean()))
+        return loss, logs
+
+    def sampling(self) -> SamplingSpec:
+        """LCMScheduler with exactly the trained conditioning timesteps: between steps it re-noises x0 with fresh
+        noise to the next timestep, as backward simulation does in training; no CFG. Only the trained count."""
+        n = len(self.timesteps)
+        s = StepSampling(scheduler="LCMScheduler", timesteps=list(self.timesteps), guidance_scale=1.0,
+                         # every timestep is on the k = 1 grid, so LCMScheduler warns about none of them
+                         scheduler_kwargs={"original_inference_steps": self.models.num_train_timesteps})
+        return SamplingSpec(steps={n: s}, default_steps=n)
+
+    # ---- the second stage: the critic from an earlier run ----------------------------------------------------------
+    def _load_critic(self, run: str | None) -> None:
+        """Copy the critic's tensors (and the GAN head's, when present) from ``run``'s last checkpoint."""
+        from safetensors.torch import load_file
+
+        if not run:
+            raise UserError("method.init_critic=true needs init_from=<an earlier dmd2 run folder>")
+        ckdir = Path(run) / "checkpoints"
+        cks = sorted((p for p in ckdir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()
+                      and (p / "trainable.safetensors").is_file()), key=lambda p: int(p.name.split("-", 1)[1]))
+        if not cks:
+            raise UserError(f"method.init_critic=true: {ckdir} holds no checkpoint with the critic")
+        state = load_file(str(cks[-1] / "trainable.safetensors"))
+        params = self.models.parameters("critic")
+        keys = [f"critic/{i}" for i in range(len(params))]
+        if any(k not in state or state[k].shape != p.shape for k, p in zip(keys, params)) or f"critic/{len(params)}" \
+                in state:
+            raise UserError(f"method.init_critic=true: {cks[-1]} has a different critic (student kind or LoRA "
+                            "rank/targets differ); use the earlier run's settings")
+        with torch.no_grad():
+            for k, p in zip(keys, params):
+                p.copy_(state[k])
+            head_state = {k.removeprefix("extra/critic/"): v for k, v in state.items() if k.startswith("extra/critic/")}
+            if self.head is not None and head_state:
+                self.head.load_state_dict(head_state)

@@ -1,0 +1,320 @@
+"""Score identity Distillation (SiD), with long-and-short guidance (SiD-LSG) and few-step generation.
+
+Zhou, Zheng, Wang, Yin, Huang. "Score identity Distillation: Exponentially Fast Distillation of Pretrained Diffusion
+Models for One-Step Generation", ICML 2024 (arXiv:2404.04057);
+Zhou, Wang, Zheng, Huang. "Long and Short Guidance in Score identity Distillation for One-Step Text-to-Image
+Generation" / "Guided Score identity Distillation for Data-Free One-Step Text-to-Image Generation", ICLR 2025
+(arXiv:2406.01561);
+Zhou, Gu, Wang. "Few-Step Diffusion via Score identity Distillation", 2025 (arXiv:2505.12674).
+Checked against the reference code: mingyuanzhou/SiD (training/sid_loss.py), mingyuanzhou/SiD-LSG
+(training/sid_training_loop.py, training/sid_sd_util.py) and the few-step loop of apple-aiml-research/ml-sid-dit.
+
+Data-free: only prompts are needed. Two trainable roles start from the teacher: the generator ``student`` (G_θ) and
+the fake score ``critic`` (f_ψ); the teacher is the pretrained score f_φ. Every step updates the critic, then the
+student (1:1):
+
+  generation  x_g = G_θ: step 1 sees add_noise(0, z, t_init) = sqrt(1 - ᾱ(t_init)) z at timestep t_init and outputs the
+              x0 prediction; step i > 1 re-noises the previous x0 to τ_i with fresh noise (K steps, τ_1 = t_init).
+  critic      t ~ U[t_min, t_max), x_t = noise(sg(x_g), t); the teacher's own denoising loss on the critic's output
+              with guidance κ1 (eps-MSE; v-MSE · snr/(snr+1) for v-prediction), summed over pixels.
+  student     x_t = noise(x_g, t); y_real = x0 of the teacher (guidance κ4), y_fake = x0 of the critic (κ2 = κ3),
+              both with gradient through x_t into x_g (their weights frozen);
+              L = (y_real − y_fake)·((y_real − x_g) − α (y_real − y_fake)) / w,  w = sg(mean|x_g − y_real|)
+              (SiD eq. 19 with the SiD-LSG normalisation), summed over pixels and averaged over the batch.
+
+Few-step (K > 1): each step draws k ~ U{1..K}, shared by the global batch, runs steps 1..k-1 without gradient and
+matches the output of step k: the uniform mixture of all K intermediate outputs (Few-step SiD, sec. 3); one network
+serves every step. Sampling with the first k of the K timesteps therefore gives a trained k-step student.
+
+Guidance follows the diffusers convention uncond + κ (cond − uncond) (κ = 1: none), as the SiD-LSG code does, so no
+conversion is needed. ``guidance_mode`` picks the scales: "lsg" uses κ1..κ4; "zero_cfg" (Few-step SiD) runs the
+teacher without CFG (κ4 = 1) and removes text from the critic (κ1 = κ2 = κ3 = 0: the empty prompt only);
+"anti_cfg" runs the teacher without CFG and the critic with a negative scale (κ1 = κ2 = κ3 = anti_cfg_scale < 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distill_diffusion import schedule
+from distill_diffusion.errors import UserError
+from distill_diffusion.method import (
+    Batch,
+    Cond,
+    Method,
+    OptimizerSettings,
+    SamplingSpec,
+    StepSampling,
+    masked_mean,
+)
+
+GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
+# LCMScheduler's boundary condition c_skip x_t + c_out x0 with this timestep scaling is x0 to ~1e-13 for t >= 1:
+# sampling then applies exactly SiD's generator (x0 prediction, re-noised with fresh noise between steps).
+SAMPLING_TIMESTEP_SCALING = 1.0e4
+
+
+@dataclass
+class SiDConfig:
+    alpha: float = 1.0  # α of the generator loss: 1.2 for EDM teachers (SiD), 1.0 for Stable Diffusion (SiD-LSG)
+    guidance_mode: str = "lsg"  # lsg | zero_cfg | anti_cfg (Few-step SiD's diversity-preserving variants)
+    kappa1: float = 2.0  # κ1: critic's guidance while it is trained ("long" guidance); reference sets κ1..κ4 = 2
+    kappa2: float = 2.0  # κ2 = κ3: critic's guidance inside the student loss (one value, as cfg_eval_fake)
+    kappa4: float = 2.0  # κ4: the teacher's guidance inside the student loss
+    anti_cfg_scale: float = -1.0  # guidance_mode=anti_cfg: the critic's (negative) scale κ1 = κ2 = κ3
+    cond_dropout: float = 0.1  # share of critic prompts replaced by "" when the critic is guided (κ1 or κ2 != 1)
+    t_min: int = 20  # t ~ U[t_min, t_max) for both losses
+    t_max: int = 980
+    init_timestep: int = 625  # t_init: the first generation step's timestep (SiD-LSG for SD1.5/2.1)
+    num_steps: int = 1  # K generation steps
+    timesteps: list[int] | None = None  # τ_1 > ... > τ_K; None: τ_i = floor(t_init (1 - (i-1)/K)) (reference)
+    max_grad_value: float | None = 1.0  # element-wise gradient clip of both roles (SiD-LSG clips G at 1 under fp16,
+    #                                      SiD-DiT clips both networks at 1); null: none
+
+    def check(self) -> None:
+        if self.guidance_mode not in GUIDANCE_MODES:
+            raise UserError(f"method.guidance_mode={self.guidance_mode!r}: choose one of {', '.join(GUIDANCE_MODES)}")
+        if self.guidance_mode == "anti_cfg" and not self.anti_cfg_scale < 0:
+            raise UserError(f"method.anti_cfg_scale={self.anti_cfg_scale}: anti_cfg needs a negative scale "
+                            "(diffusers convention; 0 is zero_cfg)")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise UserError(f"method.cond_dropout={self.cond_dropout}: must be in [0, 1)")
+        if not 0 <= self.t_min < self.t_max <= 1000:
+            raise UserError(f"method.t_min={self.t_min}, method.t_max={self.t_max}: need 0 <= t_min < t_max <= 1000")
+        if not 1 <= self.init_timestep <= 999:
+            raise UserError(f"method.init_timestep={self.init_timestep}: must be in [1, 999]")
+        if self.num_steps < 1:
+            raise UserError(f"method.num_steps={self.num_steps}: must be at least 1")
+        if self.timesteps is not None:
+            ts = list(self.timesteps)
+            if len(ts) != self.num_steps or ts[0] != self.init_timestep:
+                raise UserError(f"method.timesteps={ts}: need method.num_steps={self.num_steps} entries starting at "
+                                f"method.init_timestep={self.init_timestep}")
+            if any(b >= a for a, b in zip(ts, ts[1:])) or ts[-1] < 1:
+                raise UserError(f"method.timesteps={ts}: must be strictly decreasing and at least 1")
+        if self.max_grad_value is not None and self.max_grad_value <= 0:
+            raise UserError(f"method.max_grad_value={self.max_grad_value}: must be positive (or null for none)")
+
+    def generation_timesteps(self) -> list[int]:
+        """τ_1..τ_K: the explicit list, or the reference's linear spacing t_init (1 - i/K), i = 0..K-1."""
+        if self.timesteps is not None:
+            return [int(t) for t in self.timesteps]
+        return [int(self.init_timestep * (1 - i / self.num_steps)) for i in range(self.num_steps)]
+
+    def guidance_scales(self) -> tuple[float, float, float]:
+        """(κ1, κ2 = κ3, κ4) in the diffusers convention for the chosen ``guidance_mode``."""
+        if self.guidance_mode == "zero_cfg":
+            return 0.0, 0.0, 1.0  # κ = 0 is the unconditional branch alone: a text-free critic
+        if self.guidance_mode == "anti_cfg":
+            return self.anti_cfg_scale, self.anti_cfg_scale, 1.0
+        return self.kappa1, self.kappa2, self.kappa4
+
+
+# ---- the paper's maths as pure functions ----------------------------------------------------------------------------
+
+
+def sid_weight(x_g: Tensor, y_real: Tensor) -> Tensor:
+    """w = mean|x_g − y_real| per sample, without gradient, clamped at 1e-5 (SiD-LSG). (B, ...) -> (B,)."""
+    return (x_g.detach().float() - y_real.detach().float()).abs().flatten(1).mean(1).clamp(min=1e-5)
+
+
+def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float) -> Tensor:
+    """Per-sample SiD generator loss (B,), summed over pixels (SiD eq. 19, SiD-LSG normalisation):
+
+    (y_real − y_fake)·((y_real − x_g) − α (y_real − y_fake)) / w,  w = sg(mean|x_g − y_real|).
+    With α = 1 it is (y_real − y_fake)·(y_fake − x_g) / w. Zero whenever y_fake = y_real.
+    x_g, y_real, y_fake: (B, C, h, w).
+    """
+    d = y_real.float() - y_fake.float()
+    per_pixel = d * ((y_real.float() - x_g.float()) - alpha * d)
+    return per_pixel.flatten(1).sum(1) / sid_weight(x_g, y_real)
+
+
+def sid_student_objective(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float) -> tuple[Tensor, int]:
+    """The batch's generator loss: :func:`sid_generator_loss` averaged over the samples whose x_g, y_real and y_fake
+    are all finite (the reference drops non-finite samples); returns (loss, number of samples dropped)."""
+    finite = torch.stack([torch.isfinite(v.detach()).flatten(1).all(1) for v in (x_g, y_real, y_fake)]).all(0)
+    # Zero the dropped rows before the loss: torch.where passes them an exact zero gradient, whereas a NaN inside
+    # the product would turn their zero gradient into NaN (0 · NaN).
+    keep = finite.reshape(-1, *[1] * (x_g.ndim - 1))
+    x_g, y_real, y_fake = (torch.where(keep, v, torch.zeros_like(v)) for v in (x_g, y_real, y_fake))
+    per_sample = sid_generator_loss(x_g, y_real, y_fake, alpha)
+    return masked_mean(torch.where(finite, per_sample, torch.full_like(per_sample, float("nan"))))
+
+
+def critic_loss(pred: Tensor, target: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str) -> Tensor:
+    """Per-sample denoising loss of the fake score (B,), summed over pixels as the reference does.
+
+    eps (or x0) targets: plain squared error; v-prediction: squared error weighted by snr/(snr+1) (= ᾱ_t), the
+    reference's weighting for v-prediction teachers. pred, target: (B, C, h, w); t: (B,).
+    """
+    err = (pred.float() - target.float()) ** 2
+    if prediction_type == "v_prediction":
+        snr = schedule.snr(t, alphas_cumprod)
+        err = err * (snr / (snr + 1)).reshape(-1, *[1] * (err.ndim - 1))
+    return err.flatten(1).sum(1)
+
+
+def init_noise_scale(init_timestep: int, alphas_cumprod: Tensor) -> float:
+    """sqrt(1 − ᾱ(t_init)): the scale of the first step's input add_noise(0, z, t_init)."""
+    return math.sqrt(1.0 - float(alphas_cumprod[init_timestep]))
+
+
+def draw_mixture_step(rng: Any, num_steps: int) -> int:
+    """k ~ U{1..K}, one value for the whole global batch at this step (the uniform mixture of Few-step SiD)."""
+    return rng.shared_randint(1, num_steps + 1, "sid-k") if num_steps > 1 else 1
+
+
+def mix_cond(keep: Tensor, cond: Cond, uncond: Cond) -> Cond:
+    """Per sample, the prompt's conditioning where ``keep`` (B,) is True, else the empty prompt's."""
+
+    def pick(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+        if a is None:
+            return None
+        return torch.where(keep.to(a.device).reshape(-1, *[1] * (a.ndim - 1)), a, b.to(a.dtype))
+
+    return Cond(pick(cond.prompt_embeds, uncond.prompt_embeds), pick(cond.pooled, uncond.pooled),
+                pick(cond.time_ids, uncond.time_ids))
+
+
+class SiD(Method):
+    Config = SiDConfig
+    needs_images = False  # data-free: prompts alone
+    checkpointing_safe = False  # the student's gradient passes through the teacher's and the critic's forwards
+
+    @classmethod
+    def roles_for(cls, cfg: SiDConfig) -> tuple[str, ...]:
+        return ("student", "critic")
+
+    def __init__(self, cfg: SiDConfig, train_cfg: Any, models: Any) -> None:
+        super().__init__(cfg, train_cfg, models)
+        self.gen_t = cfg.generation_timesteps()
+        self.kappa1, self.kappa2, self.kappa4 = cfg.guidance_scales()
+        # The critic learns the empty prompt too whenever it is evaluated with guidance (reference: κ1 or κ2 != 1);
+        # a text-free critic (κ1 = 0) never sees the prompts, so there is nothing to drop.
+        guided = self.kappa1 != 1 or self.kappa2 != 1
+        self.dropout = cfg.cond_dropout if (guided and self.kappa1 != 0) else 0.0
+
+    def updates(self, step: int) -> tuple[str, ...]:
+        return ("critic", "student")  # 1:1, the fake score first (SiD Algorithm 1)
+
+    def optimizer_settings(self, role: str) -> OptimizerSettings:
+        # Adam β = (0, 0.999); ε 1e-8, or 1e-6 under fp16 (SiD-LSG sid_train.py).
+        fp16 = getattr(self.train_cfg, "mixed_precision", "no") == "fp16"
+        return OptimizerSettings(betas=(0.0, 0.999), eps=1e-6 if fp16 else None,
+                                 max_grad_value=self.cfg.max_grad_value)
+
+    # ---- pieces ----------------------------------------------------------------------------------------------------
+    def _t(self, value: int | Tensor, b: int) -> Tensor:
+        dev = self.models.device
+        if isinstance(value, Tensor):
+            return value.to(dev, torch.long)
+        return torch.full((b,), int(value), dtype=torch.long, device=dev)
+
+    def guided(self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond,
+               scales: tuple[float, ...]) -> list[Tensor]:
+        """Raw outputs of ``role`` at (x_t, t), one per guidance scale κ: uncond + κ (cond − uncond).
+
+        κ = 1 needs only the conditional forward, κ = 0 only the unconditional one; otherwise both run as one batched
+        forward and every scale is combined from it. xt (B, C, h, w), t (B,). Returns [(B, C, h, w)] * len(scales).
+        """
+        m = self.models
+        need_c = any(s != 0 for s in scales)
+        need_u = any(s != 1 for s in scales)
+        c = u = None
+        if need_c and need_u:
+            both = m.unet_out(role, torch.cat([xt, xt]), torch.cat([t, t]), cond.cat(uncond))
+            c, u = both.chunk(2)
+        elif need_c:
+            c = m.unet_out(role, xt, t, cond)
+        else:
+            u = m.unet_out(role, xt, t, uncond)
+        return [c if s == 1 else u if s == 0 else schedule.cfg(u, c, s) for s in scales]
+
+    def x0(self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float) -> Tensor:
+        """x0 of ``role`` with guidance ``scale`` (CFG on the raw output; x0 is linear in it at fixed x_t, t)."""
+        out = self.guided(role, xt, t, cond, uncond, (scale,))[0]
+        return schedule.split_prediction(out, xt, t, self.models.alphas_cumprod, self.models.prediction_type)[0]
+
+    def generate(self, batch: Batch, k: int, tag: str, grad: bool) -> tuple[Tensor, Tensor]:
+        """The student's output after k of its K steps, and the input of step k.
+
+        Steps 1..k-1 run without gradient; step k runs with gradient when ``grad``. Step 1's input is
+        add_noise(0, z, τ_1) = sqrt(1 − ᾱ(τ_1)) z; step i re-noises the previous x0 to τ_i with fresh keyed noise,
+        as LCMScheduler does between sampling steps. Returns (x_g, x_in), both (B, C, h, w).
+        """
+        m, b = self.models, len(batch)
+        x0 = torch.zeros(b, *m.latent_shape, device=m.device)
+        x_in = x0
+        for i in range(k):
+            noise = batch.rng.randn(m.latent_shape, f"sid-{tag}-noise-{i}")
+            t = self._t(self.gen_t[i], b)
+            x_in = schedule.add_noise(x0, noise, t, m.alphas_cumprod).detach()
+            with torch.set_grad_enabled(grad and i == k - 1):
+                x0 = m.predict("student", x_in, t, batch.cond)[0]
+        return x0, x_in
+
+    # ---- the two losses --------------------------------------------------------------------------------------------
+    def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        k = draw_mixture_step(batch.rng, self.cfg.num_steps)  # shared by both roles at this step (reference)
+        if role == "critic":
+            return self._critic_loss(batch, k)
+        if role == "student":
+            return self._student_loss(batch, k)
+        raise KeyError(role)
+
+    def _critic_loss(self, batch: Batch, k: int) -> tuple[Tensor, dict[str, float]]:
+        m, c = self.models, self.cfg
+        with torch.no_grad():
+            x_g, _ = self.generate(batch, k, "critic", grad=False)
+        t = batch.rng.randint(c.t_min, c.t_max, "sid-critic-t").to(m.device)
+        eps = batch.rng.randn(m.latent_shape, "sid-critic-eps")
+        xt = schedule.add_noise(x_g, eps, t, m.alphas_cumprod)
+        cond = batch.cond
+        dropped = 0.0
+        if self.dropout > 0:
+            keep = batch.rng.rand("sid-critic-drop") >= self.dropout  # keyed per sample (reference: 10% -> "")
+            cond = mix_cond(keep, batch.cond, batch.uncond)
+            dropped = float((~keep).float().mean())
+        pred = self.guided("critic", xt, t, cond, batch.uncond, (self.kappa1,))[0]
+        target = m.denoising_target(x_g, eps, t)
+        per_sample = critic_loss(pred, target, t, m.alphas_cumprod, m.prediction_type)
+        loss, bad = masked_mean(per_sample)
+        return loss, {"nonfinite": float(bad), "k": float(k), "dropped_prompts": dropped}
+
+    def _student_loss(self, batch: Batch, k: int) -> tuple[Tensor, dict[str, float]]:
+        m, c = self.models, self.cfg
+        x_g, _ = self.generate(batch, k, "student", grad=True)
+        t = batch.rng.randint(c.t_min, c.t_max, "sid-student-t").to(m.device)
+        eps = batch.rng.randn(m.latent_shape, "sid-student-eps")
+        xt = schedule.add_noise(x_g, eps, t, m.alphas_cumprod)
+        # No torch.no_grad here: the loss's gradient reaches x_g through x_t in both networks; their weights are
+        # frozen by the loop (trainable("student")), so only the student's tensors receive gradient.
+        y_real = self.x0("teacher", xt, t, batch.cond, batch.uncond, self.kappa4)
+        y_fake = self.x0("critic", xt, t, batch.cond, batch.uncond, self.kappa2)
+        loss, bad = sid_student_objective(x_g, y_real, y_fake, c.alpha)
+        with torch.no_grad():
+            gap = float((y_real - y_fake).abs().mean())
+            w = float(sid_weight(x_g, y_real).mean())
+        return loss, {"nonfinite": float(bad), "k": float(k), "score_gap": gap, "w": w}
+
+    # ---- export ----------------------------------------------------------------------------------------------------
+    def sampling(self) -> SamplingSpec:
+        """k-step sampling for k = 1..K with the first k training timesteps (each is a trained mixture component).
+
+        LCMScheduler with explicit timesteps: x0 from the student's output, fresh noise to the next timestep; the
+        initial latent is sqrt(1 − ᾱ(t_init)) N(0, I) (``init_noise_scale``); no CFG at sampling.
+        """
+        scale = init_noise_scale(self.gen_t[0], self.models.alphas_cumprod)
+        steps = {
+            k: StepSampling(scheduler="LCMScheduler", timesteps=self.gen_t[:k], guidance_scale=1.0,
+                            scheduler_kwargs={"timestep_scaling": SAMPLING_TIMESTEP_SCALING, "clip_sample": False},
+                            init_noise_scale=scale)
+            for k in range(1, self.cfg.num_steps + 1)
+        }
+        return SamplingSpec(steps=steps, default_steps=self.cfg.num_steps)

@@ -1,0 +1,352 @@
+"""DMD2: the DM gradient's closed form and masking, TTUR, the GAN head on the critic's bottleneck, backward
+simulation, losses falling on a fixed batch, sampling with the trained timesteps, and runs through train.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from distill_diffusion import artifacts
+from distill_diffusion.config import TrainConfig
+from distill_diffusion.errors import UserError
+from methods.dmd2 import (
+    DMD2,
+    DMD2Config,
+    GANHead,
+    bottleneck_shape,
+    discriminator_gan_loss,
+    dm_gradient,
+    dm_loss,
+    generator_gan_loss,
+    simulate_input,
+    unet_bottleneck,
+)
+from tests.helpers import build, fixed_batch, optimizers, update
+
+ROOT = Path(__file__).resolve().parent.parent
+FOUR = [999, 749, 499, 249]
+
+
+# ---- closed forms -------------------------------------------------------------------------------------------------
+
+
+def test_dm_gradient_closed_form_and_paper_form():
+    x0 = torch.ones(2, 1, 2, 2)
+    x0_real = torch.zeros(2, 1, 2, 2)
+    x0_fake = torch.tensor([2.0, -1.0]).reshape(2, 1, 1, 1).expand(2, 1, 2, 2)
+    x0_real[1] = 0.5  # mean|x0 - x0_real| = 0.5 for sample 1
+    g = dm_gradient(x0, x0_real, x0_fake)
+    torch.testing.assert_close(g[0], torch.full((1, 2, 2), 2.0))  # (2 - 0) / 1
+    torch.testing.assert_close(g[1], torch.full((1, 2, 2), -3.0))  # (-1 - 0.5) / 0.5
+    # the reference's form: (p_real - p_fake) / mean|p_real| with p = x0 - x̂
+    a, b, c = torch.randn(3, 3, 4, 5, 5).unbind(0)
+    p_real, p_fake = a - b, a - c
+    torch.testing.assert_close(dm_gradient(a, b, c), (p_real - p_fake) / p_real.abs().mean((1, 2, 3), keepdim=True))
+
+
+def test_dm_loss_gradient_wrt_x0_is_the_normalised_score_difference():
+    torch.manual_seed(0)
+    B, C, H, W = 3, 2, 3, 3
+    x0 = torch.randn(B, C, H, W, requires_grad=True)
+    x0_real, x0_fake = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
+    per, ok = dm_loss(x0, x0_real, x0_fake)
+    loss = per.sum() / ok.sum()
+    loss.backward()
+    denom = (x0.detach() - x0_real).abs().mean((1, 2, 3), keepdim=True)
+    expected = (x0_fake - x0_real) / denom / (B * C * H * W)  # ∂/∂x ½ mean (x - sg(x - ∇))² = ∇ / N
+    torch.testing.assert_close(x0.grad, expected)
+    # and the value is ½ mean ∇² per sample
+    torch.testing.assert_close(per.detach(), 0.5 * (((x0_fake - x0_real) / denom) ** 2).mean((1, 2, 3)))
+    assert ok.all()
+
+
+def test_dm_loss_masks_non_finite_samples():
+    torch.manual_seed(1)
+    x0 = torch.randn(3, 2, 2, 2, requires_grad=True)
+    x0_real, x0_fake = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2)
+    x0_real[0, 0, 0, 0] = float("nan")  # a non-finite teacher score
+    x0_real[2] = x0.detach()[2]  # a zero normaliser: ∇ = inf
+    per, ok = dm_loss(x0, x0_real, x0_fake)
+    assert ok.tolist() == [False, True, False]
+    assert torch.isfinite(per).all() and per[0] == 0 and per[2] == 0
+    (per.sum() / ok.sum()).backward()
+    assert torch.equal(x0.grad[0], torch.zeros_like(x0.grad[0]))
+    assert torch.equal(x0.grad[2], torch.zeros_like(x0.grad[2]))
+    good = dm_gradient(x0.detach()[1:2], x0_real[1:2], x0_fake[1:2])[0] / 8  # one valid sample of 8 entries
+    torch.testing.assert_close(x0.grad[1], good)
+
+
+def test_gan_losses_closed_form():
+    z = torch.zeros(2)
+    torch.testing.assert_close(generator_gan_loss(z), torch.full((2,), 2.0).log())
+    torch.testing.assert_close(discriminator_gan_loss(z, z), 2 * torch.full((2,), 2.0).log())
+    real, fake = torch.tensor([1.5]), torch.tensor([-0.5])
+    expected = -torch.log(1 - torch.sigmoid(fake)) - torch.log(torch.sigmoid(real))  # DMD2 eq. 4
+    torch.testing.assert_close(discriminator_gan_loss(real, fake), expected)
+    torch.testing.assert_close(generator_gan_loss(fake), -torch.log(torch.sigmoid(fake)))
+
+
+def test_config_checks():
+    for bad in (dict(real_guidance_scale=0.5), dict(min_step_ratio=0.5, max_step_ratio=0.4),
+                dict(student_update_every=0), dict(conditioning_timesteps=[249, 999]),
+                dict(conditioning_timesteps=[]), dict(critic_lr=0.0), dict(gan_discriminator_weight=-1.0)):
+        with pytest.raises(UserError):
+            DMD2Config(**bad).check()
+    DMD2Config(conditioning_timesteps=FOUR).check()
+
+
+# ---- schedule, scores, head, simulation on tiny teachers ----------------------------------------------------------
+
+
+def test_update_schedule(tiny_teachers):
+    _, method, _ = build(DMD2, tiny_teachers["sd"], "lora", student_update_every=5, gan=False)
+    plan = [method.updates(s) for s in range(15)]
+    assert plan[4] == plan[9] == plan[14] == ("student", "critic")  # the generator first within a step
+    assert all(plan[s] == ("critic",) for s in range(15) if (s + 1) % 5)
+    assert method.optimizer_settings("student").learning_rate == 1e-5
+    assert method.optimizer_settings("critic").weight_decay == 0.01
+
+
+def test_real_score_is_diffusers_cfg_and_fake_is_unguided(tiny_teachers):
+    models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", real_guidance_scale=3.0, gan=False)
+    with torch.no_grad():
+        for p in models.parameters("critic"):
+            p.add_(0.05 * torch.randn_like(p))
+    batch = fixed_batch(models, b=2)
+    xt, t = torch.randn(2, *models.latent_shape), torch.tensor([100, 700])
+    real, fake = method.scores(xt, t, batch)
+    with torch.no_grad():
+        c, _ = models.predict("teacher", xt, t, batch.cond)
+        u, _ = models.predict("teacher", xt, t, batch.uncond)
+        f, _ = models.predict("critic", xt, t, batch.cond)
+    torch.testing.assert_close(real, u + 3.0 * (c - u), atol=1e-5, rtol=1e-4)  # x0 is affine in the output
+    torch.testing.assert_close(fake, f)
+
+
+@pytest.mark.parametrize("spatial,downs", [(8, 1), (32, 3), (4, 0), (2, 0), (6, 1)])
+def test_head_depth_follows_bottleneck_size(spatial, downs):
+    head = GANHead(8, spatial, groups=4)
+    assert head.num_downsamples == downs  # SD1.5 8x8 -> 4x4 -> 1, SDXL 32x32 -> 16 -> 8 -> 4 -> 1
+    assert head(torch.randn(3, 8, spatial, spatial)).shape == (3,)
+
+
+@pytest.mark.parametrize("teacher", ["sd", "sdxl"])
+def test_bottleneck_is_the_mid_block_output(teacher, tiny_teachers):
+    models, method, _ = build(DMD2, tiny_teachers[teacher], "lora")
+    with torch.no_grad():
+        for p in models.parameters("critic"):
+            p.add_(0.05 * torch.randn_like(p))
+    b = 3
+    cond = models.encode_prompts(["a red square", "a blue circle", "x"])
+    xt, t = torch.randn(b, *models.latent_shape), torch.tensor([5, 500, 990])
+    captured = {}
+    hook = models.unet.mid_block.register_forward_hook(lambda mod, inp, out: captured.update(mid=out))
+    with torch.no_grad(), models.role("critic") as net:
+        net(xt, t, **cond.unet_kwargs())
+        hook.remove()
+        h = unet_bottleneck(net, xt, t, cond)
+    torch.testing.assert_close(h, captured["mid"])
+    c, s = bottleneck_shape(models.unet, models.latent_shape[1])
+    assert h.shape == (b, c, s, s)
+    with torch.no_grad():
+        assert method.discriminate(xt, t, cond, train=True).shape == (b,)
+        # the critic's adapter is in use (not the teacher's weights)
+        with models.role("teacher") as net:
+            assert not torch.allclose(unet_bottleneck(net, xt, t, cond), h)
+
+
+def test_backward_simulation_matches_manual_unroll(tiny_teachers):
+    models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", conditioning_timesteps=FOUR, gan=False)
+    with torch.no_grad():
+        for p in models.parameters("student"):
+            p.add_(0.05 * torch.randn_like(p))
+    step = next(s for s in range(100) if fixed_batch(models, b=2, step=s).rng.shared_randint(0, 4, "dmd2-k") == 3)
+    batch = fixed_batch(models, b=2, step=step)
+    assert method.pick_step(batch) == 3
+    ac = models.alphas_cumprod
+    n = [batch.rng.randn(models.latent_shape, f"dmd2-gen-noise-{j}") for j in range(4)]
+    x = n[0]
+    with torch.no_grad():
+        for j in range(3):
+            x0, _ = models.predict("student", x, torch.full((2,), FOUR[j]), batch.cond)
+            a = ac[FOUR[j + 1]]
+            x = a.sqrt() * x0 + (1 - a).sqrt() * n[j + 1]  # re-noise to the next conditioning timestep
+    torch.testing.assert_close(method.generator_input(batch, 3), x)
+    assert torch.equal(method.generator_input(batch, 0), n[0])  # step 0: pure noise
+    # the pure function with a toy generator
+    out = simulate_input(lambda x, t: 2 * x, [9, 5], 1, [torch.ones(1, 1), torch.zeros(1, 1)], ac)
+    torch.testing.assert_close(out, ac[5].sqrt() * 2 * torch.ones(1, 1))
+
+
+def test_generator_turn_leaves_critic_and_head_without_gradient(tiny_teachers):
+    models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", gan_generator_weight=1.0)
+    batch = fixed_batch(models, b=2)
+    with models.trainable("student"), models.role("student"):
+        loss, logs = method.loss("student", batch, 0)
+        loss.backward()
+    assert "gan_g" in logs
+    assert all(p.grad is None for p in models.parameters("critic") + list(method.head.parameters()))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.parameters("student"))
+    with models.trainable("critic"), models.role("critic"):
+        loss, logs = method.loss("critic", batch, 0)
+        loss.backward()
+    assert {"denoise", "gan_d", "p_real", "p_fake"} <= set(logs)
+    assert all(p.grad is not None for p in method.head.parameters())
+
+
+def test_generator_gradient_is_the_same_with_checkpointing(tiny_teachers):
+    """The generator's GAN term backpropagates through the critic; with a checkpointed shared base it must not be
+    recomputed under the student's adapter."""
+    models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", gan_generator_weight=1.0)
+    with torch.no_grad():
+        for p in models.parameters("critic"):
+            p.add_(0.05 * torch.randn_like(p))
+    batch = fixed_batch(models, b=2)
+
+    def grads() -> list[torch.Tensor]:
+        with models.trainable("student"), models.role("student"):
+            loss, _ = method.loss("student", batch, 0)
+            loss.backward()
+        out = [p.grad.clone() for p in models.parameters("student")]
+        for p in models.parameters("student"):
+            p.grad = None
+        return out
+
+    plain = grads()
+    models.set_gradient_checkpointing(True)
+    ckpt = grads()
+    models.set_gradient_checkpointing(False)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+# ---- training signal -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gan", [False, True])
+def test_generator_loss_falls_on_fixed_batch(gan, tiny_teachers):
+    models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", real_guidance_scale=3.0, gan=gan,
+                              gan_generator_weight=1.0)
+    opt = optimizers(models, method, lr=1e-2)["student"]
+    batch = fixed_batch(models, b=2)
+    losses = [update(models, method, "student", batch, opt, step=0) for _ in range(12)]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.85 * first, (first, last)
+
+
+def test_critic_loss_falls_on_fixed_batch(tiny_teachers):
+    models, method, _ = build(DMD2, tiny_teachers["sd"], "lora")
+    opt = optimizers(models, method, lr=1e-2)["critic"]
+    batch = fixed_batch(models, b=2)
+    losses = [update(models, method, "critic", batch, opt, step=0) for _ in range(12)]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.85 * first, (first, last)
+
+
+def test_frozen_generator_cannot_pass(tiny_teachers):
+    """The same check fails for a generator that never trains: the tests above can fail."""
+    models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", real_guidance_scale=3.0, gan=False)
+    opt = torch.optim.Adam(models.parameters("student"), lr=0.0)
+    batch = fixed_batch(models, b=2)
+    losses = [update(models, method, "student", batch, opt, step=0) for _ in range(4)]
+    assert not losses[-1] < 0.85 * losses[0]
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------------
+
+
+def test_load_student_samples_with_the_trained_timesteps(tiny_teachers, tmp_path):
+    """sampling.json records only the trained count; the pipeline visits exactly those timesteps and reproduces the
+    training-time generator chain (x0, then re-noise with fresh noise to the next conditioning timestep)."""
+    ts = [999, 600, 250]
+    models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", conditioning_timesteps=ts, gan=False)
+    with torch.no_grad():
+        for p in models.parameters("student"):
+            p.add_(0.05 * torch.randn_like(p))
+    artifacts.save_run(models, "dmd2", method.sampling(), tmp_path)
+    info = json.loads((tmp_path / "sampling.json").read_text())
+    assert list(info["steps"]) == ["3"] and info["steps"]["3"]["timesteps"] == ts
+    assert info["steps"]["3"]["scheduler"] == "LCMScheduler" and info["steps"]["3"]["guidance_scale"] == 1.0
+
+    pipe = artifacts.load_student(tmp_path)
+    prompt = "a red square"
+    g = torch.Generator().manual_seed(7)
+    lat = pipe(prompt, timesteps=ts, guidance_scale=1.0, generator=g, output_type="latent", height=16,
+               width=16).images
+    assert [int(t) for t in pipe.scheduler.timesteps] == ts
+    # the same chain by hand, drawing noise from the same generator in the pipeline's order
+    g = torch.Generator().manual_seed(7)
+    noises = [torch.randn((1, *models.latent_shape), generator=g) for _ in ts]
+    cond = models.encode_prompts([prompt])
+    with torch.no_grad():
+        x = simulate_input(lambda x, t: models.predict("student", x, t, cond)[0], ts, 2, noises,
+                           models.alphas_cumprod)
+        x0, _ = models.predict("student", x, torch.tensor([ts[-1]]), cond)
+    torch.testing.assert_close(lat, x0, atol=1e-4, rtol=1e-4)
+
+
+# ---- runs ----------------------------------------------------------------------------------------------------------
+
+
+def _train(args: list[str]) -> subprocess.CompletedProcess:
+    # one thread: the tiny UNet gains nothing from more, and a shared machine makes extra threads very slow
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+def test_train_py_run_and_second_stage(tiny_teachers, image_folder, tmp_path):
+    """A four-step GAN run through train.py, then a second stage that starts the student and critic from it."""
+    first = tmp_path / "first"
+    r = _train(["--method", "dmd2", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}", "max_steps=4",
+                "batch_size=2", "lora_rank=4", "lora_alpha=4", f"output_dir={first}", "report_to=none",
+                "method.student_update_every=2", "method.conditioning_timesteps=[999,749,499,249]",
+                "method.student_lr=1e-3", "method.critic_lr=1e-3", "validation_seeds=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((first / "sampling.json").read_text())
+    assert info["method"] == "dmd2" and info["steps"]["4"]["timesteps"] == FOUR and info["default_steps"] == 4
+    rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    assert "student/loss" not in rows[0] and "critic/gan_d" in rows[0]  # step 0: the critic alone
+    assert "student/gan_g" in rows[-1] and all(torch.isfinite(torch.tensor(v)) for v in rows[-1].values())
+    pipe = artifacts.load_student(first)
+    imgs, _ = artifacts.sample(pipe, ["a red square"], seeds=[0], output_type="np")
+    assert imgs.shape == (1, 16, 16, 3)
+
+    # second stage: init_from + init_critic (built in-process to compare tensors)
+    from safetensors.torch import load_file
+
+    mcfg = DMD2Config(conditioning_timesteps=FOUR, init_critic=True)
+    tcfg = OmegaConf.structured(TrainConfig(teacher=tiny_teachers["sd"], lora_rank=4, lora_alpha=4,
+                                            init_from=str(first), method=mcfg))
+    models, _, _ = build(DMD2, tiny_teachers["sd"], "lora", rank=4, alpha=4, gan=False)
+    method = DMD2(mcfg, tcfg, models)
+    saved = load_file(str(first / "checkpoints" / "checkpoint-4" / "trainable.safetensors"))
+    for i, p in enumerate(models.parameters("critic")):
+        assert torch.equal(p.detach(), saved[f"critic/{i}"])
+    for k, v in method.head.state_dict().items():
+        assert torch.equal(v, saved[f"extra/critic/{k}"])
+    with pytest.raises(UserError):
+        DMD2(DMD2Config(init_critic=True), OmegaConf.structured(TrainConfig(method=mcfg)), models)
+
+
+@pytest.mark.parametrize("teacher", ["v", "sdxl"])
+def test_train_in_process_v_and_sdxl(teacher, tiny_teachers, image_folder, tmp_path):
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from methods import METHODS
+
+    cfg, _ = parse_config(["--method", "dmd2", f"teacher={tiny_teachers[teacher]}", f"data.images={image_folder}",
+                           "max_steps=2", "batch_size=2", f"output_dir={tmp_path}", "report_to=none",
+                           "validation_seeds=1", "method.student_update_every=1"], METHODS)
+    train(cfg, DMD2)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["student/loss"])) for r in rows)
+    pipe = artifacts.load_student(tmp_path)
+    imgs, _ = artifacts.sample(pipe, ["a red square"], seeds=[0], output_type="np")
+    assert imgs.shape == (1, 16, 16, 3)
+
