@@ -1,0 +1,307 @@
+"""``python -m eval``: compare the teacher and distilled students on the same prompts and seeds, write a report.
+
+    python -m eval --runs runs/dmd2 runs/lcm [--teacher PATH_OR_ID] [--teacher-steps 1 2 4 25]
+        [--teacher-guidance G | --guidance-grid 1.5 2 3 5] [--prompts FILE] [--reference DIR_OR_STATS]
+        [--num-images 2000] [--seed 0] [--batch-size 64] [--hybrid] [--features auto|evaluator|inception]
+        [--inception-weights FILE] [--clip PATH] [--out reports/NAME] [--config configs/eval/x.yaml]
+    python -m eval --teacher-only [--teacher ...] [...]     # the teacher's table over three seed sets
+
+With no --prompts/--reference on the embedded teacher, the prompts are captions of the Fashion-MNIST test labels and
+the reference is the test images. Bad input: one line ``error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from distill_diffusion.errors import UserError
+
+DEFAULT_TEACHER_STEPS = [1, 2, 4, 25]
+DEFAULT_GUIDANCE = 2.5  # the embedded teacher's best is low (≈2-3, diffusers convention); --guidance-grid searches
+DEFAULT_GRID = [1.5, 2.0, 3.0, 5.0]
+SEED_SET_OFFSET = 1_000_000  # --teacher-only: seed sets seed, seed + 1e6, seed + 2e6
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit code 2 (argparse prints usage + message)
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m eval", description=__doc__.split("\n\n")[0],
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", default=[], metavar="RUN", help="run folders (train.py's output_dir)")
+    ap.add_argument("--teacher", default=None, help="teacher folder or hub id (default: the runs' teacher, or "
+                    "'embedded' with --teacher-only)")
+    ap.add_argument("--teacher-steps", nargs="+", type=int, default=None, metavar="N",
+                    help=f"the teacher's DDIM step counts (default {DEFAULT_TEACHER_STEPS})")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--teacher-guidance", type=float, default=None, metavar="G",
+                   help=f"the teacher's CFG scale, diffusers convention (default {DEFAULT_GUIDANCE})")
+    g.add_argument("--guidance-grid", nargs="+", type=float, default=None, metavar="G",
+                   help="pick the teacher's FID-minimising guidance per step count from these")
+    ap.add_argument("--prompts", default=None, help="prompt file, one a line")
+    ap.add_argument("--seeds-per-prompt", type=int, default=1, metavar="K",
+                    help="with --prompts: each prompt K times with different seeds (diversity needs K >= 2)")
+    ap.add_argument("--reference", default=None, help="a folder of reference images or a clean-fid .npz (mu, sigma)")
+    ap.add_argument("--num-images", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    ap.add_argument("--batch-size", type=int, default=64, help="generation batch (latency is per image at it)")
+    ap.add_argument("--image-size", type=int, default=None, help="resize generated images to this many pixels "
+                    "before scoring (the published COCO protocol: 256)")
+    ap.add_argument("--hybrid", action="store_true", help="add rows where the teacher takes the first step")
+    ap.add_argument("--features", default="auto", choices=["auto", "evaluator", "inception"])
+    ap.add_argument("--inception-weights", default=None, metavar="FILE", help="clean-fid's inception-2015-12-05.pt")
+    ap.add_argument("--evaluator", default=None, metavar="DIR", help="the domain evaluator (default: the shipped "
+                    "distill_diffusion/assets/fmnist_evaluator)")
+    ap.add_argument("--clip", default=None, metavar="PATH", help="an OpenAI CLIP folder for CLIP score "
+                    "(default: the evaluator)")
+    ap.add_argument("--fashion-mnist", default=None, metavar="DIR", help="folder of the Fashion-MNIST IDX files")
+    ap.add_argument("--out", default=None, help="report folder (default reports/<time>)")
+    ap.add_argument("--cache-dir", default=None, help="teacher and reference cache (default "
+                    "$DISTILL_CACHE/eval or ~/.cache/distill-diffusion/eval)")
+    ap.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; on a shared "
+                    "machine 1 avoids oversubscription)")
+    ap.add_argument("--teacher-only", action="store_true", help="only the teacher's table: --teacher-steps at the "
+                    "best guidance of the grid, over three seed sets (mean ± std)")
+    ap.add_argument("--seed-sets", type=int, default=3, help="--teacher-only: number of seed sets")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--config", default=None, help="YAML of option values (keys as the long options, - or _)")
+    return ap
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        ap.set_defaults(**load_config(known.config, ap))
+    return ap.parse_args(argv)
+
+
+def load_config(path: str, ap: argparse.ArgumentParser) -> dict[str, Any]:
+    """A YAML of option values; unknown keys are an error (one line naming them)."""
+    from omegaconf import OmegaConf
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config {path!r} does not exist")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(p), resolve=True) or {}
+    except Exception as e:
+        raise UserError(f"{path} is not valid YAML ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must be a mapping of option: value")
+    dests = {a.dest for a in ap._actions}
+    out = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(out) - dests - {"config"})
+    if unknown:
+        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    return out
+
+
+def check_args(a: argparse.Namespace) -> None:
+    if not a.runs and not a.teacher_only:
+        raise UserError("no runs: pass --runs RUN [RUN ...] (train.py output folders) or --teacher-only")
+    for name in ("num_images", "batch_size", "seeds_per_prompt", "seed_sets", "threads"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if a.teacher_steps is not None and min(a.teacher_steps) < 1:
+        raise UserError("--teacher-steps must be >= 1")
+    if a.image_size is not None and a.image_size < 8:
+        raise UserError("--image-size must be >= 8")
+    if a.teacher_guidance is not None and a.guidance_grid is not None:
+        raise UserError("give --teacher-guidance or --guidance-grid, not both")
+    for g in [a.teacher_guidance] + (a.guidance_grid or []):
+        if g is not None and g < 0:
+            raise UserError("guidance scales must be >= 0 (diffusers convention: 1 = no guidance)")
+
+
+def check_teacher(teacher: str) -> None:
+    """Fail early (one line) for a teacher that is not there; hub ids are checked when loading."""
+    from distill_diffusion.models import embedded_teacher_path, resolve_teacher
+
+    path = resolve_teacher(teacher)
+    if teacher in ("embedded", "", None) and not Path(path).is_dir():
+        raise UserError(f"the embedded teacher is missing ({embedded_teacher_path()}); build it with "
+                        "`python -m distill_diffusion.toy.train_teacher` or pass --teacher")
+    if Path(path).is_dir():
+        if not (Path(path) / "model_index.json").is_file():
+            raise UserError(f"teacher {teacher!r} is not a diffusers pipeline folder (no model_index.json)")
+    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise UserError(f"teacher {teacher!r} does not exist; give a diffusers pipeline folder or a hub id")
+
+
+def resolve_runs(a: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
+    """Read every run's sampling.json (UserError if missing) and settle the teacher."""
+    from distill_diffusion.artifacts import LORA_FILE, read_sampling, teacher_ref, weights_hash
+
+    runs = []
+    for r in a.runs:
+        info = read_sampling(r)
+        folder = Path(r) / info.get("student_dir", "student")
+        need = folder / (LORA_FILE if info.get("student") == "lora" else "model_index.json")
+        if not need.is_file():  # checked here so a broken run fails before the teacher rows are paid for
+            raise UserError(f"{r}: missing {need.relative_to(r)}; the run did not finish exporting")
+        runs.append({"dir": r, "info": info})
+    teacher = a.teacher
+    if teacher is None:
+        refs = {r["info"].get("teacher", "embedded") for r in runs}
+        if len(refs) > 1:
+            raise UserError(f"the runs were distilled from different teachers ({', '.join(sorted(refs))}); "
+                            "evaluate them separately or pass --teacher")
+        teacher = refs.pop() if refs else "embedded"
+    check_teacher(teacher)
+    th = weights_hash(teacher)
+    for r in runs:
+        rh = r["info"].get("teacher_hash")
+        if rh and rh != th:
+            raise UserError(f"{r['dir']} was distilled from {r['info'].get('teacher')} (weights {rh}), not from "
+                            f"--teacher {teacher_ref(teacher)} (weights {th})")
+    return runs, teacher
+
+
+def unique_names(dirs: list[str]) -> list[str]:
+    names = [Path(d).resolve().name or "run" for d in dirs]
+    out = []
+    for i, n in enumerate(names):
+        out.append(n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}")
+    return out
+
+
+def build_context(a: argparse.Namespace, teacher: str) -> Any:
+    """Eval set, reference statistics, features, CLIP and zero-shot models; all input checks before heavy work."""
+    import torch
+
+    from distill_diffusion.artifacts import weights_hash
+    from distill_diffusion.models import resolve_teacher
+
+    from . import generate, metrics
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    embedded = Path(resolve_teacher(teacher)).resolve() == Path(resolve_teacher("embedded")).resolve()
+    n = a.num_images
+    if a.prompts:
+        es = generate.file_eval_set(a.prompts, n, a.seed, a.seeds_per_prompt)
+    elif embedded:
+        es = None  # built below, after the reference count check gives a clear message
+    else:
+        raise UserError(f"--prompts FILE is needed for teacher {teacher!r} (the Fashion-MNIST captions only suit "
+                        "the embedded teacher)")
+    if a.reference:
+        p = Path(a.reference).expanduser()
+        if p.is_dir():
+            ref = metrics.Reference("folder", str(p))
+        elif p.is_file() and p.suffix == ".npz":
+            ref = metrics.Reference("stats", str(p))
+        else:
+            raise UserError(f"--reference {a.reference!r} is neither a folder of images nor a .npz of statistics")
+    elif embedded:
+        ref = metrics.Reference("fmnist")
+    else:
+        ref = None
+    if ref is not None:
+        count = metrics.reference_count(ref, a.fashion_mnist)
+        if count is not None and count < n:
+            raise UserError(f"the reference ({ref.describe()}) has {count} images, fewer than --num-images {n}")
+    if es is None:
+        es = generate.fmnist_eval_set(n, a.seed, a.fashion_mnist)
+    evaluator = Path(a.evaluator).expanduser() if a.evaluator else metrics.EMBEDDED_EVALUATOR
+    if a.evaluator and not evaluator.is_dir():
+        raise UserError(f"--evaluator {a.evaluator!r} does not exist")
+    cache_dir = None if a.no_cache else (Path(a.cache_dir).expanduser() if a.cache_dir
+                                         else generate.default_cache_dir())
+    fm = metrics.select_features(a.features, evaluator if evaluator.is_dir() else None, a.inception_weights,
+                                 cache_dir).to(device)
+    ev_clip = metrics.load_clip(None, evaluator) if evaluator.is_dir() else None
+    clip = metrics.load_clip(a.clip, None) if a.clip else ev_clip
+    if clip is not None:
+        clip.model.to(device)
+    zero_shot = metrics.ZeroShot(ev_clip) if ev_clip is not None and all(x is not None for x in es.labels) else None
+    ref_stats = metrics.reference_stats(ref, fm, cache_dir, device, a.batch_size, a.fashion_mnist,
+                                        not a.quiet) if ref is not None else None
+    return generate.Context(es=es, ref=ref_stats, fm=fm, clip=clip, zero_shot=zero_shot, teacher_ref=teacher,
+                            teacher_hash=weights_hash(teacher), batch_size=a.batch_size, device=device,
+                            image_size=a.image_size, cache_dir=cache_dir, progress=not a.quiet)
+
+
+def command_line(argv: list[str], prog: str = "python -m eval") -> str:
+    return " ".join([prog, *(shlex.quote(x) for x in argv)])
+
+
+def run(a: argparse.Namespace, argv: list[str]) -> Path:
+    from datetime import datetime
+
+    from . import generate, report
+
+    check_args(a)
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    runs, teacher = resolve_runs(a)
+    ctx = build_context(a, teacher)
+    out = Path(a.out or f"reports/{datetime.now():%Y%m%d-%H%M%S}")
+    steps = a.teacher_steps or DEFAULT_TEACHER_STEPS
+    grid = a.guidance_grid or [a.teacher_guidance if a.teacher_guidance is not None else DEFAULT_GUIDANCE]
+    meta = report.meta(a, command_line(argv), ctx, teacher, grid)
+    if a.teacher_only:
+        from .teacher_table import teacher_table
+
+        rows = teacher_table(ctx, steps, grid, a.seed_sets, SEED_SET_OFFSET)
+        report.write_teacher_table(out, rows, meta)
+        print(f"teacher table written to {out}/report.md", file=sys.stderr)
+        return out
+    best, every = generate.best_teacher_rows(ctx, steps, grid)
+    rows = list(best)
+    ref_teacher = max(best, key=lambda r: r["steps"])
+    hybrid_g = a.teacher_guidance if a.teacher_guidance is not None else ref_teacher["guidance"]
+    from distill_diffusion.artifacts import load_student
+
+    skipped = []
+    for r, name in zip(runs, unique_names([r["dir"] for r in runs])):
+        pipe = load_student(r["dir"], device=ctx.device)
+        method = r["info"].get("method")
+        for s in sorted(r["info"]["steps"]):
+            rows.append(generate.evaluate_row(ctx, generate.Row(name, "student", s, None, r["dir"], method), pipe))
+        if a.hybrid:
+            for s in sorted(r["info"]["steps"]):
+                if s < 2:
+                    skipped.append(f"{name} at 1 step: a hybrid needs >= 2 steps (the teacher takes the first)")
+                    continue
+                row = generate.Row(f"{name}+teacher-first", "hybrid", s, hybrid_g, r["dir"], method)
+                rows.append(generate.evaluate_row(ctx, row, pipe))
+        del pipe
+    for r in rows:
+        r["speedup"] = ref_teacher["latency_ms"] / r["latency_ms"] if r["latency_ms"] else None
+    meta["reference_teacher_row"] = {"steps": ref_teacher["steps"], "guidance": ref_teacher["guidance"]}
+    meta["notes"] = skipped
+    report.write(out, rows, every, meta)
+    print(f"report written to {out}/report.md", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        a = parse_args(argv)
+        run(a, argv)
+    except UserError as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else 'bad input'}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
