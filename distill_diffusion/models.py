@@ -405,6 +405,33 @@ class Models:
         return self.latent_shape
 
 
+@contextlib.contextmanager
+def frozen(params: list[nn.Parameter]) -> Iterator[None]:
+    """requires_grad False on ``params`` for a forward whose gradient must reach only its inputs; restored on exit."""
+    saved = [(p, p.requires_grad) for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def no_checkpointing(net: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing off for one forward whose gradient flows into another role: a checkpointed backward
+    would re-run it under whatever adapter is active at backward time."""
+    mods = [m for m in net.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in mods:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.gradient_checkpointing = True
+
+
 def _cast_cond(c: Cond, cast: Any) -> Cond:
     return Cond(cast(c.prompt_embeds), None if c.pooled is None else cast(c.pooled),
                 None if c.time_ids is None else cast(c.time_ids))

@@ -24,9 +24,8 @@ GAN (DMD2 sec. 4.3, eq. 3-4): D(x_t, t) = head(bottleneck of μ_fake at (x_t, t)
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from distill_diffusion import schedule
 from distill_diffusion.errors import UserError
 from distill_diffusion.method import Batch, Cond, Method, OptimizerSettings, SamplingSpec, StepSampling, masked_mean
+from distill_diffusion.models import frozen, no_checkpointing
 
 
 @dataclass
@@ -209,31 +209,6 @@ class GANHead(nn.Module):
         return self.net(h.float()).flatten(1).squeeze(1)
 
 
-@contextlib.contextmanager
-def _frozen(params: list[nn.Parameter]) -> Iterator[None]:
-    """requires_grad False on ``params`` (gradients still flow to the inputs), restored on exit."""
-    saved = [(p, p.requires_grad) for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def _no_checkpointing(net: nn.Module) -> Iterator[None]:
-    """Gradient checkpointing off for one forward: the generator's GAN term backpropagates through the critic, and
-    a checkpointed backward would re-run that forward under the student's adapter (the active one then)."""
-    mods = [m for m in net.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for m in mods:
-        m.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.gradient_checkpointing = True
 
 
 # ---- the method ---------------------------------------------------------------------------------------------------
@@ -245,7 +220,7 @@ class DMD2(Method):
     # an image dataset (its captions are the prompts).
     needs_images = True
     # No gradient flows through another role's checkpointed forward: the one place it would (the generator's GAN
-    # term through the critic) runs with checkpointing switched off (_no_checkpointing).
+    # term through the critic) runs with checkpointing switched off (no_checkpointing).
     checkpointing_safe = True
 
     @classmethod
@@ -330,7 +305,7 @@ class DMD2(Method):
                      None if cond.time_ids is None else cond.time_ids.to(dtype))
             if train:
                 return head(unet_bottleneck(net, x.to(dtype), t, c))
-            with _frozen(m.parameters("critic") + list(head.parameters())), _no_checkpointing(net):
+            with frozen(m.parameters("critic") + list(head.parameters())), no_checkpointing(net):
                 return head(unet_bottleneck(net, x.to(dtype), t, c))
 
     # ---- losses --------------------------------------------------------------------------------------------------

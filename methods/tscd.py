@@ -37,9 +37,8 @@ adapter or UNet copy of its own).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +58,7 @@ from distill_diffusion.method import (
     TargetSpec,
     masked_mean,
 )
+from distill_diffusion.models import frozen, no_checkpointing
 
 
 @dataclass
@@ -292,31 +292,6 @@ class FeatureDiscriminator(nn.Module):
         return [h(f.float()) for f, heads in zip(features, self.levels) for h in heads]
 
 
-@contextlib.contextmanager
-def _frozen(params: list[nn.Parameter]) -> Iterator[None]:
-    """requires_grad False on ``params`` for a forward whose gradient must reach only the inputs."""
-    saved = [(p, p.requires_grad) for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def _no_checkpointing(net: nn.Module) -> Iterator[None]:
-    """Gradient checkpointing off for one forward: the generator's adversarial gradient flows through the teacher's
-    forward, which a checkpointed backward would re-run under the student's adapter (active at backward time)."""
-    mods = [m for m in net.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for m in mods:
-        m.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.gradient_checkpointing = True
 
 
 # ---- the method ----------------------------------------------------------------------------------------------------
@@ -421,7 +396,7 @@ class TSCD(Method):
         """
         assert self.disc is not None
         m = self.models
-        with m.role("teacher") as net, _no_checkpointing(net):
+        with m.role("teacher") as net, no_checkpointing(net):
             dtype = next(net.parameters()).dtype
             c = Cond(cond.prompt_embeds.to(dtype), None if cond.pooled is None else cond.pooled.to(dtype),
                      None if cond.time_ids is None else cond.time_ids.to(dtype))
@@ -429,7 +404,7 @@ class TSCD(Method):
                 with torch.no_grad():
                     feats = unet_features(net, x.detach().to(dtype), t, c, self.cfg.adv_up_blocks)
                 return self.disc(feats)
-            with _frozen(list(self.disc.parameters())):
+            with frozen(list(self.disc.parameters())):
                 return self.disc(unet_features(net, x.to(dtype), t, c, self.cfg.adv_up_blocks))
 
     def adversarial_timesteps(self, batch: Batch, edge: Tensor, segments: int) -> Tensor:
