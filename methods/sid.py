@@ -20,10 +20,10 @@ student (1:1):
   student     x_t = noise(x_g, t); y_real = x0 of the teacher (guidance κ4), y_fake = x0 of the critic (κ2 = κ3),
               both with gradient through x_t into x_g (their weights frozen);
               L = (y_real − y_fake)·((y_real − x_g) − α (y_real − y_fake)) / w,  w = sg(mean|x_g − y_real|)
-              (SiD eq. 19 with the SiD-LSG normalisation), summed over pixels and averaged over the batch.
+              (SiD's generator loss, normalised as SiD-LSG), summed over pixels and averaged over the batch.
 
 Few-step (K > 1): each step draws k ~ U{1..K}, shared by the global batch, runs steps 1..k-1 without gradient and
-matches the output of step k: the uniform mixture of all K intermediate outputs (Few-step SiD, sec. 3); one network
+matches the output of step k: the uniform mixture of all K intermediate outputs (Few-step SiD); one network
 serves every step. Sampling with the first k of the K timesteps therefore gives a trained k-step student.
 
 Guidance follows the diffusers convention uncond + κ (cond − uncond) (κ = 1: none), as the SiD-LSG code does, so no
@@ -54,7 +54,7 @@ from distill_diffusion.method import (
 )
 
 GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
-# LCMScheduler's boundary condition c_skip x_t + c_out x0 with this timestep scaling is x0 to ~1e-13 for t >= 1:
+# LCMScheduler's boundary condition c_skip x_t + c_out x0 with this timestep scaling has c_skip < 3e-9 for t >= 1:
 # sampling then applies exactly SiD's generator (x0 prediction, re-noised with fresh noise between steps).
 SAMPLING_TIMESTEP_SCALING = 1.0e4
 
@@ -124,7 +124,7 @@ def sid_weight(x_g: Tensor, y_real: Tensor) -> Tensor:
 
 
 def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float) -> Tensor:
-    """Per-sample SiD generator loss (B,), summed over pixels (SiD eq. 19, SiD-LSG normalisation):
+    """Per-sample SiD generator loss (B,), summed over pixels (normalised as SiD-LSG):
 
     (y_real − y_fake)·((y_real − x_g) − α (y_real − y_fake)) / w,  w = sg(mean|x_g − y_real|).
     With α = 1 it is (y_real − y_fake)·(y_fake − x_g) / w. Zero whenever y_fake = y_real.
@@ -201,7 +201,7 @@ class SiD(Method):
         self.dropout = cfg.cond_dropout if (guided and self.kappa1 != 0) else 0.0
 
     def updates(self, step: int) -> tuple[str, ...]:
-        return ("critic", "student")  # 1:1, the fake score first (SiD Algorithm 1)
+        return ("critic", "student")  # 1:1, the fake score first (SiD's algorithm and reference loop)
 
     def optimizer_settings(self, role: str) -> OptimizerSettings:
         # Adam β = (0, 0.999); ε 1e-8, or 1e-6 under fp16 (SiD-LSG sid_train.py).
