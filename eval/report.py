@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .generate import TEACHER_SPACING
+
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "platform": platform.platform()}
@@ -44,7 +46,8 @@ def meta(a: Any, command: str, ctx: Any, teacher: str, grid: list[float]) -> dic
         "versions": versions(),
         "device": ctx.device,
         "torch_threads": torch.get_num_threads(),
-        "teacher": {"ref": teacher, "weights_hash": ctx.teacher_hash, "sampler": "DDIMScheduler (eta 0)"},
+        "teacher": {"ref": teacher, "weights_hash": ctx.teacher_hash,
+                    "sampler": f"DDIMScheduler, eta 0, timestep_spacing={TEACHER_SPACING!r}"},
         "guidance_grid": grid,
         "prompts": {"source": es.source, "n": len(es), "distinct": len(set(es.prompts)),
                     "seeds_per_prompt": getattr(a, "seeds_per_prompt", 1)},
@@ -106,7 +109,7 @@ def header(m: dict[str, Any]) -> str:
     ref = m["reference"]
     return "\n".join([
         f"- Command: `{m['command']}`",
-        f"- Teacher: `{m['teacher']['ref']}` (weights {m['teacher']['weights_hash']}), DDIM eta 0",
+        f"- Teacher: `{m['teacher']['ref']}` (weights {m['teacher']['weights_hash']}), {m['teacher']['sampler']}",
         f"- Prompts: {m['prompts']['source']}, {m['prompts']['n']} images ({m['prompts']['distinct']} distinct "
         f"prompts), seeds {m['seeds']['first']}..{m['seeds']['last']} (image i: seed + i)",
         f"- FID features: {m['features']['name']} ({m['features']['dim']}-d, {m['features']['resize']}); reference: "

@@ -378,3 +378,16 @@ def test_configs_parse_and_unknown_keys_fail(tmp_path):
     bad.write_text("num_imagez: 3\n")
     with pytest.raises(UserError, match="num_imagez"):
         load_config(str(bad), build_parser())
+
+
+def test_teacher_rows_use_trailing_ddim(tiny_teachers):
+    """The teacher's few-step rows start at the last timestep (a "leading" DDIM would start 1 step at t = 1)."""
+    from eval.generate import Context
+
+    ctx = Context(es=None, ref=None, fm=None, clip=None, zero_shot=None, teacher_ref=tiny_teachers["sd"],
+                  teacher_hash="x")
+    sched = ctx.teacher().scheduler
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [999, 749, 499, 249]
+    sched.set_timesteps(1)
+    assert sched.timesteps.tolist() == [999]
