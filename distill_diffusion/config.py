@@ -62,6 +62,7 @@ class TrainConfig:
     report_to: str = "tensorboard"  # tensorboard | none
     max_nonfinite_steps: int = 20  # stop after this many skipped (non-finite) updates in a row
     allow_overwrite: bool = False  # allow output_dir to hold a finished run that this one replaces
+    export_initial: bool = False  # write the student as initialised, without a training step: the untrained row
     data: DataConfig = field(default_factory=DataConfig)
     method: Any = None  # the method's own dataclass
 

@@ -87,6 +87,15 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
     stream = Stream(source, cfg.seed, cfg.batch_size, accelerator.process_index, accelerator.num_processes,
                     cfg.gradient_accumulation_steps, cfg.data.empty_prompt_prob, load_images=method_cls.needs_images)
 
+    if cfg.export_initial:
+        # The untrained student through the same run folder: the baseline row every quality bar is compared with.
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            artifacts.atomic_write_text(out / "config.yaml", to_yaml(cfg))
+            _export_and_validate(cfg, models, method, out, 0, accelerator)
+        accelerator.wait_for_everyone()
+        return out
+
     # ---- optimizers: one per role; frozen parts never enter one -----------------------------------------------------
     params: dict[str, list[nn.Parameter]] = {}
     clip_values: dict[str, float | None] = {}

@@ -37,3 +37,22 @@ def test_export_samples_at_every_step_count(name, tiny_teachers, tmp_path):
         imgs, _ = artifacts.sample(pipe, ["a red square"], steps=k, seeds=[0], output_type="np")
         assert imgs.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(imgs)).all()
         assert [int(t) for t in pipe.scheduler.timesteps] == s.timesteps
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_export_initial_writes_the_untrained_student(name, tiny_teachers, image_folder, tmp_path):
+    """export_initial=true writes a run folder without a training step: with LoRA (B = 0) it samples like the
+    teacher's UNet, and no checkpoint is written."""
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+
+    cfg, _ = parse_config(["--method", name, f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
+                           "export_initial=true", "batch_size=2", f"output_dir={tmp_path}", "report_to=none",
+                           "validation_seeds=1"], METHODS)
+    train(cfg, METHODS[name])
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    pipe = artifacts.load_student(tmp_path)
+    k = pipe.distill.default_steps
+    imgs, _ = artifacts.sample(pipe, ["a red square"], steps=k, seeds=[0], output_type="np")
+    assert imgs.shape == (1, 16, 16, 3)
+    assert (tmp_path / "validation" / "step_000000.png").exists()
