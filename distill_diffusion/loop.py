@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import artifacts
+from . import artifacts, memory
 from .config import method_object, to_yaml
 from .data import Stream, build_source
 from .errors import UserError
@@ -44,6 +44,7 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
     from tqdm.auto import tqdm
 
     out = Path(cfg.output_dir)
+    rss_baseline = memory.rss_bytes()  # before any model loads: the "import baseline" of memory.json
     mcfg = method_object(cfg)
     if cfg.gradient_checkpointing and not method_cls.checkpointing_safe:
         raise UserError(f"gradient_checkpointing=true is not safe for {cfg.method_name}: its loss sends gradients "
@@ -227,6 +228,12 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
 
     # ---- export ---------------------------------------------------------------------------------------------------
     if main:
+        mem = {**memory.counted(models, extras, params, optimizers),
+               "peak_rss_above_baseline_bytes": memory.peak_rss_bytes() - rss_baseline,
+               "student": cfg.student, "method": cfg.method_name}
+        if torch.cuda.is_available():
+            mem["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        artifacts.atomic_write_text(out / "memory.json", json.dumps(mem, indent=1))
         _save_checkpoint(out, cfg.max_steps, models, method, extras, optimizers, schedulers, cfg, save_file)
         _export_and_validate(cfg, models, method, out, cfg.max_steps, accelerator)
     accelerator.wait_for_everyone()

@@ -56,3 +56,30 @@ def test_export_initial_writes_the_untrained_student(name, tiny_teachers, image_
     imgs, _ = artifacts.sample(pipe, ["a red square"], steps=k, seeds=[0], output_type="np")
     assert imgs.shape == (1, 16, 16, 3)
     assert (tmp_path / "validation" / "step_000000.png").exists()
+
+
+@pytest.mark.parametrize("name", ["dmd2", "sid"])
+def test_memory_json_counts_one_base_copy_with_lora(name, tiny_teachers, image_folder, tmp_path):
+    """memory.json: LoRA roles hold their adapters only (Adam: two moments per trainable tensor), and the LoRA run
+    counts fewer bytes than full copies of the same roles."""
+    import json
+
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+
+    mem = {}
+    for student in ("lora", "full"):
+        out = tmp_path / student
+        cfg, _ = parse_config(["--method", name, f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
+                               f"student={student}", "lora_rank=2", "max_steps=2", "batch_size=2", f"output_dir={out}",
+                               "report_to=none", "validation_seeds=1", "method.student_update_every=1"
+                               if name == "dmd2" else "seed=0"], METHODS)
+        train(cfg, METHODS[name])
+        mem[student] = json.loads((out / "memory.json").read_text())
+    lora, full = mem["lora"], mem["full"]
+    for role, b in lora["trainable_bytes"].items():
+        assert b > 0 and lora["optimizer_state_bytes"][role] >= 2 * b
+    assert lora["gradient_bytes_peak"] == max(lora["trainable_bytes"].values())
+    assert sum(full["trainable_bytes"].values()) > sum(lora["trainable_bytes"].values())
+    assert lora["total_counted_bytes"] < full["total_counted_bytes"]
+    assert lora["peak_rss_above_baseline_bytes"] > 0

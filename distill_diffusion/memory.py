@@ -1,0 +1,53 @@
+"""Memory of a training run, counted from the models and measured from the process.
+
+Counted: bytes of the trainable tensors per role, of their gradients (the loop frees a role's gradients after its
+update, so the peak is the largest role's), of the optimizers' states, and of every frozen weight (base UNet, VAE,
+text encoders, EMA targets). Measured: the resident set's peak above a baseline taken before the models load
+(CUDA's peak allocation where there is a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def rss_bytes() -> int:
+    """The current resident set size of this process."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def counted(models: Any, extras: dict[str, nn.Module], params: dict[str, list[nn.Parameter]],
+            optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    """Bytes of parameters (trainable per role, frozen), gradients and optimizer states, each tensor counted once."""
+    modules = [getattr(models.pipe, n, None) for n in ("unet", "text_encoder", "text_encoder_2", "vae")]
+    modules += list(models._nets.values()) + list(extras.values())
+    seen: dict[int, int] = {}
+    for m in modules:
+        if m is None:
+            continue
+        for t in list(m.parameters()) + list(m.buffers()):
+            seen.setdefault(id(t), _nbytes(t))
+    trainable = {role: sum(_nbytes(p) for p in ps) for role, ps in params.items()}
+    trainable_ids = {id(p) for ps in params.values() for p in ps}
+    frozen = sum(b for i, b in seen.items() if i not in trainable_ids)
+    optim = {role: sum(_nbytes(v) for st in o.state.values() for v in st.values() if torch.is_tensor(v))
+             for role, o in optimizers.items()}
+    grads = max(trainable.values(), default=0)
+    total = sum(trainable.values()) + frozen + grads + sum(optim.values())
+    return {"trainable_bytes": trainable, "frozen_bytes": frozen, "gradient_bytes_peak": grads,
+            "optimizer_state_bytes": optim, "total_counted_bytes": total}
