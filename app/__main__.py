@@ -9,12 +9,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from distill_diffusion.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit code 2 (argparse prints usage + message)
+        raise UserError(message)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m app", description="Compare a teacher with distilled students.")
+    p = _Parser(prog="python -m app", description="Compare a teacher with distilled students.")
     p.add_argument("--runs", default=None,
                    help="folder searched one or two levels deep for run folders (default: runs/ if it exists)")
     p.add_argument("--teacher", default="embedded",
@@ -27,9 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
+        args = parse_args(argv)
         if not 0 < args.port < 65536:
             raise UserError(f"--port {args.port}: give a port from 1 to 65535")
         from .ui import build_app, create_comparison

@@ -473,7 +473,8 @@ def run_main(argv: list[str], registry: dict[str, type[Method]]) -> int:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         out = train(cfg, registry[cfg.method_name])
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if _is_main():  # every rank finds the same problem; one line, from rank 0
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

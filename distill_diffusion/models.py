@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,12 +148,15 @@ class Models:
 
             targets_list = list(lora_targets or DEFAULT_LORA_TARGETS)
             self.lora_config = {"r": lora_rank, "lora_alpha": lora_alpha, "target_modules": targets_list}
-            for role in networked:
-                # init_lora_weights=True: B = 0, so every adapter starts exactly at the teacher.
-                unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=role)
-            for name, spec in self.targets.items():
-                if spec.decay is not None:
-                    unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=name)
+            with warnings.catch_warnings():
+                # Several adapters on one base is the design (one per role); peft warns about it on every add.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                for role in networked:
+                    # init_lora_weights=True: B = 0, so every adapter starts exactly at the teacher.
+                    unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=role)
+                for name, spec in self.targets.items():
+                    if spec.decay is not None:
+                        unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=name)
             if not _tuner_layers(unet):
                 raise UserError(f"lora_targets {targets_list} match no module of the teacher's UNet; "
                                 "name Linear/Conv2d modules such as to_q, to_k, to_v, to_out.0")

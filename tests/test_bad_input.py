@@ -1,7 +1,8 @@
 """Bad input: one line naming the problem and what to do, exit code 2, no traceback, nothing written damaged.
 
-One row per case, checked in-process through the CLI entry points (a subprocess per case is too slow for the suite);
-tests/test_config.py checks a few through `python train.py` itself.
+One table, one row per case, across train.py, eval and app, checked in-process through the CLI entry points (a
+subprocess per case is too slow for the suite); tests/test_config.py, test_eval.py and test_app.py check a few through
+the real commands, and the last test here checks that under `accelerate launch` our line is the first error printed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def bad(tmp_path_factory, tiny_teachers, image_folder):
                            "validation_seeds=1"], METHODS)
     train(cfg, METHODS["lcm"])
     (root / "empty.txt").write_text("\n\n")
+    (root / "prompts.txt").write_text("a red square\na blue circle\n")
+    (root / "other.yaml").write_text("num_imagez: 3\n")
+    (root / "runs_broken").mkdir()
+    (root / "runs_broken" / "half").mkdir()
+    (root / "runs_broken" / "half" / "sampling.json").write_text("{not json")
     (root / "imgs").mkdir()
     (root / "imgs" / "a.png").write_bytes(b"not a png")
     (root / "imgs" / "a.txt").write_text("x")
@@ -91,16 +97,91 @@ TRAIN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case, argv, fragment", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
-def test_train_bad_input(case, argv, fragment, bad, capsys, monkeypatch):
+
+
+def _e(b: dict, *extra: str, runs: list[str] | None = None) -> list[str]:
+    run = [str(b["run"])] if runs is None else runs
+    return ["--runs", *run, "--prompts", str(b["root"] / "prompts.txt"), "--reference", b["images"],
+            "--num-images", "4", "--teacher-steps", "1", "--out", str(b["root"] / "report"), "--cache-dir",
+            str(b["root"] / "cache"), "--quiet", *extra]
+
+
+EVAL_CASES = [
+    ("eval: no runs", lambda b: ["--prompts", str(b["root"] / "prompts.txt")], "no runs"),
+    ("eval: run without sampling.json", lambda b: _e(b, runs=[str(b["root"] / "noimgs")]), "has no sampling.json"),
+    ("eval: run folder missing", lambda b: _e(b, runs=[str(b["root"] / "nope")]), "does not exist"),
+    ("eval: truncated LoRA in a run", lambda b: _e(b, runs=[str(b["root"] / "trunc")]),
+     "not a readable safetensors file"),
+    ("eval: empty prompt file", lambda b: _e(b, "--prompts", str(b["root"] / "empty.txt")), "empty"),
+    ("eval: reference smaller than asked", lambda b: _e(b, "--num-images", "100"), "100"),
+    ("eval: teacher missing", lambda b: _e(b, "--teacher", str(b["root"] / "nope")), "does not exist"),
+    ("eval: unknown option value", lambda b: _e(b, "--features", "bogus"), "bogus"),
+    ("eval: zero images", lambda b: _e(b, "--num-images", "0"), "--num-images must be >= 1"),
+    ("eval: both guidance options", lambda b: _e(b, "--teacher-guidance", "2", "--guidance-grid", "1", "2"),
+     "not allowed with"),
+    ("eval: config with an unknown key", lambda b: _e(b, "--config", str(b["root"] / "other.yaml")), "num_imagez"),
+]
+
+APP_CASES = [
+    ("app: runs folder missing", lambda b: ["--runs", str(b["root"] / "nope")], "does not exist"),
+    ("app: teacher missing", lambda b: ["--runs", str(b["root"]), "--teacher", str(b["root"] / "nope")],
+     "does not exist"),
+    ("app: port out of range", lambda b: ["--runs", str(b["root"]), "--port", "0"], "--port 0"),
+    ("app: port not a number", lambda b: ["--runs", str(b["root"]), "--port", "http"], "invalid int value"),
+    ("app: a broken run in the runs folder", lambda b: ["--runs", str(b["root"] / "runs_broken"), "--teacher",
+                                                        b["teacher"]], "not a valid sampling file"),
+]
+
+CASES = [("train", *c) for c in TRAIN_CASES] + [("eval", *c) for c in EVAL_CASES] + [("app", *c) for c in APP_CASES]
+
+
+def _entry(tool: str):
+    if tool == "train":
+        return lambda argv: run_main(argv, METHODS)
+    if tool == "eval":
+        from eval.__main__ import main
+        return main
+    from app.__main__ import main
+    return main
+
+
+def test_the_table_covers_every_tool():
+    assert len(CASES) >= 20 and {c[0] for c in CASES} == {"train", "eval", "app"}
+
+
+@pytest.mark.parametrize("tool, case, argv, fragment", CASES, ids=[c[1] for c in CASES])
+def test_bad_input(tool, case, argv, fragment, bad, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     before = _tree_hash(bad["run"])
-    code = run_main(argv(bad), METHODS)
+    code = _entry(tool)(argv(bad))
     err = capsys.readouterr().err.strip()
     assert code == 2, (case, err)
     assert err.startswith("error: ") and fragment in err, (case, err)
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, (case, err)
     assert _tree_hash(bad["run"]) == before, f"{case}: the existing run was modified"
+    assert not (bad["root"] / "report").exists(), f"{case}: a report was started"
+
+
+def test_first_error_under_accelerate_launch_is_ours(tmp_path):
+    """accelerate launch re-raises the child's exit status with its own traceback; our line must come before it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    accel = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([accel, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                        "--dynamo_backend", "no", "train.py", "--method", "lcm", "learning_rat=1",
+                        f"output_dir={tmp_path / 'o'}"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    first = next(i for i, ln in enumerate(lines) if "error" in ln.lower() or "Traceback" in ln)
+    assert lines[first].startswith("error: ") and "learning_rate" in lines[first], r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_truncated_lora_in_run(bad):
