@@ -265,13 +265,20 @@ def configure(pipe: Any, steps: int | None = None) -> StepSampling:
     return s
 
 
+# DDIM's timestep spacing for the teacher's reference rows. SD-style configs say "leading", which starts 1 step at
+# t = 1 and 4 steps at t = 751, never at the last timestep: a few-step teacher baseline would be broken by
+# construction. "trailing" starts at T - 1 (999, 749, 499, 249 for 4 steps; Lin et al. 2024, "Common Diffusion Noise
+# Schedules and Sample Steps are Flawed", table 2), the fair baseline at every step count.
+TEACHER_SPACING = "trailing"
+
+
 def load_teacher(teacher: str = "embedded", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> Any:
-    """The teacher pipeline with a DDIM scheduler (eta 0), for reference rows."""
+    """The teacher pipeline with a DDIM scheduler (eta 0, :data:`TEACHER_SPACING`), for reference rows."""
     from diffusers import DDIMScheduler
 
     pipe = load_pipeline(teacher, dtype)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=TEACHER_SPACING)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -29,11 +29,6 @@ from distill_diffusion.hybrid import hybrid_sample
 
 from .metrics import to_uint8
 
-# DDIM's timestep spacing for teacher rows. The SD-style configs say "leading", which starts 1 step at t = 1 and
-# 4 steps at t = 751, never at the last timestep: a few-step teacher baseline would be broken by construction.
-# "trailing" starts at T - 1 (999, 749, 499, 249 for 4 steps; Lin et al. 2024, "Common Diffusion Noise Schedules
-# and Sample Steps are Flawed", table 2), the fair baseline at every step count.
-TEACHER_SPACING = "trailing"
 MAX_CACHED_IMAGE_BYTES = 1 << 30  # teacher images above this are not kept (features and scores still are)
 
 
@@ -287,7 +282,7 @@ class TeacherCache:
                  image_size: int | None, device: str) -> None:
         meta = {"teacher_hash": teacher_hash, "eval_set": es.key(), "steps": row.steps, "guidance": row.guidance,
                 "batch_size": batch_size, "image_size": image_size, "device": torch.device(device).type,
-                "dtype": "float32", "n": len(es), "sampler": f"DDIM eta 0, {TEACHER_SPACING} spacing"}
+                "dtype": "float32", "n": len(es), "sampler": f"DDIM eta 0, {artifacts.TEACHER_SPACING} spacing"}
         self.meta = meta
         key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
         self.dir = root / "teacher" / key
@@ -393,11 +388,7 @@ class Context:
 
     def teacher(self) -> Any:
         if self._teacher is None:
-            from diffusers import DDIMScheduler
-
-            pipe = artifacts.load_teacher(self.teacher_ref, device=self.device)
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=TEACHER_SPACING)
-            self._teacher = pipe
+            self._teacher = artifacts.load_teacher(self.teacher_ref, device=self.device)
         return self._teacher
 
     @property

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .generate import TEACHER_SPACING
+from distill_diffusion.artifacts import TEACHER_SPACING
 
 
 def versions() -> dict[str, str]:
