@@ -1,0 +1,236 @@
+"""Benchmark every registered method on the embedded default: training step speed and memory, sampling speed.
+
+    python -m benchmarks [--methods lcm dmd2 sid tscd] [--students lora full] [--steps 30] [--warmup 5]
+        [--runs runs] [--sampling-batch 16] [--quality reports/NAME/report.json] [--reference ref.json]
+        [--out BENCHMARKS.md]
+
+Training: each (method, student) runs the real loop in a fresh process (``benchmarks.train_step``) for ``--steps``
+steps with the method's embedded-default config; step time is the median after ``--warmup`` steps, split by phase;
+memory is what the run's memory.json counted (parameters, gradients, optimizer states, frozen weights) and its peak
+RSS above the baseline before the models loaded.
+Sampling: in this process, one after another, the teacher (DDIM, CFG) at 25 and 50 steps and every student in
+``--runs`` at its step counts, at ``--sampling-batch`` images per call, median latency per image after a warm-up
+batch, with UNet, VAE-decode and text-encoder time apart; and a student's call through ``sample`` against a plain
+diffusers pipeline call with the same timesteps (the overhead of our sampling path).
+Quality: rows copied from a report that ``python -m eval`` wrote (``--quality``), with its command.
+Reference: the step time of diffusers' LCM-LoRA example script measured on the same teacher (``--reference``, the
+JSON that scripts/reference_lcm.sh writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MB = 1024 * 1024
+
+
+def train_rows(methods: list[str], students: list[str], steps: int, warmup: int, threads: int) -> list[dict]:
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for m in methods:
+        for s in students:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "r.json"
+                cmd = [sys.executable, "-m", "benchmarks.train_step", "--method", m, "--student", s, "--steps",
+                       str(steps), "--warmup", str(warmup), "--json", str(out)]
+                print(f"[train] {m} student={s}: {steps} steps", flush=True)
+                r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                if r.returncode != 0:
+                    rows.append({"method": m, "student": s, "error": r.stderr.strip().splitlines()[-1:]})
+                    continue
+                rows.append(json.loads(out.read_text()))
+    return rows
+
+
+def sampling_rows(runs_dir: Path, batch: int, n_batches: int, teacher_guidance: float) -> dict[str, Any]:
+    import torch
+
+    from distill_diffusion import artifacts
+    from eval.generate import EvalSet, Generator, Row
+
+    prompts = ["a photo of a sneaker", "a trouser", "a product photo of a bag", "a photo of a dress"]
+    n = batch * n_batches
+    es = EvalSet([prompts[i % 4] for i in range(n)], list(range(n)), [None] * n, "benchmark prompts")
+    teacher = artifacts.load_teacher("embedded")
+    out: list[dict[str, Any]] = []
+
+    def measure(row: Row, student: Any = None) -> dict[str, Any]:
+        g = Generator(row, teacher, student)
+        for _ in g.stream(es, batch):
+            pass
+        sp = g.speed(batch)
+        return {"model": row.label, "steps": row.steps, **sp.to_json()}
+
+    for k in (25, 50):
+        out.append(measure(Row("teacher", "teacher", k, teacher_guidance)))
+    runs = sorted(p.parent for p in runs_dir.glob("*/sampling.json")) if runs_dir.is_dir() else []
+    overhead = None
+    for run in runs:
+        try:
+            pipe = artifacts.load_student(run)
+        except Exception as e:  # a half-written run in the folder: say so, go on
+            out.append({"model": run.name, "error": str(e)})
+            continue
+        for k in sorted(s for s in pipe.distill.steps if s <= 4):
+            out.append(measure(Row(run.name, "student", k, run=str(run)), pipe) | {"model": run.name})
+        if overhead is None:  # our sample() against the bare pipeline call, same timesteps and seeds
+            k = pipe.distill.default_steps
+            s = artifacts.configure(pipe, k)
+            ours, plain = [], []
+            ps, seeds = es.prompts[:batch], es.seeds[:batch]
+            res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            for i in range(6):
+                _, sec = artifacts.sample(pipe, ps, k, seeds, output_type="np")
+                gens = [torch.Generator("cpu").manual_seed(x) for x in seeds]
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    pipe(prompt=ps, timesteps=list(s.timesteps), guidance_scale=s.guidance_scale, generator=gens,
+                         height=res, width=res, output_type="np")
+                if i:  # the first pair is the warm-up
+                    ours.append(sec)
+                    plain.append(time.perf_counter() - t0)
+            overhead = {"run": run.name, "steps": k, "batch": batch, "ours_s": statistics.median(ours),
+                        "plain_s": statistics.median(plain)}
+    t25 = out[0]["latency_ms"]
+    for r in out:
+        if "latency_ms" in r:
+            r["speedup_realised"] = t25 / r["latency_ms"]
+            r["speedup_ideal"] = out[0]["nfe"] / r["nfe"]
+            r["quotient"] = r["speedup_realised"] / r["speedup_ideal"]
+    return {"rows": out, "overhead": overhead, "batch": batch, "images": n}
+
+
+def _fmt(x: float | None, f: str = ".3f") -> str:
+    return "—" if x is None else format(x, f)
+
+
+def markdown(meta: dict, train: list[dict], samp: dict | None, quality: dict | None, ref: dict | None) -> str:
+    L = ["# Benchmarks", "", f"- Command: `{meta['command']}`", f"- Machine: {meta['machine']}",
+         f"- Versions: {meta['versions']}", f"- Date: {meta['date']}", ""]
+    if train:
+        L += ["## Training step (embedded default, each method's default config)", "",
+              f"Median seconds per step over steps {meta['warmup'] + 1}..{meta['steps']} in a fresh process, "
+              f"{meta['threads']} torch thread(s); phases are means per step.", "",
+              "| method | student | batch | s/step | steps/s | teacher fwd | student fwd | critic fwd | target fwd | "
+              "encoders | optimizer | backward + rest |", "|" + "---|" * 12]
+        for r in train:
+            if "error" in r:
+                L.append(f"| {r['method']} | {r['student']} | error: {r['error']} |" + " |" * 9)
+                continue
+            p = r["phase_sec_per_step"]
+            L.append(f"| {r['method']} | {r['student']} | {r['batch_size']} | {r['sec_per_step_median']:.3f} | "
+                     f"{r['steps_per_s']:.2f} | " + " | ".join(f"{p[k]:.3f}" for k in (
+                         "teacher forward", "student forward", "critic forward", "target forward", "encoders",
+                         "optimizer", "backward and the rest")) + " |")
+        L += ["", "## Training memory (counted from the models; peak RSS measured)", "",
+              "| method | student | trainable MB | gradients MB (peak) | optimizer MB | frozen MB | counted total MB | "
+              "LoRA / full (counted) | peak RSS above baseline MB |", "|" + "---|" * 9]
+        full = {r["method"]: r["memory"]["total_counted_bytes"] for r in train
+                if "memory" in r and r["student"] == "full"}
+        for r in train:
+            if "memory" not in r:
+                continue
+            m = r["memory"]
+            ratio = (f"{m['total_counted_bytes'] / full[r['method']]:.2f}"
+                     if r["student"] == "lora" and r["method"] in full else "")
+            L.append(f"| {r['method']} | {r['student']} | {sum(m['trainable_bytes'].values()) / MB:.1f} | "
+                     f"{m['gradient_bytes_peak'] / MB:.1f} | {sum(m['optimizer_state_bytes'].values()) / MB:.1f} | "
+                     f"{m['frozen_bytes'] / MB:.1f} | {m['total_counted_bytes'] / MB:.1f} | {ratio} | "
+                     f"{m['peak_rss_above_baseline_bytes'] / MB:.0f} |")
+    if ref and train:
+        ours = next((r for r in train if r["method"] == "lcm" and r["student"] == "lora" and "error" not in r), None)
+        L += ["", "## LCM-LoRA step against diffusers' reference script", "",
+              f"Reference: `{ref['command']}`", "",
+              "| | s/step (median) | batch | resolution | LoRA rank |", "|---|---|---|---|---|",
+              f"| diffusers train_lcm_distill_lora_sd_wds.py | {ref['sec_per_step_median']:.3f} | "
+              f"{ref['batch_size']} | {ref['resolution']} | {ref['lora_rank']} |"]
+        if ours:
+            L.append(f"| distill-diffusion lcm (lora) | {ours['sec_per_step_median']:.3f} | {ours['batch_size']} | "
+                     f"{ref['resolution']} | {ref['lora_rank']} |")
+            L += ["", f"Ratio ours / reference: {ours['sec_per_step_median'] / ref['sec_per_step_median']:.2f}"]
+    if samp:
+        L += ["", f"## Sampling ({samp['images']} images per row, batch {samp['batch']}, median latency per image "
+                  "after a warm-up batch)", "",
+              "| model | steps | NFE | ms/img | UNet ms | VAE decode ms | text enc ms | other ms | speed-up realised "
+              "| ideal (NFE ratio) | realised / ideal |", "|" + "---|" * 11]
+        for r in samp["rows"]:
+            if "error" in r:
+                L.append(f"| {r['model']} | error: {r['error']} |" + " |" * 9)
+                continue
+            c = r["ms_per_image"]
+            L.append(f"| {r['model']} | {r['steps']} | {r['nfe']:g} | {r['latency_ms']:.2f} | {c['unet']:.2f} | "
+                     f"{c['vae_decode']:.2f} | {c['text_encoder']:.2f} | {c['other']:.2f} | "
+                     f"{r['speedup_realised']:.1f}× | {r['speedup_ideal']:.1f}× | {r['quotient']:.2f} |")
+        o = samp.get("overhead")
+        if o:
+            L += ["", f"Our sampling path against a plain diffusers call ({o['run']}, {o['steps']} steps, batch "
+                      f"{o['batch']}, median of 5): {o['ours_s'] * 1000:.1f} ms against {o['plain_s'] * 1000:.1f} "
+                      f"ms ({o['ours_s'] / o['plain_s']:.2f}×)."]
+    if quality:
+        L += ["", "## Quality after the default runs", "", f"From `{quality['meta']['command']}`:", "",
+              "| model | steps | FID | CLIP | accuracy | diversity |", "|---|---|---|---|---|---|"]
+        for r in quality["rows"]:
+            acc = r.get("accuracy")
+            L.append(f"| {r['label']} | {r['steps']} | {_fmt(r.get('fid'), '.2f')} | {_fmt(r.get('clip'), '.2f')} | "
+                     f"{'—' if acc is None else f'{100 * acc:.1f}%'} | {_fmt(r.get('diversity'))} |")
+    return "\n".join(L) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from methods import METHODS
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", nargs="+", default=sorted(METHODS))
+    ap.add_argument("--students", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
+    ap.add_argument("--runs", default="runs", help="folder of trained runs for the sampling table")
+    ap.add_argument("--sampling-batch", type=int, default=16)
+    ap.add_argument("--sampling-batches", type=int, default=4)
+    ap.add_argument("--teacher-guidance", type=float, default=2.5)
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--no-sampling", action="store_true")
+    ap.add_argument("--quality", default=None, help="report.json of python -m eval on the default runs")
+    ap.add_argument("--reference", default=None, help="JSON of the reference LCM-LoRA script's timing")
+    ap.add_argument("--out", default="BENCHMARKS.md")
+    a = ap.parse_args(argv)
+    unknown = [m for m in a.methods if m not in METHODS]
+    if unknown:
+        print(f"error: unknown method(s) {unknown}; registered: {sorted(METHODS)}", file=sys.stderr)
+        return 2
+    import diffusers
+    import torch
+
+    meta = {"command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+            "versions": f"python {platform.python_version()}, torch {torch.__version__}, diffusers "
+                        f"{diffusers.__version__}", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "steps": a.steps, "warmup": a.warmup, "threads": a.threads}
+    train = [] if a.no_train else train_rows(a.methods, a.students, a.steps, a.warmup, a.threads)
+    samp = None
+    if not a.no_sampling:
+        torch.set_num_threads(a.threads)
+        samp = sampling_rows(Path(a.runs), a.sampling_batch, a.sampling_batches, a.teacher_guidance)
+    quality = json.loads(Path(a.quality).read_text()) if a.quality else None
+    ref = json.loads(Path(a.reference).read_text()) if a.reference else None
+    Path(a.out).write_text(markdown(meta, train, samp, quality, ref))
+    Path(a.out).with_suffix(".json").write_text(json.dumps({"meta": meta, "train": train, "sampling": samp,
+                                                            "reference": ref}, indent=1))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
