@@ -280,6 +280,14 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
                 row = generate.Row(f"{name}+teacher-first", "hybrid", s, hybrid_g, r["dir"], method)
                 rows.append(generate.evaluate_row(ctx, row, pipe))
         del pipe
+        # Students a run exported on the way (TSCD's stages: sampling_student_S4.json next to student_S4/).
+        for extra in sorted(Path(r["dir"]).glob("sampling_*.json")):
+            stage = load_student(r["dir"], device=ctx.device, sampling_file=extra.name)
+            label = f"{name}/{extra.stem.removeprefix('sampling_')}"
+            for s in sorted(stage.distill.steps):
+                rows.append(generate.evaluate_row(ctx, generate.Row(label, "student", s, None, r["dir"], method),
+                                                  stage))
+            del stage
     for r in rows:
         r["speedup"] = ref_teacher["latency_ms"] / r["latency_ms"] if r["latency_ms"] else None
     meta["reference_teacher_row"] = {"steps": ref_teacher["steps"], "guidance": ref_teacher["guidance"]}

@@ -452,8 +452,27 @@ class TSCD(Method):
                             guidance_scale=1.0,
                             scheduler_kwargs={"original_inference_steps": self.cfg.num_ddim_timesteps})
 
+    def consistency_sampling(self, k: int) -> StepSampling:
+        """k-step sampling of a one-segment student (a consistency model to t = 0): its x0 re-noised with fresh noise
+        to each next timestep (LCMScheduler; TCD's γ = 1), at the k-segment timesteps.
+
+        timestep_scaling 1e4 makes LCMScheduler's boundary scalings the identity (c_skip ≈ 0, c_out ≈ 1 for t >= 1):
+        this student is trained on plain x0 predictions, without LCM's boundary parameterisation.
+        """
+        return StepSampling(scheduler="LCMScheduler", timesteps=sampling_timesteps(self.solver_t.cpu(), k),
+                            guidance_scale=1.0, scheduler_kwargs={"timestep_scaling": 1.0e4,
+                                                                  "original_inference_steps":
+                                                                      self.cfg.num_ddim_timesteps})
+
     def sampling(self) -> SamplingSpec:
-        steps = {int(k): self.step_sampling(int(k)) for k in self.cfg.sampling_steps}
+        """The final student at every ``sampling_steps`` count. After a one-segment last stage the student maps every
+        t to t = 0, and a deterministic jump to the next edge (TCD, γ = 0) reuses its ε, which this stage no longer
+        trains to be consistent; re-noising with fresh noise is the consistency model's own multi-step sampler. On
+        the embedded teacher (800 steps, lr 5e-4) the 4-step FID was 14.75 with γ = 0 and 7.34 with fresh noise.
+        Stage students (``exports``) keep TCD γ = 0: they were trained to land on their segment edges."""
+        final_s = int(self.cfg.segments[-1])
+        make = self.consistency_sampling if final_s == 1 else self.step_sampling
+        steps = {int(k): make(int(k)) for k in self.cfg.sampling_steps}
         return SamplingSpec(steps=steps, default_steps=self.cfg.default_steps)
 
     def exports(self, step: int) -> dict[str, SamplingSpec]:
