@@ -115,7 +115,7 @@ def _fmt(x: float | None, f: str = ".3f") -> str:
     return "—" if x is None else format(x, f)
 
 
-def markdown(meta: dict, train: list[dict], samp: dict | None, quality: dict | None, ref: dict | None) -> str:
+def markdown(meta: dict, train: list[dict], samp: dict | None, quality: list[dict] | None, ref: dict | None) -> str:
     L = ["# Benchmarks", "", f"- Command: `{meta['command']}`", f"- Machine: {meta['machine']}",
          f"- Versions: {meta['versions']}", f"- Date: {meta['date']}", ""]
     if train:
@@ -178,9 +178,14 @@ def markdown(meta: dict, train: list[dict], samp: dict | None, quality: dict | N
                       f"{o['batch']}, median of 5): {o['ours_s'] * 1000:.1f} ms against {o['plain_s'] * 1000:.1f} "
                       f"ms ({o['ours_s'] / o['plain_s']:.2f}×)."]
     if quality:
-        L += ["", "## Quality after the default runs", "", f"From `{quality['meta']['command']}`:", "",
+        L += ["", "## Quality after the default runs", "", "From " + " and ".join(
+            f"`{q['meta']['command']}`" for q in quality) + " (2k images; teacher rows cached):", "",
               "| model | steps | FID | CLIP | accuracy | diversity |", "|---|---|---|---|---|---|"]
-        for r in quality["rows"]:
+        seen = set()
+        for r in [r for q in quality for r in q["rows"]]:
+            if (r["label"], r["steps"]) in seen:  # the teacher's rows appear in every report
+                continue
+            seen.add((r["label"], r["steps"]))
             acc = r.get("accuracy")
             L.append(f"| {r['label']} | {r['steps']} | {_fmt(r.get('fid'), '.2f')} | {_fmt(r.get('clip'), '.2f')} | "
                      f"{'—' if acc is None else f'{100 * acc:.1f}%'} | {_fmt(r.get('diversity'))} |")
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-guidance", type=float, default=2.5)
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-sampling", action="store_true")
-    ap.add_argument("--quality", default=None, help="report.json of python -m eval on the default runs")
+    ap.add_argument("--quality", nargs="+", default=None, help="report.json files of python -m eval on the runs")
     ap.add_argument("--reference", default=None, help="JSON of the reference LCM-LoRA script's timing")
     ap.add_argument("--out", default="BENCHMARKS.md")
     a = ap.parse_args(argv)
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_sampling:
         torch.set_num_threads(a.threads)
         samp = sampling_rows(Path(a.runs), a.sampling_batch, a.sampling_batches, a.teacher_guidance)
-    quality = json.loads(Path(a.quality).read_text()) if a.quality else None
+    quality = [json.loads(Path(q).read_text()) for q in a.quality] if a.quality else None
     ref = json.loads(Path(a.reference).read_text()) if a.reference else None
     Path(a.out).write_text(markdown(meta, train, samp, quality, ref))
     Path(a.out).with_suffix(".json").write_text(json.dumps({"meta": meta, "train": train, "sampling": samp,
