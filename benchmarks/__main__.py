@@ -13,8 +13,9 @@ Sampling: in this process, one after another, the teacher (DDIM, CFG) at 25 and 
 batch, with UNet, VAE-decode and text-encoder time apart; and a student's call through ``sample`` against a plain
 diffusers pipeline call with the same timesteps (the overhead of our sampling path).
 Quality: rows copied from a report that ``python -m eval`` wrote (``--quality``), with its command.
-Reference: the step time of diffusers' LCM-LoRA example script measured on the same teacher (``--reference``, the
-JSON that scripts/reference_lcm.sh writes).
+Reference: our LCM-LoRA step against diffusers' LCM-LoRA example script on the same teacher and work
+(``--reference-lcm SCRIPT`` measures it with ``benchmarks.reference_lcm``; ``--reference`` reads the JSON that
+``python -m benchmarks.reference_lcm --json`` wrote).
 """
 
 from __future__ import annotations
@@ -148,17 +149,10 @@ def markdown(meta: dict, train: list[dict], samp: dict | None, quality: list[dic
                      f"{m['gradient_bytes_peak'] / MB:.1f} | {sum(m['optimizer_state_bytes'].values()) / MB:.1f} | "
                      f"{m['frozen_bytes'] / MB:.1f} | {m['total_counted_bytes'] / MB:.1f} | {ratio} | "
                      f"{m['peak_rss_above_baseline_bytes'] / MB:.0f} |")
-    if ref and train:
-        ours = next((r for r in train if r["method"] == "lcm" and r["student"] == "lora" and "error" not in r), None)
-        L += ["", "## LCM-LoRA step against diffusers' reference script", "",
-              f"Reference: `{ref['command']}`", "",
-              "| | s/step (median) | batch | resolution | LoRA rank |", "|---|---|---|---|---|",
-              f"| diffusers train_lcm_distill_lora_sd_wds.py | {ref['sec_per_step_median']:.3f} | "
-              f"{ref['batch_size']} | {ref['resolution']} | {ref['lora_rank']} |"]
-        if ours:
-            L.append(f"| distill-diffusion lcm (lora) | {ours['sec_per_step_median']:.3f} | {ours['batch_size']} | "
-                     f"{ref['resolution']} | {ref['lora_rank']} |")
-            L += ["", f"Ratio ours / reference: {ours['sec_per_step_median'] / ref['sec_per_step_median']:.2f}"]
+    if ref:
+        from benchmarks.reference_lcm import markdown_section
+
+        L += [""] + markdown_section(ref)
     if samp:
         L += ["", f"## Sampling ({samp['images']} images per row, batch {samp['batch']}, median latency per image "
                   "after a warm-up batch)", "",
@@ -208,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-sampling", action="store_true")
     ap.add_argument("--quality", nargs="+", default=None, help="report.json files of python -m eval on the runs")
-    ap.add_argument("--reference", default=None, help="JSON of the reference LCM-LoRA script's timing")
+    ap.add_argument("--reference", default=None, help="JSON of python -m benchmarks.reference_lcm (--json), or a "
+                    "BENCHMARKS.json holding one")
+    ap.add_argument("--reference-lcm", default=None, metavar="SCRIPT",
+                    help="diffusers' train_lcm_distill_lora_sd_wds.py (outside the repository): time it against ours")
     ap.add_argument("--out", default="BENCHMARKS.md")
     a = ap.parse_args(argv)
     unknown = [m for m in a.methods if m not in METHODS]
@@ -230,6 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         samp = sampling_rows(Path(a.runs), a.sampling_batch, a.sampling_batches, a.teacher_guidance)
     quality = [json.loads(Path(q).read_text()) for q in a.quality] if a.quality else None
     ref = json.loads(Path(a.reference).read_text()) if a.reference else None
+    if ref and "summary" not in ref:  # a BENCHMARKS.json: its reference section
+        ref = ref.get("reference")
+    if a.reference_lcm:
+        from benchmarks.reference_lcm import measure
+
+        ref = measure(Path(a.reference_lcm), Path(tempfile.gettempdir()) / "reference_lcm", repeats=3, short=10,
+                      long=40, autocast=["off", "on"], threads=a.threads)
+    elif ref is None and Path(a.out).with_suffix(".json").is_file():  # keep the section measured earlier
+        ref = json.loads(Path(a.out).with_suffix(".json").read_text()).get("reference")
     Path(a.out).write_text(markdown(meta, train, samp, quality, ref))
     Path(a.out).with_suffix(".json").write_text(json.dumps({"meta": meta, "train": train, "sampling": samp,
                                                             "reference": ref}, indent=1))

@@ -25,3 +25,73 @@ def test_train_step_phases_and_markdown(tiny_teachers, image_folder, tmp_path):
     md = markdown(meta, [res], None, None, None)
     assert "| dmd2 | lora | 2 |" in md and "counted total MB" in md
     json.dumps(res)
+
+
+def test_reference_lcm_shard_timing_and_matched_settings(tmp_path):
+    """The webdataset shard holds PNG + caption pairs equal to the images given; the step arithmetic; our side of
+    the comparison parses to the settings the reference script is given."""
+    import io
+    import tarfile
+
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from benchmarks import reference_lcm as R
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.models import DEFAULT_LORA_TARGETS
+    from methods import METHODS
+
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.rand(3, 8, 8, generator=g) * 2 - 1 for _ in range(3)]
+    caps = ["a photo of a bag", "a sneaker", "an ankle boot"]
+    assert R.write_shard(tmp_path / "s.tar", zip(imgs, caps)) == 3
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        names = tar.getnames()
+        assert names == ["000000.png", "000000.txt", "000001.png", "000001.txt", "000002.png", "000002.txt"]
+        for i, (img, cap) in enumerate(zip(imgs, caps)):
+            got = np.asarray(Image.open(io.BytesIO(tar.extractfile(f"{i:06d}.png").read())))
+            want = ((img + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            assert got.shape == (8, 8, 3) and (got == want).all()
+            assert tar.extractfile(f"{i:06d}.txt").read().decode() == cap
+
+    assert R.per_step(20.0, 50.0, 10, 40) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        R.per_step(20.0, 50.0, 40, 40)
+    assert R.steady_median([0.0, 5.0, 6.0, 7.5, 8.5], skip=1) == pytest.approx(1.0)  # the slow first step skipped
+    recs = [{"who": w, "repeat": r, "steps": n, "wall_s": t, "inproc_s": None} for w, r, n, t in [
+        ("ref_autocast_off", 0, 10, 20.0), ("ref_autocast_off", 0, 40, 50.0), ("ours", 0, 10, 15.0),
+        ("ours", 0, 40, 30.0), ("ref_autocast_off", 1, 10, 21.0), ("ref_autocast_off", 1, 40, 57.0),
+        ("ours", 1, 10, 16.0), ("ours", 1, 40, 34.0)]]
+    s = R.summarize(recs, 10, 40)
+    assert s["sec_per_step"]["ours"] == pytest.approx([0.5, 0.6])
+    assert s["median"]["ref_autocast_off"] == pytest.approx(1.1) and s["median"]["ours"] == pytest.approx(0.55)
+    assert s["ratio"] == {"ref_autocast_off": pytest.approx(0.5)}
+    res = {"summary": s, "command": "c", "date": "d", "versions": "v", "short": 10, "long": 40, "repeats": 2,
+           "script": {"sha256": "0" * 64, "url": "u"},
+           "settings": {**{k: 1 for k in ("batch", "resolution", "lora_rank", "lora_alpha", "learning_rate", "warmup",
+                                          "huber_c", "num_ddim_timesteps", "threads")},
+                        "lora_targets": R.LORA_TARGETS, "w_ours": [1.5, 3.0], "w_script": [0.5, 2.0]}}
+    md = "\n".join(R.markdown_section(res))
+    assert "| 0.550 | 0.500, 0.600 |" in md and "**0.50**" in md and "0.50×" in md and ": met." in md
+    # Spliced into BENCHMARKS.md before the sampling section, once, whatever else the file holds.
+    bench = tmp_path / "B.md"
+    bench.write_text("# B\n\n## Training\n\nt\n\n## Sampling\n\ns\n")
+    (tmp_path / "B.json").write_text(json.dumps({"lean": 1}))
+    R.write(bench, res)
+    R.write(bench, res)
+    text = bench.read_text()
+    assert text.count(R.START) == 1 and text.index("\nt\n") < text.index(R.START) < text.index("## Sampling")
+    assert json.loads((tmp_path / "B.json").read_text())["lean"] == 1
+
+    # Our command parses, and to the values the script gets (its omega range is our w range minus one).
+    cfg, _ = parse_config(R.ours_argv(tmp_path / "o", 40)[2:], METHODS)
+    assert (cfg.batch_size, cfg.lora_rank, cfg.lora_alpha, cfg.resolution, cfg.max_steps) == (32, 16, 16, 32, 40)
+    assert list(cfg.lora_targets) == R.LORA_TARGETS == DEFAULT_LORA_TARGETS and cfg.mixed_precision == "no"
+    assert (cfg.learning_rate, cfg.lr_warmup_steps, cfg.method.huber_c, cfg.method.loss_type) == (5e-4, 50, 1e-3,
+                                                                                                    "huber")
+    ref = R.reference_argv(*(tmp_path / x for x in "wstxyo"), "off", steps=40)
+    flag = {ref[i]: ref[i + 1] for i in range(5, len(ref) - 1) if ref[i].startswith("--")}
+    assert flag["--lora_target_modules"].split(",") == R.LORA_TARGETS and flag["--train_batch_size"] == "32"
+    assert (float(flag["--w_min"]), float(flag["--w_max"])) == (cfg.method.w_min - 1, cfg.method.w_max - 1)
+    assert flag["--max_train_steps"] == "40" and flag["--mixed_precision"] == "no"
