@@ -8,7 +8,10 @@ Roles: the generator G_θ ("student"), the fake score μ_fake^φ ("critic", with
 bottleneck), the frozen real score μ_real (the teacher; with LoRA the base UNet with adapters disabled).
 
 Generator. Input: pure noise z at the conditioning timestep t_k of step k (few-step: t = 999, 749, 499, 249); output
-x = G_θ(x_k, t_k), the teacher's parameterisation turned into x0. For k > 0 the input comes from backward simulation
+x = G_θ(x_k, t_k), the teacher's parameterisation turned into x0. Optionally (``scaled_init_noise``, not in the paper)
+the first input is add_noise(0, z, t_0) = sqrt(1 − ᾱ_{t_0}) z at a t_0 below T − 1, as SiD-LSG starts its one-step
+generator: an ε-teacher's x0 = (x_t − σ ε̂)/α multiplies the generator's ε error by 1/α, 14.6 at t = 999 for SD's
+schedule (2.7 at t = 625). For k > 0 the input comes from backward simulation
 (DMD2 sec. 4.4): run G without gradient from noise through steps 0..k-1, re-noising each x0 with fresh noise to the
 next conditioning timestep; k is drawn once per step for the whole global batch.
 
@@ -55,6 +58,9 @@ class DMD2Config:
     # Conditioning timesteps t_k of the generator, descending. [999] one step (SDXL one step: 399 after an ODE
     # warm start); [999, 749, 499, 249] four steps with backward simulation.
     conditioning_timesteps: list[int] = field(default_factory=lambda: [999])
+    # The first step's input: False = unit noise z (the paper, right for t_0 = 999 where sqrt(1 − ᾱ) ≈ 1); True =
+    # add_noise(0, z, t_0) = sqrt(1 − ᾱ_{t_0}) z, SiD-LSG's one-step input, for a first step below T − 1.
+    scaled_init_noise: bool = False
     gan: bool = True  # the GAN term on the critic's bottleneck (the SD1.5 recipe adds it in a second stage)
     gan_generator_weight: float = 1e-3  # λ_G (SDXL 5e-3)
     gan_discriminator_weight: float = 1e-2  # λ_D
@@ -119,6 +125,11 @@ def generator_gan_loss(logits_fake: Tensor) -> Tensor:
 def discriminator_gan_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     """softplus(D(fake)) + softplus(−D(real)) per sample (DMD2 eq. 4: −log(1 − σ(D(fake))) − log σ(D(real)))."""
     return F.softplus(logits_fake) + F.softplus(-logits_real)
+
+
+def initial_latent(z: Tensor, t0: int, alphas_cumprod: Tensor, scaled: bool) -> Tensor:
+    """The generator's first input x_0 from unit noise z: z itself, or add_noise(0, z, t_0) = sqrt(1 − ᾱ_{t_0}) z."""
+    return z * math.sqrt(1.0 - float(alphas_cumprod[t0])) if scaled else z
 
 
 def simulate_input(
@@ -270,6 +281,7 @@ class DMD2(Method):
         """x_k: pure noise for k = 0, else backward simulation through steps 0..k-1 (no gradient), (B, C, h, w)."""
         m = self.models
         noises = [batch.rng.randn(m.latent_shape, f"dmd2-gen-noise-{j}") for j in range(k + 1)]
+        noises[0] = initial_latent(noises[0], self.timesteps[0], m.alphas_cumprod, self.cfg.scaled_init_noise)
         with torch.no_grad():
             return simulate_input(lambda x, t: m.predict("student", x, t, batch.cond)[0], self.timesteps, k, noises,
                                   m.alphas_cumprod)
@@ -368,7 +380,9 @@ class DMD2(Method):
         n = len(self.timesteps)
         s = StepSampling(scheduler="LCMScheduler", timesteps=list(self.timesteps), guidance_scale=1.0,
                          # every timestep is on the k = 1 grid, so LCMScheduler warns about none of them
-                         scheduler_kwargs={"original_inference_steps": self.models.num_train_timesteps})
+                         scheduler_kwargs={"original_inference_steps": self.models.num_train_timesteps},
+                         init_noise_scale=float(initial_latent(torch.ones(()), self.timesteps[0],
+                                                               self.models.alphas_cumprod, self.cfg.scaled_init_noise)))
         return SamplingSpec(steps={n: s}, default_steps=n)
 
     # ---- the second stage: the critic from an earlier run ----------------------------------------------------------

@@ -23,6 +23,7 @@ from methods.dmd2 import (
     dm_gradient,
     dm_loss,
     generator_gan_loss,
+    initial_latent,
     simulate_input,
     unet_bottleneck,
 )
@@ -288,6 +289,45 @@ def test_load_student_samples_with_the_trained_timesteps(tiny_teachers, tmp_path
                            models.alphas_cumprod)
         x0, _ = models.predict("student", x, torch.tensor([ts[-1]]), cond)
     torch.testing.assert_close(lat, x0, atol=1e-4, rtol=1e-4)
+
+
+def test_scaled_initial_noise_in_training_and_sampling(tiny_teachers, tmp_path):
+    """With scaled_init_noise the first input is add_noise(0, z, t_0) = sqrt(1 − ᾱ_{t_0}) z in training (every k's
+    backward simulation starts there) and the exported pipeline draws the same initial latent; off, it is z."""
+    ts = [625, 312]
+    models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", conditioning_timesteps=ts, gan=False,
+                              scaled_init_noise=True)
+    ac = models.alphas_cumprod
+    scale = (1 - ac[625]).sqrt()
+    z = torch.randn(2, 1, 2, 2)
+    torch.testing.assert_close(initial_latent(z, 625, ac, True), scale * z)
+    assert torch.equal(initial_latent(z, 625, ac, False), z)
+    step = next(s for s in range(100) if fixed_batch(models, b=2, step=s).rng.shared_randint(0, 2, "dmd2-k") == 0)
+    batch = fixed_batch(models, b=2, step=step)
+    n0 = batch.rng.randn(models.latent_shape, "dmd2-gen-noise-0")
+    torch.testing.assert_close(method.generator_input(batch, 0), scale * n0)
+    assert method.sampling().steps[2].init_noise_scale == pytest.approx(float(scale))
+    # the exported pipeline reproduces the training chain from the scaled start
+    with torch.no_grad():
+        for p in models.parameters("student"):
+            p.add_(0.05 * torch.randn_like(p))
+    artifacts.save_run(models, "dmd2", method.sampling(), tmp_path)
+    pipe = artifacts.load_student(tmp_path)
+    prompt = "a red square"
+    g = torch.Generator().manual_seed(3)
+    lat = pipe(prompt, timesteps=ts, guidance_scale=1.0, generator=g, output_type="latent", height=16,
+               width=16).images
+    g = torch.Generator().manual_seed(3)
+    noises = [torch.randn((1, *models.latent_shape), generator=g) for _ in ts]
+    noises[0] = scale * noises[0]
+    cond = models.encode_prompts([prompt])
+    with torch.no_grad():
+        x = simulate_input(lambda x, t: models.predict("student", x, t, cond)[0], ts, 1, noises, ac)
+        x0, _ = models.predict("student", x, torch.tensor([ts[-1]]), cond)
+    torch.testing.assert_close(lat, x0, atol=1e-4, rtol=1e-4)
+    # the paper's default: unit noise at t = 999, initial latent scale 1
+    _, plain, _ = build(DMD2, tiny_teachers["sd"], "lora", gan=False)
+    assert plain.sampling().steps[1].init_noise_scale == 1.0
 
 
 # ---- runs ----------------------------------------------------------------------------------------------------------
