@@ -186,6 +186,22 @@ def markdown(meta: dict, train: list[dict], samp: dict | None, quality: list[dic
     return "\n".join(L) + "\n"
 
 
+def lean_section(a: argparse.Namespace) -> dict | None:
+    """The lean-step table (benchmarks.lean): measured with --lean, else the one already in the JSON."""
+    from benchmarks import lean
+
+    if a.lean:
+        return lean.run(lean.parser().parse_args([]), ["(via python -m benchmarks --lean)"])
+    old = Path(a.out).with_suffix(".json")
+    return json.loads(old.read_text()).get("lean") if old.is_file() else None
+
+
+def lean_markdown(section: dict) -> str:
+    from benchmarks import lean
+
+    return "\n" + lean.markdown(section)
+
+
 def main(argv: list[str] | None = None) -> int:
     from methods import METHODS
 
@@ -206,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                     "BENCHMARKS.json holding one")
     ap.add_argument("--reference-lcm", default=None, metavar="SCRIPT",
                     help="diffusers' train_lcm_distill_lora_sd_wds.py (outside the repository): time it against ours")
+    ap.add_argument("--lean", action="store_true", help="measure the lean-step section (benchmarks.lean, its "
+                    "defaults); without it, the section already in --out's JSON is kept")
     ap.add_argument("--out", default="BENCHMARKS.md")
     a = ap.parse_args(argv)
     unknown = [m for m in a.methods if m not in METHODS]
@@ -236,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
                       long=40, autocast=["off", "on"], threads=a.threads)
     elif ref is None and Path(a.out).with_suffix(".json").is_file():  # keep the section measured earlier
         ref = json.loads(Path(a.out).with_suffix(".json").read_text()).get("reference")
-    Path(a.out).write_text(markdown(meta, train, samp, quality, ref))
+    lean = lean_section(a)
+    Path(a.out).write_text(markdown(meta, train, samp, quality, ref) + (lean_markdown(lean) if lean else ""))
     Path(a.out).with_suffix(".json").write_text(json.dumps({"meta": meta, "train": train, "sampling": samp,
-                                                            "reference": ref}, indent=1))
+                                                            "reference": ref, "lean": lean}, indent=1))
     print(f"wrote {a.out}")
     return 0
 

@@ -108,7 +108,14 @@ def save_student(models: Any, folder: Path, spec: SamplingSpec, role: str = "stu
         comps = {**pipe.components, "unet": net, "scheduler": make_scheduler(pipe.scheduler.config,
                                                                              spec.steps[spec.default_steps])}
         full = type(pipe)(**comps)
-        full.save_pretrained(folder, safe_serialization=True)
+        cl = getattr(models, "channels_last", False)
+        if cl:  # safetensors writes contiguous tensors only; the weights go back to channels-last afterwards
+            net.to(memory_format=torch.contiguous_format)
+        try:
+            full.save_pretrained(folder, safe_serialization=True)
+        finally:
+            if cl:
+                net.to(memory_format=torch.channels_last)
 
 
 def save_run(models: Any, method_name: str, spec: SamplingSpec, out: str | Path, cfg_yaml: str | None = None,
@@ -221,13 +228,16 @@ class RunSampling:
 
 
 def load_student(run_dir: str | Path, steps: int | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, sampling_file: str = SAMPLING_FILE, fuse: bool = True) -> Any:
+                 dtype: torch.dtype = torch.float32, sampling_file: str = SAMPLING_FILE, fuse: bool = True,
+                 base: Any = None) -> Any:
     """A ready diffusers pipeline for a run: the teacher + the LoRA (or the full student), and the run's scheduler.
 
     ``pipe.distill`` holds the per-step-count settings; :func:`sample` applies them. ``steps`` picks the scheduler
     configured on return (default: the run's default step count). ``fuse`` merges a LoRA into the UNet's weights
     and drops the adapter layers (diffusers' fuse_lora + unload_lora_weights): an unfused LoRA cost 45% more UNet
     time per image on the embedded teacher (BENCHMARKS.md); ``fuse=False`` keeps the adapter switchable.
+    ``base``: a fresh pipeline of the run's teacher already in memory (``Models.teacher_pipeline``, used by the
+    training loop's validation), taken instead of loading the teacher from disk; it is modified (the LoRA goes in).
     """
     info = read_sampling(run_dir, sampling_file)
     folder = Path(run_dir) / info.get("student_dir", "student")
@@ -235,7 +245,7 @@ def load_student(run_dir: str | Path, steps: int | None = None, device: str | to
         f = folder / LORA_FILE
         if not f.is_file():
             raise UserError(f"{run_dir}: missing {f.relative_to(run_dir)}; the run did not finish exporting")
-        pipe = load_pipeline(info["teacher"], dtype)
+        pipe = load_pipeline(info["teacher"], dtype) if base is None else base
         _check_safetensors(f)
         pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name="student")
         if fuse:
@@ -278,11 +288,13 @@ TEACHER_SPACING = "trailing"
 
 
 def load_teacher(teacher: str = "embedded", device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Any:
-    """The teacher pipeline with a DDIM scheduler (eta 0, :data:`TEACHER_SPACING`), for reference rows."""
+                 dtype: torch.dtype = torch.float32, base: Any = None) -> Any:
+    """The teacher pipeline with a DDIM scheduler (eta 0, :data:`TEACHER_SPACING`), for reference rows.
+
+    ``base``: the teacher already in memory (see :func:`load_student`), used instead of loading it from disk."""
     from diffusers import DDIMScheduler
 
-    pipe = load_pipeline(teacher, dtype)
+    pipe = load_pipeline(teacher, dtype) if base is None else base
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=TEACHER_SPACING)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -52,6 +52,10 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    # torch.compile every UNet a step runs (the shared base with its adapters, full copies); compiles on the first
+    # steps; a failure to compile prints one warning line and training continues eagerly. BENCHMARKS.md: its effect.
+    compile: bool = False
+    channels_last: bool = False  # channels-last memory format for the UNets' weights and the latents fed to them
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume: str | None = None  # "latest" or a checkpoint folder

@@ -75,6 +75,7 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
         unet_overrides=method_cls.student_unet_overrides(mcfg, cfg.student) if cfg.student == "full" else None,
         resolution=cfg.resolution, device=device, weight_dtype=_dtype(cfg.mixed_precision), seed=cfg.seed,
         headless_roles=method_cls.headless_roles_for(mcfg),
+        channels_last=cfg.channels_last, compile_unets=cfg.compile,
     )
     if cfg.init_from:
         _init_from(models, cfg.init_from)
@@ -288,7 +289,9 @@ def _validation_grid(out: Path, prompts: list[str], n_seeds: int, models: Models
     """Rows: the teacher (25 DDIM steps, its guidance) then the student at each step count; columns: prompt × seed."""
     from PIL import Image
 
-    pipe = artifacts.load_student(out, device=models.device)
+    # The teacher's weights come from memory (the frozen parts the run already holds), not from disk again.
+    base = models.teacher_pipeline() if models.student_kind == "lora" else None
+    pipe = artifacts.load_student(out, device=models.device, base=base)
     rows = []
     ps = [p for p in prompts for _ in range(n_seeds)]
     seeds = [i for _ in prompts for i in range(n_seeds)]
@@ -298,7 +301,7 @@ def _validation_grid(out: Path, prompts: list[str], n_seeds: int, models: Models
     teacher_cache = out / "validation" / "teacher.png"
     grid_rows = [_row(r) for r in rows]
     if not teacher_cache.exists():
-        t = artifacts.load_teacher(str(models.teacher_path), device=models.device)
+        t = artifacts.load_teacher(str(models.teacher_path), device=models.device, base=models.teacher_pipeline())
         timgs, _ = artifacts.sample(t, ps, steps=25, seeds=seeds, guidance_scale=_teacher_guidance(models))
         teacher_cache.parent.mkdir(parents=True, exist_ok=True)
         _row(timgs).save(teacher_cache)

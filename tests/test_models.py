@@ -1,5 +1,8 @@
 """Roles on one shared base: the adapter context manager, trainable flags, encoders."""
 
+import math
+
+import pytest
 import torch
 
 from distill_diffusion.method import TargetSpec
@@ -10,17 +13,45 @@ def lora_params(m: Models, adapter: str) -> list[torch.nn.Parameter]:
     return [p for n, p in m.unet.named_parameters() if f".{adapter}." in n]
 
 
-def test_role_context_restores_adapter_and_requires_grad(tiny_teachers):
+def test_role_context_restores_adapter_and_never_touches_requires_grad(tiny_teachers):
+    """The role context switches adapters only; requires_grad belongs to ``trainable`` (peft's set_adapter would
+    rewrite it at every switch)."""
     m = Models(tiny_teachers["sd"], "lora", roles=("student", "critic"), lora_rank=2, lora_alpha=4)
     before = {n: p.requires_grad for n, p in m.unet.named_parameters()}
-    with m.role("teacher"):
-        assert m._tuners[0].disable_adapters
-        assert not any(p.requires_grad for p in lora_params(m, "student"))
-        with m.role("critic"):
-            assert m._tuners[0].active_adapters == ["critic"] and not m._tuners[0].disable_adapters
-        assert m._tuners[0].disable_adapters
+    with m.trainable("student"):
+        inside = {n: p.requires_grad for n, p in m.unet.named_parameters()}
+        with m.role("teacher"):
+            assert all(t.disable_adapters for t in m._tuners)
+            with m.role("critic"):
+                assert all(t.active_adapters == ["critic"] and not t.disable_adapters for t in m._tuners)
+                assert {n: p.requires_grad for n, p in m.unet.named_parameters()} == inside
+            assert all(t.disable_adapters for t in m._tuners)
+            assert {n: p.requires_grad for n, p in m.unet.named_parameters()} == inside
     assert {n: p.requires_grad for n, p in m.unet.named_parameters()} == before
-    assert m._tuners[0].active_adapters == ["student"] and not m._tuners[0].disable_adapters
+    assert all(t.active_adapters == ["student"] and not t.disable_adapters for t in m._tuners)
+
+
+def test_role_outputs_match_peft_switching(tiny_teachers):
+    """Each role's forward equals the same forward after peft's own adapter switching (set_adapter /
+    enable_adapters), bit for bit."""
+    m = Models(tiny_teachers["sd"], "lora", roles=("student", "critic"), lora_rank=2, lora_alpha=4)
+    with torch.no_grad():
+        for i, r in enumerate(("student", "critic")):
+            for p in m.parameters(r):
+                p.add_(0.05 * (i + 1))
+    xt, t = torch.randn(2, *m.latent_shape), torch.tensor([10, 900])
+    cond = m.encode_prompts(["a cat", "a dog"])
+    with torch.no_grad():
+        ours = {r: m.unet_out(r, xt, t, cond) for r in ("critic", "teacher", "student")}
+        for r in ("critic", "teacher", "student"):
+            for layer in m._tuners:
+                if r == "teacher":
+                    layer.enable_adapters(False)
+                else:
+                    layer.enable_adapters(True)
+                    layer.set_adapter(r)
+            ref = m.unet(xt, t, encoder_hidden_states=cond.prompt_embeds).sample
+            assert torch.equal(ours[r], ref), r
 
 
 def test_trainable_only_one_role(tiny_teachers):
@@ -84,3 +115,56 @@ def test_prompt_cache_encodes_each_prompt_once(tiny_teachers, monkeypatch):
     b = m.encode_prompts(["y", "x"])
     assert calls == [["x"], ["y"]]
     torch.testing.assert_close(a.prompt_embeds[0], b.prompt_embeds[1])
+
+
+def _train_losses(tiny_teachers, image_folder, out, *extra):
+    import json
+
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from methods import METHODS
+
+    cfg, _ = parse_config(["--method", "lcm", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
+                           "max_steps=2", "batch_size=2", "lora_rank=2", "lora_alpha=4", f"output_dir={out}",
+                           "report_to=none", "validation_seeds=1", "logging_steps=1", *extra], METHODS)
+    train(cfg, METHODS["lcm"])
+    return [json.loads(line)["student/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+def test_channels_last_trains_with_the_same_loss(student, tiny_teachers, image_folder, tmp_path):
+    off = _train_losses(tiny_teachers, image_folder, tmp_path / "off", f"student={student}")
+    on = _train_losses(tiny_teachers, image_folder, tmp_path / "on", f"student={student}", "channels_last=true")
+    assert len(on) == len(off) == 2
+    torch.testing.assert_close(torch.tensor(on), torch.tensor(off), rtol=1e-4, atol=1e-6)
+    assert (tmp_path / "on" / "sampling.json").is_file()
+
+
+def test_compile_trains_two_steps(tiny_teachers, image_folder, tmp_path, monkeypatch):
+    """compile=true through the loop. Dynamo traces every UNet call (adapters, grad modes, batch sizes) with its
+    "eager" backend here: inductor's C++ code generation took 7 minutes for these two steps on this CPU; the
+    benchmark (benchmarks/lean.py) runs the default backend."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    losses = _train_losses(tiny_teachers, image_folder, tmp_path / "c", "compile=true")
+    off = _train_losses(tiny_teachers, image_folder, tmp_path / "off")
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(off), rtol=1e-3, atol=1e-5)
+
+
+def test_compile_failure_falls_back_with_one_warning_line(tiny_teachers, image_folder, tmp_path, monkeypatch,
+                                                          capfd):
+    def broken(fn, *a, **k):
+        def call(*args, **kwargs):
+            raise RuntimeError("C++ compiler not found\nmore detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    losses = _train_losses(tiny_teachers, image_folder, tmp_path / "c", "compile=true")
+    assert len(losses) == 2
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if "torch.compile failed" in ln]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert lines[0].split("\r")[-1].startswith("warning: compile=true: torch.compile failed on this machine "
+                                              "(RuntimeError: C++ compiler not found)")

@@ -1,0 +1,422 @@
+"""Issue 10, "make the step lean": a before/after figure for every item, measured on the embedded teacher.
+
+    python -m benchmarks.lean [--before-tree DIR] [--repeats 3] [--steps 15] [--warmup 5] [--threads 1]
+        [--methods lcm dmd2 sid tscd] [--no-flags] [--no-micro] [--out BENCHMARKS.md]
+
+Micro-benchmarks (in this process, one torch thread, the two ways interleaved ``--repeats`` times, median per call):
+  CFG: the teacher's conditional and unconditional passes as two forwards of B against one forward of 2B;
+  prompts: the batch's prompts through the text encoder every step against the per-prompt cache;
+  no_grad: a detached target's forward (the student adapter at LCM's batch) with autograd on against no_grad;
+  VAE: encoding the batch's images one at a time against one batched call;
+  role switch: the pre-change ``Models.role`` (peft set_adapter / enable_adapters, requires_grad saved and restored
+  over every LoRA tensor; reproduced below as ``_old_role``) against the current one;
+  validation: loading the teacher from disk twice (student + teacher rows) against building it from the weights the
+  run already holds;
+  sampling: our ``sample()`` against a plain diffusers pipeline call with the same timesteps and seeds.
+End to end (``--before-tree``: a git worktree of the commit before the change, run with this interpreter): seconds
+per step of ``benchmarks.train_step`` for each method's LoRA default, before and after, interleaved per repeat.
+Flags: ``channels_last=true`` and ``compile=true`` against neither, on LCM-LoRA, interleaved per repeat.
+
+Writes its section into ``--out`` (between the lean markers, replacing an earlier one) and ``"lean"`` into the
+JSON next to it; ``python -m benchmarks --lean`` re-renders that section from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- lean:start -->", "<!-- lean:end -->"
+PROMPTS = ["a photo of a sneaker", "a trouser", "a product photo of a bag", "a photo of a dress"]
+
+
+def ab(before: Callable[[], Any], after: Callable[[], Any], repeats: int, inner: int = 1) -> tuple[float, float]:
+    """Median seconds per call of ``before`` and ``after``, timed alternately (one warm-up call each first)."""
+    before(), after()
+    tb, ta = [], []
+    for _ in range(repeats):
+        for fn, acc in ((before, tb), (after, ta)):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            acc.append((time.perf_counter() - t0) / inner)
+    return statistics.median(tb), statistics.median(ta)
+
+
+def row(item: str, how: str, before: float, after: float, unit: str = "ms", status: str = "") -> dict[str, Any]:
+    scale = 1000.0 if unit == "ms" else 1.0
+    return {"item": item, "how": how, "before": before * scale, "after": after * scale, "unit": unit,
+            "ratio": before / after if after else None, "status": status}
+
+
+@contextlib.contextmanager
+def _old_role(m: Any, name: str) -> Iterator[Any]:
+    """``Models.role`` as it was before this change (commit cadd282), kept here to measure it."""
+    saved = [(p, p.requires_grad) for n, p in m.unet.named_parameters() if "lora_" in n]
+    prev_active, prev_disabled = m._base_active, m._tuners[0].disable_adapters
+    adapter = m.targets[name].source if name in m.targets and m.targets[name].decay is None else name
+    try:
+        if name == "teacher":
+            for layer in m._tuners:
+                layer.enable_adapters(False)
+        else:
+            for layer in m._tuners:
+                layer.enable_adapters(True)
+                layer.set_adapter(adapter)
+            m._base_active = adapter
+        yield m.unet
+    finally:
+        for layer in m._tuners:
+            layer.enable_adapters(True)
+            layer.set_adapter(prev_active)
+            if prev_disabled:
+                layer.enable_adapters(False)
+        m._base_active = prev_active
+        for p, flag in saved:
+            p.requires_grad_(flag)
+    m._activate(m._base_active, m._base_disabled)  # the new code's bookkeeping, unchanged by the old switch
+
+
+def micro_rows(repeats: int) -> list[dict[str, Any]]:
+    import torch
+
+    from distill_diffusion import artifacts
+    from distill_diffusion.data import build_source
+    from distill_diffusion.method import TargetSpec
+    from distill_diffusion.models import Models
+
+    rows: list[dict[str, Any]] = []
+    m = Models("embedded", "lora", roles=("student", "critic"), targets={"target": TargetSpec("student", None)},
+               lora_rank=16, lora_alpha=16)
+    B = 32  # LCM's and TSCD's default batch
+    g = torch.Generator().manual_seed(0)
+    xt = torch.randn(B, *m.latent_shape, generator=g)
+    t = torch.randint(20, 980, (B,), generator=g)
+    prompts = [PROMPTS[i % 4] for i in range(B)]
+    cond, uncond = m.encode_prompts(prompts), m.encode_uncond(B)
+    both = cond.cat(uncond)
+
+    with torch.no_grad():
+        def two() -> None:
+            m.unet_out("teacher", xt, t, cond)
+            m.unet_out("teacher", xt, t, uncond)
+
+        def one() -> None:
+            m.unet_out("teacher", torch.cat([xt, xt]), torch.cat([t, t]), both)
+
+        b, a = ab(two, one, repeats)
+    rows.append(row("CFG: cond + uncond teacher passes in one forward", f"teacher UNet, batch {B}: two forwards "
+                    f"of {B} vs one of {2 * B}", b, a, status="already in"))
+
+    def per_step() -> None:
+        m.pipe.encode_prompt(prompts, m.device, 1, True, negative_prompt=None)
+
+    def cached() -> None:
+        m.encode_prompts(prompts), m.encode_uncond(B)
+
+    b, a = ab(per_step, cached, repeats, inner=5)
+    rows.append(row("prompt embeddings once per batch, cached", f"{B} prompts + empty prompt: text encoder every "
+                    "step vs the per-prompt cache", b, a, status="already in"))
+
+    def with_grad() -> None:
+        with m.trainable("student"):
+            m.unet_out("target", xt, t, cond)
+
+    def without() -> None:
+        with m.trainable("student"), torch.no_grad():
+            m.unet_out("target", xt, t, cond)
+
+    b, a = ab(with_grad, without, repeats)
+    rows.append(row("detached targets under torch.no_grad", f"LCM's target forward (student adapter, batch {B}, its "
+                    "LoRA trainable): autograd on vs no_grad", b, a, status="already in"))
+
+    imgs = _images(build_source(_data_cfg(), m.resolution, True, True), B)
+
+    def each() -> None:
+        for i in range(B):
+            m.encode_images(imgs[i:i + 1])
+
+    def batched() -> None:
+        m.encode_images(imgs)
+
+    b, a = ab(each, batched, repeats)
+    rows.append(row("VAE encoding of real images batched", f"{B} Fashion-MNIST images: one encode each vs one "
+                    "batched call", b, a, status="already in (not cached: see below)"))
+
+    def old() -> None:
+        with _old_role(m, "critic"):
+            pass
+        with _old_role(m, "teacher"):
+            pass
+
+    def new() -> None:
+        with m.role("critic"):
+            pass
+        with m.role("teacher"):
+            pass
+
+    b, a = ab(old, new, repeats, inner=10)
+    rows.append(row("Models.role: no requires_grad snapshot, no peft set_adapter", "two role switches (critic, "
+                    "teacher), enter + exit: before vs after this change", b, a, status="changed"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        from distill_diffusion.config import parse_config
+        from distill_diffusion.loop import train
+        from methods import METHODS
+
+        cfg, _ = parse_config(["--method", "lcm", "export_initial=true", f"output_dir={out}", "report_to=none",
+                               "validation_seeds=1"], METHODS)
+        train(cfg, METHODS["lcm"])
+
+        def from_disk() -> None:
+            artifacts.load_student(out)
+            artifacts.load_teacher("embedded")
+
+        def from_memory() -> None:
+            artifacts.load_student(out, base=m.teacher_pipeline())
+            artifacts.load_teacher("embedded", base=m.teacher_pipeline())
+
+        b, a = ab(from_disk, from_memory, repeats)
+        rows.append(row("validation does not reload the teacher from disk", "the validation grid's two pipelines "
+                        "(LoRA student, DDIM teacher): from disk vs from the weights in memory", b, a,
+                        status="changed"))
+        rows.append(_sampling_overhead(Path(tmp) / "dmd2", repeats))
+    return rows
+
+
+def _data_cfg() -> Any:
+    from distill_diffusion.config import DataConfig
+
+    return DataConfig()
+
+
+def _images(src: Any, n: int) -> Any:
+    import torch
+
+    from distill_diffusion.data import Stream
+
+    s = Stream(src, 0, n, 0, 1, 1, 0.0, load_images=True)
+    imgs = s.get(0, 0).images
+    return imgs if isinstance(imgs, torch.Tensor) else torch.stack(list(imgs))
+
+
+def _sampling_overhead(out: Path, repeats: int) -> dict[str, Any]:
+    """Our ``sample()`` against a plain pipeline call: DMD2's one-step student as exported untrained (the same UNet
+    cost as a trained one), batch 16, same timesteps and seeds; median of 5 after a warm-up pair (BENCHMARKS.md's
+    figure was measured the same way on runs/dmd2)."""
+    import torch
+
+    from distill_diffusion import artifacts
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from methods import METHODS
+
+    cfg, _ = parse_config(["--method", "dmd2", "export_initial=true", f"output_dir={out}", "report_to=none",
+                           "validation_seeds=1"], METHODS)
+    train(cfg, METHODS["dmd2"])
+    pipe = artifacts.load_student(out)
+    k = pipe.distill.default_steps
+    s = artifacts.configure(pipe, k)
+    batch = 16
+    ps, seeds = [PROMPTS[i % 4] for i in range(batch)], list(range(batch))
+    res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    ours, plain = [], []
+    for i in range(max(6, repeats + 1)):
+        _, sec = artifacts.sample(pipe, ps, k, seeds, output_type="np")
+        gens = [torch.Generator("cpu").manual_seed(x) for x in seeds]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pipe(prompt=ps, timesteps=list(s.timesteps), guidance_scale=s.guidance_scale, generator=gens,
+                 height=res, width=res, output_type="np")
+        if i:
+            ours.append(sec)
+            plain.append(time.perf_counter() - t0)
+    r = row("student sampling path vs a plain pipeline call", f"dmd2 1-step student, batch {batch}: plain "
+            "diffusers call (before) vs our sample() (after)", statistics.median(plain), statistics.median(ours),
+            status="already in")
+    return r
+
+
+def train_step(tree: Path, method: str, steps: int, warmup: int, threads: int, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "benchmarks.train_step", "--method", method, "--student", "lora", "--steps",
+               str(steps), "--warmup", str(warmup), "--json", str(out), *overrides]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)}
+        r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+        res = json.loads(out.read_text())
+        res["stderr_warnings"] = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+        return res
+
+
+def end_to_end_rows(before_tree: Path, methods: list[str], repeats: int, steps: int, warmup: int,
+                    threads: int) -> tuple[list[dict], dict]:
+    runs: dict[str, dict[str, list[float]]] = {m: {"before": [], "after": []} for m in methods}
+    raw: dict[str, Any] = {}
+    for rep in range(repeats):
+        for m in methods:
+            for which, tree in (("before", before_tree), ("after", ROOT)):
+                print(f"[lean] {m} {which} repeat {rep + 1}/{repeats}", flush=True)
+                res = train_step(tree, m, steps, warmup, threads, [])
+                raw.setdefault(f"{m}/{which}", []).append(res)
+                if "error" not in res:
+                    runs[m][which].append(res["sec_per_step_median"])
+    rows = []
+    for m in methods:
+        b, a = runs[m]["before"], runs[m]["after"]
+        if b and a:
+            rows.append(row(f"whole step, {m} LoRA (default config)", f"benchmarks.train_step s/step, median of "
+                            f"{len(b)} interleaved runs, before tree vs this tree", statistics.median(b),
+                            statistics.median(a), unit="s", status="changed"))
+    return rows, raw
+
+
+def flag_rows(repeats: int, steps: int, warmup: int, threads: int, compile_repeats: int,
+              method: str = "lcm") -> tuple[list[dict], dict]:
+    variants = {"off": [], "channels_last": ["channels_last=true"], "compile": ["compile=true"]}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    raw: dict[str, Any] = {}
+    for rep in range(repeats):
+        for k, ov in variants.items():
+            if k == "compile" and rep >= compile_repeats:
+                continue
+            print(f"[lean] flags {method} {k} repeat {rep + 1}/{repeats}", flush=True)
+            t0 = time.perf_counter()
+            res = train_step(ROOT, method, steps, warmup, threads, ov)
+            res["process_wall_s"] = time.perf_counter() - t0
+            raw.setdefault(k, []).append(res)
+            if "error" not in res:
+                times[k].append(res["sec_per_step_median"])
+    rows = []
+    for k in ("channels_last", "compile"):
+        if times["off"] and times[k]:
+            warn = next((w for r in raw[k] for w in r.get("stderr_warnings", [])), "")
+            wall = {v: statistics.median(r["process_wall_s"] for r in raw[v] if "error" not in r) for v in ("off", k)}
+            rows.append(row(f"flag {k}=true", f"{method} LoRA s/step after {warmup} warm-up steps, off vs on, "
+                            f"medians of {len(times['off'])} / {len(times[k])} interleaved runs of {steps} steps; "
+                            f"whole process {wall['off']:.0f} s vs {wall[k]:.0f} s", statistics.median(times["off"]),
+                            statistics.median(times[k]), unit="s", status="flag, default off" +
+                            (f"; {warn}" if warn else "")))
+    return rows, raw
+
+
+def markdown(lean: dict[str, Any]) -> str:
+    L = [START, "## Lean step (issue 10): before and after, item by item", "",
+         f"Command: `{lean['command']}` ({lean['date']}, {lean['threads']} torch thread(s)). Ratio = before / after "
+         "(above 1: the change is faster). Items marked *already in* were in the code before this issue's work; their "
+         "figure times the operation both ways in one process.", "",
+         "| item | how measured | before | after | ratio | status |", "|---|---|---|---|---|---|"]
+    for r in lean["rows"]:
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+        L.append(f"| {r['item']} | {r['how']} | {r['before']:.3f} {r['unit']} | {r['after']:.3f} {r['unit']} | "
+                 f"{ratio} | {r['status']} |")
+    L += ["", *lean.get("notes", []), END]
+    return "\n".join(L) + "\n"
+
+
+NOTES = [
+    "- VAE latents are not cached: the default runs draw 25,600 (LCM, TSCD) and 16,000 (DMD2) samples from "
+    "60,000 Fashion-MNIST images, so a cache would almost never be hit; encoding is batched (one call per batch).",
+    "- No forward runs twice within a step in LCM, TSCD (without its adversarial option) or SiD: every UNet call has "
+    "its own input (SiD's critic and generator turns draw their own noise, as its reference does). DMD2 at a "
+    "generator step runs the generator twice (with gradient before its update, again without after it, for the "
+    "critic); its reference reuses the first, detached. Not changed here (methods/dmd2.py belongs to another task).",
+    "- The role-switch change also stops a LoRA critic's tensors from requiring gradients inside the student's loss "
+    "(peft's set_adapter made the active adapter trainable), so SiD's student backward no longer computes critic "
+    "weight gradients that were discarded. Checked once against a worktree of the commit before (cadd282): trained "
+    "tensors, validation grids and teacher rows are bit-identical before and after for all four methods, LoRA and "
+    "full (embedded teacher, 3 steps at batch 4; TSCD 4 steps).",
+    "- compile=true (default off) compiles for minutes before its first step: about 12 minutes of the first run "
+    "with an empty inductor cache here (three graphs for LCM: the student with gradient, the teacher's batched CFG "
+    "pass, the target without gradient; dynamo recompiles once on grad mode and once on the adapters' enabled "
+    "state, never afterwards), about 30 s once /tmp/torchinductor_* holds the kernels. The two cold-cache runs "
+    "measured 5.07 and 4.61 s/step after warm-up (taken while the test suite ran alongside; not understood), the "
+    "warm-cache runs 1.1-1.2x faster than eager.",
+    "- The whole-step rows were measured while other jobs shared the two cores (about 1.6x the s/step of the "
+    "training table above; each run's figure is in BENCHMARKS.json, lean.raw): read them with that spread. The "
+    "role-switch row is the direct figure: before, every role entry cost about 20 ms (snapshot of every LoRA "
+    "tensor's requires_grad, peft's set_adapter on 129 layers, both again on exit), even when the role was already "
+    "active; an LCM-LoRA step enters roles 4 times (about 80 ms of a 0.65 s step), a SiD-LoRA step 7 times.",
+    "- CFG in one forward of 2B is not faster than two forwards of B on this one-thread CPU (no parallelism to "
+    "fill); it stays, as it is on GPUs, where the batched pass is the usual win.",
+]
+
+
+def write(out: Path, lean: dict[str, Any]) -> None:
+    section = markdown(lean)
+    text = out.read_text() if out.exists() else "# Benchmarks\n"
+    head = f"- Lean-step table (issue 10): `{lean['command']}`"
+    lines = [ln for ln in text.split("\n") if not ln.startswith("- Lean-step table")]
+    at = next((i + 1 for i, ln in enumerate(lines) if ln.startswith("- Command:")), 1)
+    text = "\n".join(lines[:at] + [head] + lines[at:])
+    if START in text and END in text:
+        text = text[:text.index(START)] + section.rstrip("\n") + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    out.write_text(text)
+    j = out.with_suffix(".json")
+    data = json.loads(j.read_text()) if j.exists() else {}
+    data["lean"] = lean
+    j.write_text(json.dumps(data, indent=1))
+
+
+def run(a: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    rows: list[dict] = []
+    raw: dict[str, Any] = {}
+    if not a.no_micro:
+        rows += micro_rows(a.repeats_micro)
+    if a.before_tree:
+        r, raw["end_to_end"] = end_to_end_rows(Path(a.before_tree), a.methods, a.repeats, a.steps, a.warmup,
+                                               a.threads)
+        rows += r
+    if not a.no_flags:
+        r, raw["flags"] = flag_rows(a.repeats, a.steps, a.warmup, a.threads, a.compile_repeats)
+        rows += r
+    return {"command": "python -m benchmarks.lean " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+            time.gmtime()), "threads": a.threads, "rows": rows, "notes": NOTES, "raw": raw}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.lean", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--before-tree", default=None, help="a worktree of the commit before the change")
+    ap.add_argument("--methods", nargs="+", default=["lcm", "dmd2", "sid", "tscd"])
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per end-to-end / flag variant")
+    ap.add_argument("--repeats-micro", type=int, default=7)
+    ap.add_argument("--compile-repeats", type=int, default=1, help="compile=true runs (each compiles for minutes)")
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-flags", action="store_true")
+    ap.add_argument("--no-micro", action="store_true")
+    ap.add_argument("--out", default="BENCHMARKS.md")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    a = parser().parse_args(argv)
+    lean = run(a, argv)
+    write(Path(a.out), lean)
+    print(markdown(lean))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
