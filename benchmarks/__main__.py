@@ -175,15 +175,40 @@ def markdown(meta: dict, train: list[dict], samp: dict | None, quality: list[dic
         L += ["", "## Quality after the default runs", "", "From " + " and ".join(
             f"`{q['meta']['command']}`" for q in quality) + " (2k images; teacher rows cached):", "",
               "| model | steps | FID | CLIP | accuracy | diversity |", "|---|---|---|---|---|---|"]
-        seen = set()
+        seen, rows = set(), []
         for r in [r for q in quality for r in q["rows"]]:
-            if (r["label"], r["steps"]) in seen:  # the teacher's rows appear in every report
+            if (r["label"], r["steps"]) in seen:  # the teacher's rows appear in every report; the first one wins
                 continue
             seen.add((r["label"], r["steps"]))
+            rows.append(r)
+        rows.sort(key=lambda r: (not r["label"].startswith("teacher"), r["steps"] if r["label"].startswith("teacher")
+                                 else 0))  # the teacher's rows first, by steps; students in report order
+        if len(quality) > 1:
+            L[-3:-3] = ["A run's rows come from the first report that has it, so a newer report listed first replaces "
+                        "an older one's rows of the same run.", ""]
+        for r in rows:
             acc = r.get("accuracy")
             L.append(f"| {r['label']} | {r['steps']} | {_fmt(r.get('fid'), '.2f')} | {_fmt(r.get('clip'), '.2f')} | "
                      f"{'—' if acc is None else f'{100 * acc:.1f}%'} | {_fmt(r.get('diversity'))} |")
     return "\n".join(L) + "\n"
+
+
+def load_quality(paths: list[str] | None, kept: Path) -> list[dict] | None:
+    """Quality reports: each path a report.json of ``python -m eval`` or a BENCHMARKS.json (its quality reports).
+
+    Rows are shown first come, first kept (by label and steps), so a newer report listed before a BENCHMARKS.json
+    replaces that file's rows of the same runs. With no paths, the reports already in ``kept`` stay.
+    """
+    if not paths:
+        return json.loads(kept.read_text()).get("quality") if kept.is_file() else None
+    out: list[dict] = []
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        if "rows" in d:  # an eval report
+            out.append({"meta": {"command": d["meta"]["command"]}, "rows": d["rows"]})
+        else:  # a BENCHMARKS.json
+            out += d.get("quality") or []
+    return out
 
 
 def lean_section(a: argparse.Namespace) -> dict | None:
@@ -243,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_sampling:
         torch.set_num_threads(a.threads)
         samp = sampling_rows(Path(a.runs), a.sampling_batch, a.sampling_batches, a.teacher_guidance)
-    quality = [json.loads(Path(q).read_text()) for q in a.quality] if a.quality else None
+    quality = load_quality(a.quality, Path(a.out).with_suffix(".json"))
     ref = json.loads(Path(a.reference).read_text()) if a.reference else None
     if ref and "summary" not in ref:  # a BENCHMARKS.json: its reference section
         ref = ref.get("reference")
@@ -257,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     lean = lean_section(a)
     Path(a.out).write_text(markdown(meta, train, samp, quality, ref) + (lean_markdown(lean) if lean else ""))
     Path(a.out).with_suffix(".json").write_text(json.dumps({"meta": meta, "train": train, "sampling": samp,
-                                                            "reference": ref, "lean": lean}, indent=1))
+                                                            "quality": quality, "reference": ref, "lean": lean},
+                                                           indent=1))
     print(f"wrote {a.out}")
     return 0
 

@@ -95,3 +95,25 @@ def test_reference_lcm_shard_timing_and_matched_settings(tmp_path):
     assert flag["--lora_target_modules"].split(",") == R.LORA_TARGETS and flag["--train_batch_size"] == "32"
     assert (float(flag["--w_min"]), float(flag["--w_max"])) == (cfg.method.w_min - 1, cfg.method.w_max - 1)
     assert flag["--max_train_steps"] == "40" and flag["--mixed_precision"] == "no"
+
+
+def test_quality_reports_newer_first_and_kept(tmp_path):
+    from benchmarks.__main__ import load_quality
+
+    def row(label, steps, fid):
+        return {"label": label, "steps": steps, "fid": fid, "clip": 1.0, "accuracy": 0.5, "diversity": 0.1}
+
+    old = tmp_path / "old.json"  # a BENCHMARKS.json holding an older report
+    old.write_text(json.dumps({"quality": [{"meta": {"command": "old"}, "rows": [
+        row("teacher (w=3)", 25, 3.0), row("dmd2", 1, 18.4), row("sid", 1, 3.9)]}]}))
+    new = tmp_path / "report.json"  # an eval report of a retrained dmd2
+    new.write_text(json.dumps({"meta": {"command": "new"}, "rows": [row("teacher (w=3)", 1, 19.7),
+                                                                   row("dmd2", 1, 4.4)]}))
+    quality = load_quality([str(new), str(old)], tmp_path / "none.json")
+    md = markdown({"command": "c", "machine": "m", "versions": "v", "date": "d"}, [], None, quality, None)
+    table = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split(" | ")[0] for line in table] == ["| teacher (w=3)", "| teacher (w=3)", "| dmd2", "| sid"]
+    assert "| dmd2 | 1 | 4.40 |" in md and "18.40" not in md  # the newer report's row replaces the older one's
+    assert table[0].startswith("| teacher (w=3) | 1 |")  # the teacher's rows first, by steps
+    # no --quality: the reports kept in the JSON stay
+    assert load_quality(None, old) == json.loads(old.read_text())["quality"]
