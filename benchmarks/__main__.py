@@ -208,7 +208,8 @@ def load_quality(paths: list[str] | None, kept: Path) -> list[dict] | None:
             out.append({"meta": {"command": d["meta"]["command"]}, "rows": d["rows"]})
         else:  # a BENCHMARKS.json
             out += d.get("quality") or []
-    return out
+    unique = {q["meta"]["command"]: q for q in reversed(out)}  # a report listed twice counts once, where first
+    return [q for q in out if unique[q["meta"]["command"]] is q]
 
 
 def lean_section(a: argparse.Namespace) -> dict | None:

@@ -117,3 +117,7 @@ def test_quality_reports_newer_first_and_kept(tmp_path):
     assert table[0].startswith("| teacher (w=3) | 1 |")  # the teacher's rows first, by steps
     # no --quality: the reports kept in the JSON stay
     assert load_quality(None, old) == json.loads(old.read_text())["quality"]
+    # a report both given and already kept in the JSON is listed once
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"quality": quality}))
+    assert [q["meta"]["command"] for q in load_quality([str(new), str(both)], both)] == ["new", "old"]
