@@ -54,8 +54,31 @@ def train_rows(methods: list[str], students: list[str], steps: int, warmup: int,
     return rows
 
 
-def sampling_rows(runs_dir: Path, batch: int, n_batches: int, teacher_guidance: float) -> dict[str, Any]:
+def sampling_overhead(pipe: Any, prompts: list[str], seeds: list[int], steps: int, repeats: int = 5
+                      ) -> tuple[float, float]:
+    """Median seconds of our ``sample`` and of the bare pipeline call with the same timesteps, prompts and seeds,
+    alternated, after one warm-up pair: (ours, plain)."""
     import torch
+
+    from distill_diffusion import artifacts
+
+    s = artifacts.configure(pipe, steps)
+    res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    ours, plain = [], []
+    for i in range(repeats + 1):
+        _, sec = artifacts.sample(pipe, prompts, steps, seeds, output_type="np")
+        gens = [torch.Generator("cpu").manual_seed(x) for x in seeds]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pipe(prompt=prompts, timesteps=list(s.timesteps), guidance_scale=s.guidance_scale, generator=gens,
+                 height=res, width=res, output_type="np")
+        if i:  # the first pair is the warm-up
+            ours.append(sec)
+            plain.append(time.perf_counter() - t0)
+    return statistics.median(ours), statistics.median(plain)
+
+
+def sampling_rows(runs_dir: Path, batch: int, n_batches: int, teacher_guidance: float) -> dict[str, Any]:
 
     from distill_diffusion import artifacts
     from eval.generate import EvalSet, Generator, Row
@@ -87,22 +110,8 @@ def sampling_rows(runs_dir: Path, batch: int, n_batches: int, teacher_guidance: 
             out.append(measure(Row(run.name, "student", k, run=str(run)), pipe) | {"model": run.name})
         if overhead is None:  # our sample() against the bare pipeline call, same timesteps and seeds
             k = pipe.distill.default_steps
-            s = artifacts.configure(pipe, k)
-            ours, plain = [], []
-            ps, seeds = es.prompts[:batch], es.seeds[:batch]
-            res = pipe.unet.config.sample_size * pipe.vae_scale_factor
-            for i in range(6):
-                _, sec = artifacts.sample(pipe, ps, k, seeds, output_type="np")
-                gens = [torch.Generator("cpu").manual_seed(x) for x in seeds]
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    pipe(prompt=ps, timesteps=list(s.timesteps), guidance_scale=s.guidance_scale, generator=gens,
-                         height=res, width=res, output_type="np")
-                if i:  # the first pair is the warm-up
-                    ours.append(sec)
-                    plain.append(time.perf_counter() - t0)
-            overhead = {"run": run.name, "steps": k, "batch": batch, "ours_s": statistics.median(ours),
-                        "plain_s": statistics.median(plain)}
+            ours_s, plain_s = sampling_overhead(pipe, es.prompts[:batch], es.seeds[:batch], k, repeats=5)
+            overhead = {"run": run.name, "steps": k, "batch": batch, "ours_s": ours_s, "plain_s": plain_s}
     t25 = out[0]["latency_ms"]
     for r in out:
         if "latency_ms" in r:

@@ -216,8 +216,7 @@ def _sampling_overhead(out: Path, repeats: int) -> dict[str, Any]:
     """Our ``sample()`` against a plain pipeline call: DMD2's one-step student as exported untrained (the same UNet
     cost as a trained one), batch 16, same timesteps and seeds; median of 5 after a warm-up pair (BENCHMARKS.md's
     figure was measured the same way on runs/dmd2)."""
-    import torch
-
+    from benchmarks.__main__ import sampling_overhead
     from distill_diffusion import artifacts
     from distill_diffusion.config import parse_config
     from distill_diffusion.loop import train
@@ -228,24 +227,11 @@ def _sampling_overhead(out: Path, repeats: int) -> dict[str, Any]:
     train(cfg, METHODS["dmd2"])
     pipe = artifacts.load_student(out)
     k = pipe.distill.default_steps
-    s = artifacts.configure(pipe, k)
     batch = 16
-    ps, seeds = [PROMPTS[i % 4] for i in range(batch)], list(range(batch))
-    res = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    ours, plain = [], []
-    for i in range(max(6, repeats + 1)):
-        _, sec = artifacts.sample(pipe, ps, k, seeds, output_type="np")
-        gens = [torch.Generator("cpu").manual_seed(x) for x in seeds]
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            pipe(prompt=ps, timesteps=list(s.timesteps), guidance_scale=s.guidance_scale, generator=gens,
-                 height=res, width=res, output_type="np")
-        if i:
-            ours.append(sec)
-            plain.append(time.perf_counter() - t0)
+    ours, plain = sampling_overhead(pipe, [PROMPTS[i % 4] for i in range(batch)], list(range(batch)), k,
+                                    repeats=max(5, repeats))
     r = row("student sampling path vs a plain pipeline call", f"dmd2 1-step student, batch {batch}: plain "
-            "diffusers call (before) vs our sample() (after)", statistics.median(plain), statistics.median(ours),
-            status="already in")
+            "diffusers call (before) vs our sample() (after)", plain, ours, status="already in")
     return r
 
 
