@@ -145,6 +145,7 @@ class Models:
         self.targets = dict(targets or {})
         self.lora_config: dict[str, Any] = {}
         self._nets: dict[str, nn.Module] = {}  # full mode: role -> module
+        self.unet = unet
         if student == "lora":
             if unet_overrides:
                 pass  # LoRA students keep the teacher's architecture (LCM-LoRA has no guidance embedding)
@@ -183,7 +184,6 @@ class Models:
                     self._nets[name] = copy.deepcopy(self._nets[spec.source]).requires_grad_(False)
         else:
             raise UserError(f"student={student!r}: choose 'lora' or 'full'")
-        self.unet = unet
         self._prompt_cache: dict[str, tuple[Tensor, Tensor | None]] = {}
         self._uncond_cache: tuple[Tensor, Tensor | None] | None = None
         # Each adapter's LoRA tensors, listed once (the Parameter objects never change; loads copy into them).

@@ -13,7 +13,8 @@ the segment's lower edge, so S student evaluations sample an image. One update o
   student:  (x̂0, ε̂) = θ(x_{t_n}, t_n) (c_skip = 0, c_out = 1), jumped by DDIM to the edge:
             f_θ(x_{t_n}) = sqrt(ᾱ_e) x̂0 + sqrt(1 - ᾱ_e) ε̂,  e = edge_{j(n)}                     (PCM eq. 5)
   teacher:  one DDIM step t_n -> t_n - k with CFG in the papers' form x̂ = cond + ω (cond - uncond)
-  target:   f_θ⁻(x̂_{t_n - k}) jumped to the same edge, θ⁻ = EMA(θ) (full) or θ without gradient (LoRA);
+  target:   f_θ⁻(x̂_{t_n - k}) jumped to the same edge, θ⁻ = EMA(θ) (full; LoRA with lora_ema_target) or θ
+            without gradient (LoRA, as PCM's and diffusers' LCM-LoRA scripts);
             when t_n - k is the edge itself (n = s_j), the teacher's step is the target         (PCM's c_skip = 1)
   loss:     pseudo-Huber sqrt(d² + c²) - c, c = 0.001 (PCM), or MSE (Hyper-SD)
 Hyper-SD shrinks S over stages (8 -> 4 -> 2 -> 1), each stage continuing from the previous one; here the stages run
@@ -71,6 +72,7 @@ class TSCDConfig:
     loss_type: str = "huber"  # "huber" (pseudo-Huber, PCM) or "l2" (Hyper-SD's MSE)
     huber_c: float = 0.001  # c of the pseudo-Huber metric
     ema_decay: float = 0.95  # full students: target network EMA (LoRA students use their own weights, no gradient)
+    lora_ema_target: bool = False  # LoRA students: an EMA adapter (decay ema_decay) as target instead of their own
     adversarial: bool = False  # PCM's adversarial consistency term (adds a headless "critic" role)
     adv_weight: float = 0.1  # λ, weight of the generator's hinge term
     adv_lr: float = 1e-5  # discriminator heads' learning rate (Adam betas (0, 0.999))
@@ -310,7 +312,8 @@ class TSCD(Method):
 
     @classmethod
     def targets_for(cls, cfg: TSCDConfig, student: str) -> dict[str, TargetSpec]:
-        return {"target": TargetSpec("student", cfg.ema_decay if student == "full" else None)}
+        ema = student == "full" or cfg.lora_ema_target
+        return {"target": TargetSpec("student", cfg.ema_decay if ema else None)}
 
     def __init__(self, cfg: TSCDConfig, train_cfg: Any, models: Any) -> None:
         super().__init__(cfg, train_cfg, models)

@@ -106,6 +106,29 @@ def test_full_roles_and_ema_target(tiny_teachers):
         torch.testing.assert_close(p, 0.5 * p0 + 0.5 * s)
 
 
+def test_lora_ema_target(tiny_teachers):
+    """A LoRA target with a decay is an adapter of its own: starts as the student, follows it by EMA, and its
+    role computes with its own tensors (not the student's)."""
+    m = Models(tiny_teachers["sd"], "lora", roles=("student",), targets={"target": TargetSpec("student", 0.5)},
+               lora_rank=2, lora_alpha=2)
+    src, dst = m.parameters("student"), m.parameters("target")
+    assert len(src) == len(dst) > 0 and not {id(p) for p in src} & {id(p) for p in dst}
+    for s, d in zip(src, dst):
+        torch.testing.assert_close(s, d)
+    tgt0 = [p.clone() for p in dst]
+    with torch.no_grad():
+        for p in src:
+            p.add_(0.1)
+    m.update_target("target")
+    for p0, p, s in zip(tgt0, dst, src):
+        torch.testing.assert_close(p, 0.5 * p0 + 0.5 * s)
+    xt, t = torch.randn(1, *m.latent_shape), torch.tensor([500])
+    cond = m.encode_prompts(["a"])
+    with torch.no_grad():
+        out = {r: m.unet_out(r, xt, t, cond) for r in ("student", "target", "teacher")}
+    assert not torch.allclose(out["student"], out["target"]) and not torch.allclose(out["target"], out["teacher"])
+
+
 def test_prompt_cache_encodes_each_prompt_once(tiny_teachers, monkeypatch):
     m = Models(tiny_teachers["sd"], "lora", roles=("student",), lora_rank=2, lora_alpha=2)
     calls = []
