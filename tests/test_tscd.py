@@ -220,14 +220,22 @@ def test_config_errors():
     TSCDConfig().check()
 
 
-@pytest.mark.parametrize("student,teacher", [("lora", "sd"), ("full", "v")])
-def test_loss_falls_on_fixed_batch(student, teacher, tiny_teachers):
-    models, method, _ = build(TSCD, tiny_teachers[teacher], student, rank=4, alpha=8, w_min=2.0, w_max=3.0)
+@pytest.mark.parametrize("student,teacher,ema", [("lora", "sd", False), ("lora", "sd", True), ("full", "v", False)])
+def test_loss_falls_on_fixed_batch(student, teacher, ema, tiny_teachers):
+    models, method, _ = build(TSCD, tiny_teachers[teacher], student, rank=4, alpha=8, w_min=2.0, w_max=3.0,
+                              lora_ema_target=ema)
+    # LoRA targets: the student's own tensors, or (lora_ema_target) an EMA adapter of their own.
+    assert (models.targets["target"].decay is not None) == (ema or student == "full")
     opt = torch.optim.Adam(models.parameters("student"), lr=3e-3 if student == "lora" else 1e-3)
     batch = fixed_batch(models, b=4)
+    tgt0 = [p.clone() for p in models.parameters("target")] if ema else []
     losses = [update(models, method, "student", batch, opt, step=0) for _ in range(30)]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)
+    if ema:  # the EMA adapter moved from its start, but lags the student
+        tgt, src = models.parameters("target"), models.parameters("student")
+        assert not all(torch.equal(a, b) for a, b in zip(tgt0, tgt))
+        assert not all(torch.equal(a, b) for a, b in zip(tgt, src))
 
 
 def test_frozen_student_cannot_pass(tiny_teachers):
