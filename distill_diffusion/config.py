@@ -145,6 +145,8 @@ def parse_config(argv: list[str], registry: dict[str, type]) -> Any:
         raise UserError(_describe(e, name)) from None
     except ValueError as e:
         raise UserError(f"bad override: {_one_line(e)}") from None
+    if cfg.mixed_precision in ("False", "false"):  # YAML reads a bare `no` (accelerate's word) as false
+        cfg.mixed_precision = "no"
     validate(cfg)
     return cfg, args.print_config
 

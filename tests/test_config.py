@@ -68,3 +68,11 @@ def test_print_config():
     r = subprocess.run([sys.executable, "train.py", "--method", "lcm", "--print-config", "max_steps=5"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "max_steps: 5" in r.stdout and "w_max" in r.stdout
+
+
+def test_mixed_precision_no_is_not_false():
+    """`mixed_precision=no` (accelerate's spelling) on the command line or in YAML, which reads `no` as false."""
+    cfg, _ = parse_config(["--method", "lcm", "mixed_precision=no"], METHODS)
+    assert cfg.mixed_precision == "no"
+    cfg, _ = parse_config(["--method", "lcm", "mixed_precision=fp16"], METHODS)
+    assert cfg.mixed_precision == "fp16"

@@ -369,3 +369,25 @@ def test_train_py_run_exports_every_stage(tiny_teachers, image_folder, tmp_path)
     # Each stage's student is its own snapshot: the stages kept training after S8 was written.
     a, b = loras["sampling_student_S8.json"], loras["sampling.json"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("config,teacher", [("sd15_lora.yaml", "sd"), ("sdxl_lora.yaml", "sdxl")])
+def test_published_configs_run_on_tiny_teachers(config, teacher, tiny_teachers, image_folder, tmp_path):
+    """The SD1.5 / SDXL files (PCM's hyper-parameters; SDXL with the adversarial heads) run their staged schedule
+    on a tiny teacher of the same pipeline class and export every stage."""
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from methods import METHODS
+
+    cfg, _ = parse_config(["--method", "tscd", "--config", str(ROOT / "configs" / "tscd" / config),
+                           f"teacher={tiny_teachers[teacher]}", f"data.images={image_folder}", "resolution=16",
+                           "max_steps=8", "batch_size=1", "lora_rank=4", "mixed_precision=no",
+                           f"output_dir={tmp_path}", "report_to=none", "validation_seeds=1"], METHODS)
+    train(cfg, METHODS["tscd"])
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["student/segments"] for r in rows if "student/segments" in r][-1] == 1
+    for name in ("sampling_student_S8.json", "sampling_student_S4.json", "sampling_student_S2.json", "sampling.json"):
+        pipe = artifacts.load_student(tmp_path, sampling_file=name)
+        for k in pipe.distill.steps:
+            imgs, _ = artifacts.sample(pipe, ["a red square"], steps=k, seeds=[0], output_type="np")
+            assert imgs.shape == (1, 16, 16, 3) and np.isfinite(imgs).all()
