@@ -35,6 +35,7 @@ class LCMConfig:
     loss_type: str = "huber"  # "huber" (pseudo-Huber) or "l2"
     huber_c: float = 0.001  # c of the pseudo-Huber metric
     ema_decay: float = 0.95  # μ, target network EMA for full students (LoRA uses the online weights)
+    lora_ema_target: bool = False  # LoRA students: an EMA adapter (decay ema_decay) as target instead of their own
     timestep_scaling: float = 10.0  # boundary-condition scaling of t (diffusers' LCMScheduler)
     sigma_data: float = 0.5  # σ_data of the boundary conditions
     w_embedding_dim: int = 256  # full students: guidance embedding size (time_cond_proj_dim)
@@ -78,7 +79,8 @@ class LCM(Method):
 
     @classmethod
     def targets_for(cls, cfg: LCMConfig, student: str) -> dict[str, TargetSpec]:
-        return {"target": TargetSpec("student", cfg.ema_decay if student == "full" else None)}
+        ema = student == "full" or cfg.lora_ema_target
+        return {"target": TargetSpec("student", cfg.ema_decay if ema else None)}
 
     @classmethod
     def student_unet_overrides(cls, cfg: LCMConfig, student: str) -> dict[str, Any]:
