@@ -34,7 +34,7 @@ class LCMConfig:
     w_max: float = 16.0  # (the paper's ω_max = 15, plus 1)
     loss_type: str = "huber"  # "huber" (pseudo-Huber) or "l2"
     huber_c: float = 0.001  # c of the pseudo-Huber metric
-    ema_decay: float = 0.95  # μ, target network EMA for full students (LoRA uses the online weights)
+    ema_decay: float = 0.95  # μ, target network EMA: full students, and LoRA students with lora_ema_target
     lora_ema_target: bool = False  # LoRA students: an EMA adapter (decay ema_decay) as target instead of their own
     timestep_scaling: float = 10.0  # boundary-condition scaling of t (diffusers' LCMScheduler)
     sigma_data: float = 0.5  # σ_data of the boundary conditions

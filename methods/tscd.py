@@ -71,7 +71,7 @@ class TSCDConfig:
     w_max: float = 6.0  # w_min = w_max = 1 runs the teacher without CFG (one forward instead of two)
     loss_type: str = "huber"  # "huber" (pseudo-Huber, PCM) or "l2" (Hyper-SD's MSE)
     huber_c: float = 0.001  # c of the pseudo-Huber metric
-    ema_decay: float = 0.95  # full students: target network EMA (LoRA students use their own weights, no gradient)
+    ema_decay: float = 0.95  # target network EMA: full students, and LoRA students with lora_ema_target
     lora_ema_target: bool = False  # LoRA students: an EMA adapter (decay ema_decay) as target instead of their own
     adversarial: bool = False  # PCM's adversarial consistency term (adds a headless "critic" role)
     adv_weight: float = 0.1  # λ, weight of the generator's hinge term
