@@ -131,3 +131,20 @@ def test_full_student_exports_a_pipeline(tiny_teachers, image_folder, tmp_path):
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     out = pipe("a red square", num_inference_steps=2, guidance_scale=8.0, height=16, width=16, output_type="np")
     assert out.images.shape == (1, 16, 16, 3)
+
+
+def test_lora_ema_target_is_an_adapter_that_follows(tiny_teachers):
+    """method.lora_ema_target: the LoRA student's target is an EMA adapter (decay ema_decay), moved by each update
+    towards the student but not onto it; without it, the target is the student's own tensors."""
+    models, _, _ = build(LCM, tiny_teachers["sd"], "lora", w_min=2.0, w_max=3.0)
+    assert models.targets["target"].decay is None and models.parameters("target") == []
+    models, method, _ = build(LCM, tiny_teachers["sd"], "lora", w_min=2.0, w_max=3.0, lora_ema_target=True,
+                              ema_decay=0.9)
+    assert models.targets["target"].decay == 0.9
+    tgt0 = [p.clone() for p in models.parameters("target")]
+    opt = torch.optim.Adam(models.parameters("student"), lr=1e-2)
+    update(models, method, "student", fixed_batch(models), opt, step=0)
+    tgt, src = models.parameters("target"), models.parameters("student")
+    for p0, p, s in zip(tgt0, tgt, src):
+        torch.testing.assert_close(p, 0.9 * p0 + 0.1 * s)
+    assert not all(torch.equal(a, b) for a, b in zip(tgt, src))
