@@ -48,7 +48,7 @@ class TrainConfig:
     adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    output_dir: str = "runs/run"
+    output_dir: str | None = None  # None: runs/<method>, e.g. runs/lcm
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
@@ -60,7 +60,11 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 2
     resume: str | None = None  # "latest" or a checkpoint folder
     validation_steps: int = 0  # 0: only at the end
-    validation_prompts: list[str] | None = None
+    # Validation grid: prompts, and the guidance of its teacher row (25 DDIM steps). configs/teachers/<name>.yaml
+    # sets them for a named teacher (the embedded one).
+    validation_prompts: list[str] = field(default_factory=lambda: [
+        "a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain landscape"])
+    validation_guidance: float = 7.5
     validation_seeds: int = 4  # images per prompt in the validation grid
     logging_steps: int = 10
     report_to: str = "tensorboard"  # tensorboard | none
@@ -85,9 +89,19 @@ def parse_config(argv: list[str], registry: dict[str, type]) -> Any:
     argv: ``[--method NAME] [--config FILE] [--print-config] [key=value ...]``.
     Returns ``(cfg, print_only)``.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    args = _arguments(argv, registry)
+    file_values = _read_file(args.config)
+    name = _method_name(args, file_values, registry)
+    cfg = _merge(args, file_values, name, registry[name].Config())
+    if not cfg.output_dir:
+        cfg.output_dir = f"runs/{name}"
+    if cfg.mixed_precision in ("False", "false"):  # YAML reads a bare `no` (accelerate's word) as false
+        cfg.mixed_precision = "no"
+    validate(cfg)
+    return cfg, args.print_config
 
+
+def _arguments(argv: list[str], registry: dict[str, type]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="train.py", add_help=True,
                                  description="Distill a diffusers teacher into a few-step student.")
     ap.add_argument("--method", help=f"one of: {', '.join(registry)}")
@@ -97,20 +111,30 @@ def parse_config(argv: list[str], registry: dict[str, type]) -> Any:
     args, unknown = ap.parse_known_args(argv)
     if unknown:
         raise UserError(f"unknown option {unknown[0]!r}; overrides are key=value without dashes (see --help)")
+    for ov in args.overrides:
+        if "=" not in ov:
+            raise UserError(f"override {ov!r} is not key=value (e.g. max_steps=100)")
+    return args
 
-    file_values: dict[str, Any] = {}
-    if args.config:
-        p = Path(args.config)
-        if not p.is_file():
-            raise UserError(f"--config {args.config}: no such file")
-        try:
-            loaded = OmegaConf.load(p)
-        except Exception as e:
-            raise UserError(f"--config {args.config}: not valid YAML ({_one_line(e)})") from None
-        if not isinstance(OmegaConf.to_container(loaded), dict):
-            raise UserError(f"--config {args.config}: expected a mapping of keys to values")
-        file_values = OmegaConf.to_container(loaded)  # type: ignore[assignment]
 
+def _read_file(path: str | None) -> dict[str, Any]:
+    """The values of ``--config`` (empty without one)."""
+    from omegaconf import OmegaConf
+
+    if not path:
+        return {}
+    if not Path(path).is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:
+        raise UserError(f"--config {path}: not valid YAML ({_one_line(e)})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"--config {path}: expected a mapping of keys to values")
+    return loaded  # type: ignore[return-value]
+
+
+def _method_name(args: argparse.Namespace, file_values: dict[str, Any], registry: dict[str, type]) -> str:
     file_method = file_values.get("method_name")
     name = args.method or file_method or "lcm"
     if name not in registry:
@@ -118,37 +142,45 @@ def parse_config(argv: list[str], registry: dict[str, type]) -> Any:
     if file_method and file_method != name:
         raise UserError(f"--config {args.config} is written for method {file_method!r}, not {name!r}; "
                         f"use --method {file_method} or a file under configs/{name}/")
-
     for ov in args.overrides:
-        if "=" not in ov:
-            raise UserError(f"override {ov!r} is not key=value (e.g. max_steps=100)")
-        key = ov.split("=", 1)[0]
-        if key == "method_name" and ov.split("=", 1)[1] != name:
+        if ov.split("=", 1)[0] == "method_name" and ov.split("=", 1)[1] != name:
             raise UserError("choose the method with --method, not method_name=")
+    return name
 
-    method_cfg = registry[name].Config()
-    schema = OmegaConf.structured(TrainConfig(method_name=name, method=method_cfg))
-    # With no --config, the embedded teacher gets the values tuned for it (configs/<method>/default.yaml); the
-    # dataclass defaults stay the paper's.
-    teacher = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("teacher=")), "embedded")
-    default_file = CONFIG_DIR / name / "default.yaml"
-    if not args.config and teacher == "embedded" and default_file.is_file():
-        schema = OmegaConf.merge(schema, {k: v for k, v in OmegaConf.to_container(OmegaConf.load(default_file)).items()
-                                          if k != "method_name"})
+
+def _default_files(args: argparse.Namespace, file_values: dict[str, Any], name: str) -> list[Path]:
+    """The teacher's own values (configs/teachers/<name>.yaml: validation prompts and guidance), then, with no
+    --config, the method's values tuned for the embedded teacher (configs/<method>/default.yaml). The dataclass
+    defaults stay the paper's."""
+    teacher = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("teacher=")), None)
+    teacher = teacher or file_values.get("teacher") or "embedded"
+    files = []
+    if teacher.replace("-", "_").isidentifier():  # a name such as "embedded", never a path or hub id
+        files.append(CONFIG_DIR / "teachers" / f"{teacher}.yaml")
+    if not args.config and teacher == "embedded":
+        files.append(CONFIG_DIR / name / "default.yaml")
+    return [f for f in files if f.is_file()]
+
+
+def _merge(args: argparse.Namespace, file_values: dict[str, Any], name: str, method_cfg: Any) -> Any:
+    """dataclass defaults < default files < --config < key=value overrides, each error one line."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = OmegaConf.structured(TrainConfig(method_name=name, method=method_cfg))
+    for f in _default_files(args, file_values, name):
+        values = OmegaConf.to_container(OmegaConf.load(f))
+        cfg = OmegaConf.merge(cfg, {k: v for k, v in values.items() if k != "method_name"})
     try:
-        cfg = OmegaConf.merge(schema, file_values)
+        cfg = OmegaConf.merge(cfg, file_values)
     except OmegaConfBaseException as e:
         raise UserError(f"--config {args.config}: {_describe(e, name)}") from None
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
     except OmegaConfBaseException as e:
         raise UserError(_describe(e, name)) from None
     except ValueError as e:
         raise UserError(f"bad override: {_one_line(e)}") from None
-    if cfg.mixed_precision in ("False", "false"):  # YAML reads a bare `no` (accelerate's word) as false
-        cfg.mixed_precision = "no"
-    validate(cfg)
-    return cfg, args.print_config
 
 
 def _describe(e: Exception, method: str) -> str:

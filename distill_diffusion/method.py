@@ -154,42 +154,58 @@ class OptimizerSettings:
     max_grad_value: float | None = None  # element-wise gradient clip (SiD's clip_grad_value_)
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method declares before any network loads; :func:`distill_diffusion.models.build_models` and the loop
+    read it, the method never wires anything itself.
+
+    roles: trainable roles in update order. headless: roles among them that own no network (no LoRA adapter, no
+    copy): their trainable tensors are the method's :meth:`Method.extra_modules` (TSCD's heads on teacher
+    features). targets: target networks by name. needs_images: False for data-free methods (prompts suffice).
+    checkpointing_safe: True when no gradient flows through another role's (checkpointed) forward.
+    student_overrides: network config changes for a full student (LCM's guidance embedding). init_roles: the roles
+    ``init_from`` starts from the earlier run (the student from its export, any other from its last checkpoint).
+    """
+
+    roles: tuple[str, ...] = ("student",)
+    headless: tuple[str, ...] = ()
+    targets: dict[str, TargetSpec] = field(default_factory=dict)
+    needs_images: bool = True
+    checkpointing_safe: bool = True
+    student_overrides: dict[str, Any] = field(default_factory=dict)
+    init_roles: tuple[str, ...] = ("student",)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The few facts of the run a method may read (never the loop's config itself)."""
+
+    max_steps: int = 1000
+    mixed_precision: str = "no"
+
+
 class Method:
     """One distillation algorithm. Owns the maths; never calls backward, step or the accelerator.
 
-    Subclasses set ``Config`` (a dataclass of the paper's defaults) and implement :meth:`loss` and
-    :meth:`sampling`. Inherit only from this class; never from a concrete method.
+    Subclasses set ``Config`` (a dataclass of the paper's defaults), declare themselves in :meth:`spec` and
+    implement :meth:`loss` and :meth:`sampling`; :meth:`updates`, :meth:`optimizer_settings`,
+    :meth:`extra_modules` and :meth:`exports` are optional. Inherit only from this class; never from a concrete
+    method.
     """
 
     Config: ClassVar[type]
-    needs_images: ClassVar[bool] = True  # False for data-free methods (SiD): prompts alone suffice
-    # True when no gradient ever flows through a forward of another role (gradient checkpointing is then safe)
-    checkpointing_safe: ClassVar[bool] = True
 
-    def __init__(self, cfg: Any, train_cfg: Any, models: Models) -> None:
-        self.cfg, self.train_cfg, self.models = cfg, train_cfg, models
-
-    # ---- declarations, read by the loop before training --------------------------------------------------------
-    @classmethod
-    def roles_for(cls, cfg: Any) -> tuple[str, ...]:
-        """Trainable roles in update order; may depend on the method's config."""
-        return ("student",)
+    def __init__(self, cfg: Any, run: RunContext, models: Models) -> None:
+        self.cfg, self.run, self.models = cfg, run, models
 
     @classmethod
-    def headless_roles_for(cls, cfg: Any) -> tuple[str, ...]:
-        """Roles of :meth:`roles_for` that own no network (no LoRA adapter, no UNet copy): their only trainable
-        tensors are their :meth:`extra_modules` (TSCD's discriminator heads on frozen teacher features)."""
-        return ()
+    def spec(cls, cfg: Any, student: str) -> MethodSpec:
+        """The declaration for this config and student kind ("lora" or "full")."""
+        return MethodSpec()
 
-    @classmethod
-    def targets_for(cls, cfg: Any, student: str) -> dict[str, TargetSpec]:
-        """Target networks by name (``student`` is "lora" or "full")."""
-        return {}
-
-    @classmethod
-    def student_unet_overrides(cls, cfg: Any, student: str) -> dict[str, Any]:
-        """UNet config changes for a full student (LCM's guidance embedding: {"time_cond_proj_dim": 256})."""
-        return {}
+    def updates(self, step: int) -> tuple[str, ...]:
+        """Which roles update at this step (two time-scale rules live here)."""
+        return self.models.roles
 
     def optimizer_settings(self, role: str) -> OptimizerSettings:
         return OptimizerSettings()
@@ -198,11 +214,6 @@ class Method:
         """Extra trainable modules per role (a GAN head belongs to the critic). Built in __init__."""
         return {}
 
-    def updates(self, step: int) -> tuple[str, ...]:
-        """Which roles update at this step (two time-scale rules live here)."""
-        return self.roles_for(self.cfg)
-
-    # ---- the maths -----------------------------------------------------------------------------------------------
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """Scalar loss for ``role`` at ``step`` and floats to log."""
         raise NotImplementedError
@@ -210,16 +221,9 @@ class Method:
     def sampling(self) -> SamplingSpec:
         raise NotImplementedError
 
-    # ---- optional hooks ------------------------------------------------------------------------------------------
     def exports(self, step: int) -> dict[str, SamplingSpec]:
         """Extra students to export at ``step`` (after its updates), by folder name (TSCD's per-stage students)."""
         return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def masked_mean(per_sample: Tensor) -> tuple[Tensor, int]:

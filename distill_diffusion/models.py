@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import schedule
 from .errors import UserError
-from .method import Cond, TargetSpec
+from .method import Cond, MethodSpec, TargetSpec
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 # LoRA targets of diffusers' LCM-LoRA reference (attention, feed-forward, resnets, resamplers, time projections).
@@ -78,6 +78,36 @@ def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32) -> Any:
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     return pipe
+
+
+def tied_plain_unet(wrapped: nn.Module) -> nn.Module:
+    """A plain copy of a LoRA-wrapped UNet's architecture whose parameters and buffers ARE the wrapped model's base
+    tensors (the same objects: no extra memory, and an in-place change of one is a change of the other).
+
+    The teacher's forwards of a LoRA run go through it instead of peft's wrappers with adapters disabled: the same
+    operations on the same tensors (bit-identical outputs, ``tests/test_models.py``), without a Python detour per
+    wrapped layer. Built on the meta device, so the architecture costs no weight memory even for SDXL.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        plain = type(wrapped).from_config(wrapped.config)
+    base = {n.replace(".base_layer", ""): t for n, t in wrapped.named_parameters() if "lora_" not in n}
+    buffers = {n.replace(".base_layer", ""): t for n, t in wrapped.named_buffers() if "lora_" not in n}
+    for mod_name, module in plain.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for key in list(module._parameters):
+            if module._parameters[key] is not None:
+                module._parameters[key] = base[prefix + key]
+        for key in list(module._buffers):
+            if module._buffers[key] is not None:
+                module._buffers[key] = buffers[prefix + key]
+    if hasattr(wrapped, "attn_processors"):  # the teacher's own attention kernels, not the class defaults
+        plain.set_attn_processor(dict(wrapped.attn_processors))
+    left = [n for n, t in list(plain.named_parameters()) + list(plain.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"tied_plain_unet: no base tensor for {left[:3]}")
+    return plain.eval()
 
 
 def _tuner_layers(module: nn.Module) -> list[nn.Module]:
@@ -146,6 +176,7 @@ class Models:
         self.lora_config: dict[str, Any] = {}
         self._nets: dict[str, nn.Module] = {}  # full mode: role -> module
         self.unet = unet
+        self._teacher_net: nn.Module | None = None  # LoRA students: the base's weights without the LoRA wrappers
         if student == "lora":
             if unet_overrides:
                 pass  # LoRA students keep the teacher's architecture (LCM-LoRA has no guidance embedding)
@@ -176,6 +207,7 @@ class Models:
             for name, spec in self.targets.items():
                 if spec.decay is not None:
                     self._copy_adapter(spec.source, name)
+            self._teacher_net = tied_plain_unet(unet)
         elif student == "full":
             for role in networked:
                 self._nets[role] = self._full_copy(unet, unet_overrides if role == "student" else None)
@@ -233,8 +265,19 @@ class Models:
         return list(self._lora_lists.get(adapter, ()))
 
     def unets(self) -> list[nn.Module]:
-        """Every UNet a training step can run: the shared base (teacher, LoRA roles) and full copies."""
-        return [self.unet] + [n for n in self._nets.values() if n is not self.unet]
+        """Every UNet a training step can run: the shared base (LoRA roles), the teacher's plain view of it (LoRA
+        students) and full copies."""
+        tied = [self._teacher_net] if self._teacher_net is not None else []
+        return [self.unet] + tied + [n for n in self._nets.values() if n is not self.unet]
+
+    def named_parameters(self, role: str) -> list[tuple[str, nn.Parameter]]:
+        """:meth:`parameters` with their names in the network (a LoRA tensor's name includes its adapter)."""
+        if role in self.headless:
+            return []
+        if self.student_kind == "lora":
+            mine = {id(p) for p in self._lora_params(role)}
+            return [(n, p) for n, p in self.unet.named_parameters() if id(p) in mine]
+        return list(self._nets[role].named_parameters())
 
     def parameters(self, role: str) -> list[nn.Parameter]:
         """The trainable tensors of a role (LoRA tensors, or all of a full copy; none for a headless role)."""
@@ -246,7 +289,9 @@ class Models:
 
     def net(self, role: str) -> nn.Module:
         """The module that computes ``role``; with LoRA always the shared base (use inside :meth:`role`)."""
-        if self.student_kind == "lora" or role == "teacher":
+        if role == "teacher":
+            return self._teacher_net if self._teacher_net is not None else self.unet
+        if self.student_kind == "lora":
             return self.unet
         if role in self._nets:
             return self._nets[role]
@@ -269,14 +314,14 @@ class Models:
         if name in self.headless:
             yield self.unet
             return
-        if self.student_kind != "lora":
+        if self.student_kind != "lora" or name == "teacher":
             yield self.net(name)
             return
         prev = (self._base_active, self._base_disabled)
         adapter = name
         if name in self.targets and self.targets[name].decay is None:
             adapter = self.targets[name].source
-        want = (prev[0], True) if name == "teacher" else (adapter, False)
+        want = (adapter, False)
         if want != prev:
             self._activate(*want)
         try:
@@ -477,6 +522,19 @@ class Models:
 
     def latent_posterior_shape(self) -> tuple[int, int, int]:
         return self.latent_shape
+
+
+def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu") -> Models:
+    """The teacher and the roles ``spec`` declares, wired from a training config (TrainConfig fields): the one
+    place the loop, the tests and the benchmarks build :class:`Models`."""
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    return Models(
+        cfg.teacher, student=cfg.student, roles=spec.roles, targets=spec.targets, lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha, lora_targets=list(cfg.lora_targets) if cfg.lora_targets else None,
+        unet_overrides=dict(spec.student_overrides) if cfg.student == "full" else None,
+        resolution=cfg.resolution, device=device, weight_dtype=dtype, headless_roles=spec.headless,
+        channels_last=cfg.channels_last, compile_unets=cfg.compile,
+    )
 
 
 @contextlib.contextmanager

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +38,17 @@ from torch import Tensor, nn
 
 from distill_diffusion import schedule
 from distill_diffusion.errors import UserError
-from distill_diffusion.method import Batch, Cond, Method, OptimizerSettings, SamplingSpec, StepSampling, masked_mean
+from distill_diffusion.method import (
+    Batch,
+    Cond,
+    Method,
+    MethodSpec,
+    OptimizerSettings,
+    RunContext,
+    SamplingSpec,
+    StepSampling,
+    masked_mean,
+)
 from distill_diffusion.models import frozen, no_checkpointing
 
 
@@ -227,19 +236,17 @@ class GANHead(nn.Module):
 
 class DMD2(Method):
     Config = DMD2Config
-    # gan=false does not read images either, but the class declares its data needs statically: DMD2 always asks for
-    # an image dataset (its captions are the prompts).
-    needs_images = True
-    # No gradient flows through another role's checkpointed forward: the one place it would (the generator's GAN
-    # term through the critic) runs with checkpointing switched off (no_checkpointing).
-    checkpointing_safe = True
 
     @classmethod
-    def roles_for(cls, cfg: DMD2Config) -> tuple[str, ...]:
-        return ("student", "critic")  # the generator first, then the critic, as the reference's train_one_step
+    def spec(cls, cfg: DMD2Config, student: str) -> MethodSpec:
+        # The generator first, then the critic, as the reference's train_one_step. Images are always asked for
+        # (gan=false reads only their captions). Checkpointing is safe: the one gradient through another role's
+        # forward (the generator's GAN term through the critic) runs with checkpointing off (no_checkpointing).
+        init = ("student", "critic") if cfg.init_critic else ("student",)
+        return MethodSpec(roles=("student", "critic"), init_roles=init)
 
-    def __init__(self, cfg: DMD2Config, train_cfg: Any, models: Any) -> None:
-        super().__init__(cfg, train_cfg, models)
+    def __init__(self, cfg: DMD2Config, run: RunContext, models: Any) -> None:
+        super().__init__(cfg, run, models)
         T = models.num_train_timesteps
         self.timesteps = [int(t) for t in cfg.conditioning_timesteps]
         if max(self.timesteps) >= T:
@@ -251,8 +258,6 @@ class DMD2(Method):
             unet = models.unet
             c, s = bottleneck_shape(unet, models.latent_shape[1])
             self.head = GANHead(c, s, unet.config.norm_num_groups or 32).to(models.device)
-        if cfg.init_critic:
-            self._load_critic(getattr(train_cfg, "init_from", None))
 
     # ---- declarations --------------------------------------------------------------------------------------------
     def optimizer_settings(self, role: str) -> OptimizerSettings:
@@ -384,29 +389,3 @@ class DMD2(Method):
                          init_noise_scale=float(initial_latent(torch.ones(()), self.timesteps[0],
                                                                self.models.alphas_cumprod, self.cfg.scaled_init_noise)))
         return SamplingSpec(steps={n: s}, default_steps=n)
-
-    # ---- the second stage: the critic from an earlier run ----------------------------------------------------------
-    def _load_critic(self, run: str | None) -> None:
-        """Copy the critic's tensors (and the GAN head's, when present) from ``run``'s last checkpoint."""
-        from safetensors.torch import load_file
-
-        if not run:
-            raise UserError("method.init_critic=true needs init_from=<an earlier dmd2 run folder>")
-        ckdir = Path(run) / "checkpoints"
-        cks = sorted((p for p in ckdir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()
-                      and (p / "trainable.safetensors").is_file()), key=lambda p: int(p.name.split("-", 1)[1]))
-        if not cks:
-            raise UserError(f"method.init_critic=true: {ckdir} holds no checkpoint with the critic")
-        state = load_file(str(cks[-1] / "trainable.safetensors"))
-        params = self.models.parameters("critic")
-        keys = [f"critic/{i}" for i in range(len(params))]
-        if any(k not in state or state[k].shape != p.shape for k, p in zip(keys, params)) or f"critic/{len(params)}" \
-                in state:
-            raise UserError(f"method.init_critic=true: {cks[-1]} has a different critic (student kind or LoRA "
-                            "rank/targets differ); use the earlier run's settings")
-        with torch.no_grad():
-            for k, p in zip(keys, params):
-                p.copy_(state[k])
-            head_state = {k.removeprefix("extra/critic/"): v for k, v in state.items() if k.startswith("extra/critic/")}
-            if self.head is not None and head_state:
-                self.head.load_state_dict(head_state)

@@ -24,7 +24,16 @@ from torch import Tensor
 
 from distill_diffusion import schedule
 from distill_diffusion.errors import UserError
-from distill_diffusion.method import Batch, Method, SamplingSpec, StepSampling, TargetSpec, masked_mean
+from distill_diffusion.method import (
+    Batch,
+    Method,
+    MethodSpec,
+    RunContext,
+    SamplingSpec,
+    StepSampling,
+    TargetSpec,
+    masked_mean,
+)
 
 
 @dataclass
@@ -78,16 +87,15 @@ class LCM(Method):
     Config = LCMConfig
 
     @classmethod
-    def targets_for(cls, cfg: LCMConfig, student: str) -> dict[str, TargetSpec]:
+    def spec(cls, cfg: LCMConfig, student: str) -> MethodSpec:
         ema = student == "full" or cfg.lora_ema_target
-        return {"target": TargetSpec("student", cfg.ema_decay if ema else None)}
+        # A full student gets the guidance embedding (LCM's w-conditioning); LCM-LoRA keeps the teacher's network.
+        overrides = {"time_cond_proj_dim": cfg.w_embedding_dim} if student == "full" else {}
+        return MethodSpec(targets={"target": TargetSpec("student", cfg.ema_decay if ema else None)},
+                          student_overrides=overrides)
 
-    @classmethod
-    def student_unet_overrides(cls, cfg: LCMConfig, student: str) -> dict[str, Any]:
-        return {"time_cond_proj_dim": cfg.w_embedding_dim} if student == "full" else {}
-
-    def __init__(self, cfg: LCMConfig, train_cfg: Any, models: Any) -> None:
-        super().__init__(cfg, train_cfg, models)
+    def __init__(self, cfg: LCMConfig, run: RunContext, models: Any) -> None:
+        super().__init__(cfg, run, models)
         T = models.num_train_timesteps
         self.k = T // cfg.num_ddim_timesteps
         self.solver_t = schedule.solver_timesteps(T, cfg.num_ddim_timesteps).to(models.device)

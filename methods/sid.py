@@ -47,7 +47,9 @@ from distill_diffusion.method import (
     Batch,
     Cond,
     Method,
+    MethodSpec,
     OptimizerSettings,
+    RunContext,
     SamplingSpec,
     StepSampling,
     masked_mean,
@@ -184,15 +186,15 @@ def mix_cond(keep: Tensor, cond: Cond, uncond: Cond) -> Cond:
 
 class SiD(Method):
     Config = SiDConfig
-    needs_images = False  # data-free: prompts alone
-    checkpointing_safe = False  # the student's gradient passes through the teacher's and the critic's forwards
 
     @classmethod
-    def roles_for(cls, cfg: SiDConfig) -> tuple[str, ...]:
-        return ("student", "critic")
+    def spec(cls, cfg: SiDConfig, student: str) -> MethodSpec:
+        # Data-free (prompts alone); the student's gradient passes through the teacher's and the critic's forwards,
+        # so gradient checkpointing is not safe.
+        return MethodSpec(roles=("student", "critic"), needs_images=False, checkpointing_safe=False)
 
-    def __init__(self, cfg: SiDConfig, train_cfg: Any, models: Any) -> None:
-        super().__init__(cfg, train_cfg, models)
+    def __init__(self, cfg: SiDConfig, run: RunContext, models: Any) -> None:
+        super().__init__(cfg, run, models)
         self.gen_t = cfg.generation_timesteps()
         self.kappa1, self.kappa2, self.kappa4 = cfg.guidance_scales()
         # The critic learns the empty prompt too whenever it is evaluated with guidance (reference: κ1 or κ2 != 1);
@@ -205,7 +207,7 @@ class SiD(Method):
 
     def optimizer_settings(self, role: str) -> OptimizerSettings:
         # Adam β = (0, 0.999); ε 1e-8, or 1e-6 under fp16 (SiD-LSG sid_train.py).
-        fp16 = getattr(self.train_cfg, "mixed_precision", "no") == "fp16"
+        fp16 = self.run.mixed_precision == "fp16"
         return OptimizerSettings(betas=(0.0, 0.999), eps=1e-6 if fp16 else None,
                                  max_grad_value=self.cfg.max_grad_value)
 

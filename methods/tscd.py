@@ -53,7 +53,9 @@ from distill_diffusion.method import (
     Batch,
     Cond,
     Method,
+    MethodSpec,
     OptimizerSettings,
+    RunContext,
     SamplingSpec,
     StepSampling,
     TargetSpec,
@@ -303,26 +305,21 @@ class TSCD(Method):
     Config = TSCDConfig
 
     @classmethod
-    def roles_for(cls, cfg: TSCDConfig) -> tuple[str, ...]:
-        return ("student", "critic") if cfg.adversarial else ("student",)
-
-    @classmethod
-    def headless_roles_for(cls, cfg: TSCDConfig) -> tuple[str, ...]:
-        return ("critic",) if cfg.adversarial else ()  # the critic is only the heads; features are the teacher's
-
-    @classmethod
-    def targets_for(cls, cfg: TSCDConfig, student: str) -> dict[str, TargetSpec]:
+    def spec(cls, cfg: TSCDConfig, student: str) -> MethodSpec:
         ema = student == "full" or cfg.lora_ema_target
-        return {"target": TargetSpec("student", cfg.ema_decay if ema else None)}
+        # The adversarial critic is only the heads: its features are the frozen teacher's (a headless role).
+        return MethodSpec(roles=("student", "critic") if cfg.adversarial else ("student",),
+                          headless=("critic",) if cfg.adversarial else (),
+                          targets={"target": TargetSpec("student", cfg.ema_decay if ema else None)})
 
-    def __init__(self, cfg: TSCDConfig, train_cfg: Any, models: Any) -> None:
-        super().__init__(cfg, train_cfg, models)
+    def __init__(self, cfg: TSCDConfig, run: RunContext, models: Any) -> None:
+        super().__init__(cfg, run, models)
         T, N = models.num_train_timesteps, cfg.num_ddim_timesteps
         if T % N:
             raise UserError(f"method.num_ddim_timesteps={N} must divide the teacher's {T} training timesteps")
         self.k = T // N
         self.solver_t = schedule.solver_timesteps(T, N).to(models.device)
-        max_steps = int(train_cfg.max_steps)
+        max_steps = int(run.max_steps)
         self.ends = stage_ends(list(cfg.stage_fractions), max_steps)
         starts = [0] + self.ends[:-1]
         if any(e <= s for s, e in zip(starts, self.ends)):

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from distill_diffusion.config import TrainConfig
 from distill_diffusion.method import Batch, StepRNG
-from distill_diffusion.models import Models
+from distill_diffusion.models import Models, build_models
 
 
 def build(method_cls: type, teacher: str, student: str = "lora", rank: int = 4, alpha: float = 8, **method_kw: Any):
@@ -17,9 +17,7 @@ def build(method_cls: type, teacher: str, student: str = "lora", rank: int = 4, 
     mcfg = method_cls.Config(**method_kw)
     tcfg = OmegaConf.structured(TrainConfig(teacher=teacher, student=student, lora_rank=rank, lora_alpha=alpha,
                                             method=mcfg))
-    models = Models(teacher, student=student, roles=method_cls.roles_for(mcfg),
-                    targets=method_cls.targets_for(mcfg, student), lora_rank=rank, lora_alpha=alpha,
-                    unet_overrides=method_cls.student_unet_overrides(mcfg, student) if student == "full" else None)
+    models = build_models(tcfg, method_cls.spec(mcfg, student))
     return models, method_cls(mcfg, tcfg, models), tcfg
 
 

@@ -6,14 +6,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from distill_diffusion import artifacts
-from distill_diffusion.config import TrainConfig
+from distill_diffusion.config import method_object, parse_config
 from distill_diffusion.errors import UserError
+from methods import METHODS
 from methods.dmd2 import (
     DMD2,
     DMD2Config,
@@ -357,21 +358,26 @@ def test_train_py_run_and_second_stage(tiny_teachers, image_folder, tmp_path):
     imgs, _ = artifacts.sample(pipe, ["a red square"], seeds=[0], output_type="np")
     assert imgs.shape == (1, 16, 16, 3)
 
-    # second stage: init_from + init_critic (built in-process to compare tensors)
+    # second stage: init_from + init_critic (the loop's set-up, in-process to compare tensors)
     from safetensors.torch import load_file
 
-    mcfg = DMD2Config(conditioning_timesteps=FOUR, init_critic=True)
-    tcfg = OmegaConf.structured(TrainConfig(teacher=tiny_teachers["sd"], lora_rank=4, lora_alpha=4,
-                                            init_from=str(first), method=mcfg))
-    models, _, _ = build(DMD2, tiny_teachers["sd"], "lora", rank=4, alpha=4, gan=False)
-    method = DMD2(mcfg, tcfg, models)
+    from distill_diffusion.loop import build_trainer, check_start
+
+    args = ["--method", "dmd2", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}", "lora_rank=4",
+            "lora_alpha=4", f"init_from={first}", "method.init_critic=true",
+            "method.conditioning_timesteps=[999,749,499,249]", f"output_dir={tmp_path / 'second'}"]
+    cfg, _ = parse_config(args, METHODS)
+    spec = DMD2.spec(method_object(cfg), "lora")
+    assert spec.init_roles == ("student", "critic")
+    tr = build_trainer(cfg, spec, DMD2, SimpleNamespace(device=torch.device("cpu")))
     saved = load_file(str(first / "checkpoints" / "checkpoint-4" / "trainable.safetensors"))
-    for i, p in enumerate(models.parameters("critic")):
-        assert torch.equal(p.detach(), saved[f"critic/{i}"])
-    for k, v in method.head.state_dict().items():
+    for n, p in tr.models.named_parameters("critic"):
+        assert torch.equal(p.detach(), saved[f"critic/{n}"])
+    for k, v in tr.extras["critic"].state_dict().items():
         assert torch.equal(v, saved[f"extra/critic/{k}"])
-    with pytest.raises(UserError):
-        DMD2(DMD2Config(init_critic=True), OmegaConf.structured(TrainConfig(method=mcfg)), models)
+    cfg_no_run, _ = parse_config(args[:5] + ["method.init_critic=true"], METHODS)
+    with pytest.raises(UserError, match="init_from"):
+        check_start(cfg_no_run, DMD2.spec(method_object(cfg_no_run), "lora"), tmp_path / "third")
 
 
 @pytest.mark.parametrize("teacher", ["v", "sdxl"])

@@ -14,7 +14,7 @@ from tests.helpers import build, fixed_batch, optimizers, snapshot, update
 def test_roles_move_only_their_tensors(name, student, tiny_teachers):
     models, method, _ = build(METHODS[name], tiny_teachers["sd"], student)
     opts = optimizers(models, method)
-    batch = fixed_batch(models, with_latents=METHODS[name].needs_images)
+    batch = fixed_batch(models, with_latents=METHODS[name].spec(method.cfg, student).needs_images)
     base = snapshot(models.unet, lora=False)
     for step in range(2):
         for role in method.updates(step):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill_diffusion.method import TargetSpec
-from distill_diffusion.models import Models
+from distill_diffusion.models import Models, _tuner_layers
 
 
 def lora_params(m: Models, adapter: str) -> list[torch.nn.Parameter]:
@@ -20,12 +20,14 @@ def test_role_context_restores_adapter_and_never_touches_requires_grad(tiny_teac
     before = {n: p.requires_grad for n, p in m.unet.named_parameters()}
     with m.trainable("student"):
         inside = {n: p.requires_grad for n, p in m.unet.named_parameters()}
-        with m.role("teacher"):
-            assert all(t.disable_adapters for t in m._tuners)
+        with m.role("teacher") as teacher_net:
+            # The teacher is the base's own tensors without LoRA wrappers; the shared base is left as it was.
+            assert teacher_net is not m.unet and not _tuner_layers(teacher_net)
+            assert all(t.active_adapters == ["student"] and not t.disable_adapters for t in m._tuners)
             with m.role("critic"):
                 assert all(t.active_adapters == ["critic"] and not t.disable_adapters for t in m._tuners)
                 assert {n: p.requires_grad for n, p in m.unet.named_parameters()} == inside
-            assert all(t.disable_adapters for t in m._tuners)
+            assert all(t.active_adapters == ["student"] and not t.disable_adapters for t in m._tuners)
             assert {n: p.requires_grad for n, p in m.unet.named_parameters()} == inside
     assert {n: p.requires_grad for n, p in m.unet.named_parameters()} == before
     assert all(t.active_adapters == ["student"] and not t.disable_adapters for t in m._tuners)
@@ -52,6 +54,32 @@ def test_role_outputs_match_peft_switching(tiny_teachers):
                     layer.set_adapter(r)
             ref = m.unet(xt, t, encoder_hidden_states=cond.prompt_embeds).sample
             assert torch.equal(ours[r], ref), r
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_teacher_net_is_the_base_without_wrappers(tiny_teachers, kind):
+    """A LoRA run's teacher forward goes through a plain UNet whose tensors are the base's own objects (no copy):
+    the same output, bit for bit, as the wrapped UNet with adapters disabled, and it sees an in-place change."""
+    m = Models(tiny_teachers[kind], "lora", roles=("student",), lora_rank=2, lora_alpha=4)
+    with torch.no_grad():
+        for p in m.parameters("student"):
+            p.add_(0.05)
+    plain = m.net("teacher")
+    base = {id(p) for n, p in m.unet.named_parameters() if "lora_" not in n}
+    assert {id(p) for p in plain.parameters()} == base
+    xt, t = torch.randn(2, *m.latent_shape), torch.tensor([10, 900])
+    cond = m.encode_prompts(["a cat", "a dog"])
+    with torch.no_grad():
+        ours = m.unet_out("teacher", xt, t, cond)
+        for layer in m._tuners:
+            layer.enable_adapters(False)
+        ref = m.unet(xt, t, **cond.unet_kwargs()).sample
+        for layer in m._tuners:
+            layer.enable_adapters(True)
+        assert torch.equal(ours, ref)
+        w = m.unet.conv_in.weight if hasattr(m.unet.conv_in, "weight") else m.unet.conv_in.base_layer.weight
+        w.mul_(2)
+        assert not torch.equal(m.unet_out("teacher", xt, t, cond), ours)
 
 
 def test_trainable_only_one_role(tiny_teachers):

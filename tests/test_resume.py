@@ -1,7 +1,6 @@
 """Crash and resume: a run interrupted and resumed ends with the same student as an uninterrupted one (every
 registered method); a SIGKILL mid-run leaves no half checkpoint; resume=latest skips broken checkpoints."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distill_diffusion import data
 from distill_diffusion.config import parse_config
 from distill_diffusion.loop import train
 from methods import METHODS
+from tests.crash_run import crash_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _args(name: str, teacher: str, images: str, out: Path, steps: int, *extra: str) -> list[str]:
-    data = f"data.images={images}" if METHODS[name].needs_images else f"data.prompts={images}/../prompts.txt"
-    return ["--method", name, f"teacher={teacher}", data, f"max_steps={steps}", "batch_size=2",
+    needs_images = METHODS[name].spec(METHODS[name].Config(), "lora").needs_images
+    source = f"data.images={images}" if needs_images else f"data.prompts={images}/../prompts.txt"
+    return ["--method", name, f"teacher={teacher}", source, f"max_steps={steps}", "batch_size=2",
             f"output_dir={out}", "report_to=none", "checkpointing_steps=2", "lora_rank=2", "lora_alpha=4",
             "validation_seeds=1", "learning_rate=1e-3", *extra]
 
@@ -44,11 +46,11 @@ def test_resume_equals_uninterrupted(name, tiny_teachers, image_folder, prompts_
     train(cfg, METHODS[name])
     part = tmp_path / "part"
     cfg, _ = parse_config(_args(name, tiny_teachers["sd"], image_folder, part, steps), METHODS)
-    monkeypatch.setenv("DISTILL_FAULT_AT_STEP", "3")
-    monkeypatch.setenv("DISTILL_FAULT_KIND", "raise")
-    with pytest.raises(RuntimeError, match="injected fault"):
-        train(cfg, METHODS[name])
-    monkeypatch.delenv("DISTILL_FAULT_AT_STEP")
+    with monkeypatch.context() as m:
+        m.setattr(data.Stream, "get", data.Stream.get)  # restored on exit
+        crash_at(3, kill=False)
+        with pytest.raises(RuntimeError, match="injected fault"):
+            train(cfg, METHODS[name])
     cfg, _ = parse_config(_args(name, tiny_teachers["sd"], image_folder, part, steps, "resume=latest"), METHODS)
     train(cfg, METHODS[name])
     a, b = _student(full), _student(part)
@@ -57,14 +59,14 @@ def test_resume_equals_uninterrupted(name, tiny_teachers, image_folder, prompts_
         assert torch.equal(a[k], b[k]), f"{name}: {k} differs after resume"
 
 
-def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300)
+def _run(args: list[str], crash_step: int | None = None) -> subprocess.CompletedProcess:
+    cmd = ["tests/crash_run.py", str(crash_step)] if crash_step is not None else ["train.py"]
+    return subprocess.run([sys.executable, *cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_sigkill_then_resume(tiny_teachers, image_folder, tmp_path):
     out = tmp_path / "run"
-    r = _run(_args("lcm", tiny_teachers["sd"], image_folder, out, 6), DISTILL_FAULT_AT_STEP="3")
+    r = _run(_args("lcm", tiny_teachers["sd"], image_folder, out, 6), crash_step=3)
     assert r.returncode == -9
     cks = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert cks == ["checkpoint-2"], cks  # complete checkpoints only, no temporary folder left looking whole

@@ -254,12 +254,11 @@ def _build_headless(teacher: str, student: str, **kw):
     from omegaconf import OmegaConf
 
     from distill_diffusion.config import TrainConfig
-    from distill_diffusion.models import Models
+    from distill_diffusion.models import build_models
 
     mcfg = TSCDConfig(adversarial=True, **kw)
     tcfg = OmegaConf.structured(TrainConfig(teacher=teacher, student=student, lora_rank=4, lora_alpha=8, method=mcfg))
-    models = Models(teacher, student=student, roles=TSCD.roles_for(mcfg), targets=TSCD.targets_for(mcfg, student),
-                    lora_rank=4, lora_alpha=8, headless_roles=TSCD.headless_roles_for(mcfg))
+    models = build_models(tcfg, TSCD.spec(mcfg, student))
     return models, TSCD(mcfg, tcfg, models)
 
 

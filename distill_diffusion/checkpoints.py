@@ -1,0 +1,199 @@
+"""Checkpoints of a run and starting a run from an earlier one (``init_from``).
+
+A checkpoint (``checkpoints/checkpoint-<step>/``) holds every trainable tensor, target network and extra module
+(``trainable.safetensors``, keyed ``<role>/<parameter name>`` and ``extra/<role>/<key>``; never the frozen base),
+the optimizer and scheduler states and the torch RNG (``optim.pt``), and ``state.json``. It is written under a
+temporary name and renamed when complete. Checkpoints written before tensors were keyed by name (``<role>/<i>``, the
+i-th tensor of the role) still load: positions follow the same parameter order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from . import artifacts
+from .errors import UserError
+from .models import Models, resolve_teacher
+
+if TYPE_CHECKING:
+    from .loop import Trainer
+
+PREFIX = "checkpoint-"
+
+
+def _step_of(p: Path) -> int:
+    return int(p.name[len(PREFIX):])
+
+
+def listed(ckdir: Path) -> list[Path]:
+    """Checkpoint folders of ``ckdir`` (complete or not), oldest first."""
+    if not ckdir.is_dir():
+        return []
+    found = [p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=_step_of)
+
+
+def candidates(resume: str | None, out: Path) -> list[Path]:
+    """Checkpoints to try, newest first: the one named by ``resume``, or every one for ``latest``."""
+    if not resume:
+        return []
+    if resume != "latest":
+        p = Path(resume)
+        if not (p / "state.json").is_file():
+            raise UserError(f"resume={resume!r} is not a checkpoint folder (no state.json)")
+        return [p]
+    return listed(out / "checkpoints")[::-1]
+
+
+def role_tensors(models: Models) -> dict[str, nn.Parameter]:
+    """Every role's and EMA target's tensors by ``<role>/<parameter name>``."""
+    names = list(models.roles) + [n for n, s in models.targets.items() if s.decay is not None]
+    return {f"{role}/{n}": p for role in names for n, p in models.named_parameters(role)}
+
+
+def _state(tr: Trainer) -> dict[str, torch.Tensor]:
+    state = {k: p.detach().to("cpu").contiguous() for k, p in role_tensors(tr.models).items()}
+    for role, m in tr.extras.items():
+        for k, v in m.state_dict().items():
+            state[f"extra/{role}/{k}"] = v.detach().to("cpu").contiguous()
+    return state
+
+
+def save(out: Path, step: int, tr: Trainer) -> None:
+    """Write checkpoint ``step``; old ones go (``checkpoints_total_limit``) only after it is complete."""
+    from safetensors.torch import save_file
+
+    ckdir = out / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    with artifacts.atomic_dir(ckdir / f"{PREFIX}{step}") as tmp:
+        save_file(_state(tr), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizers": {r: o.state_dict() for r, o in tr.optimizers.items()},
+                    "schedulers": {r: s.state_dict() for r, s in tr.schedulers.items()},
+                    "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "method": tr.cfg.method_name,
+                                                    "student": tr.cfg.student}))
+    limit = tr.cfg.checkpoints_total_limit
+    if limit:
+        done = listed(ckdir)
+        for old in done[: max(0, len(done) - limit)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _by_name(saved: dict[str, torch.Tensor], current: dict[str, nn.Parameter], role: str) -> dict[str, torch.Tensor]:
+    """``saved``'s tensors of ``role`` keyed as ``current`` names them; positional keys (older checkpoints) are
+    matched by order. Missing or extra tensors leave the result incomplete, for the caller to refuse."""
+    mine = [k for k in current if k.startswith(f"{role}/")]
+    theirs = {k: v for k, v in saved.items() if k.startswith(f"{role}/")}
+    positional = [f"{role}/{i}" for i in range(len(theirs))]
+    if theirs and set(theirs) == set(positional):
+        return {k: theirs[old] for k, old in zip(mine, positional)} if len(mine) == len(theirs) else {}
+    return theirs
+
+
+def _copy_roles(saved: dict[str, torch.Tensor], current: dict[str, nn.Parameter], roles: list[str]) -> bool:
+    """Copy ``roles``' tensors from ``saved`` into the models; False (nothing copied) when they do not fit."""
+    matched: dict[str, torch.Tensor] = {}
+    for role in roles:
+        matched.update(_by_name(saved, current, role))
+    wanted = {k for k in current if k.split("/", 1)[0] in roles}
+    if set(matched) != wanted or any(matched[k].shape != current[k].shape for k in wanted):
+        return False
+    with torch.no_grad():
+        for k in wanted:
+            current[k].copy_(matched[k])
+    return True
+
+
+def _load_extras(saved: dict[str, torch.Tensor], extras: dict[str, nn.Module], roles: list[str]) -> None:
+    for role in roles:
+        prefix = f"extra/{role}/"
+        state = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+        if role in extras and state:
+            extras[role].load_state_dict(state)
+
+
+def load(path: Path, tr: Trainer) -> int:
+    """Load checkpoint ``path`` into the trainer; its step. UserError when it is incomplete, unreadable or was
+    written by another configuration (then nothing is changed)."""
+    from safetensors.torch import load_file
+
+    if not all((path / f).is_file() for f in ("state.json", "trainable.safetensors", "optim.pt")):
+        raise UserError(f"checkpoint {path} is incomplete")
+    try:
+        saved = load_file(str(path / "trainable.safetensors"))
+        other = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+        step = int(json.loads((path / "state.json").read_text())["step"])
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to resume from an "
+                        "earlier one") from None
+    current = role_tensors(tr.models)
+    roles = sorted({k.split("/", 1)[0] for k in current})
+    want_extra = {f"extra/{r}/{k}": v.shape for r, m in tr.extras.items() for k, v in m.state_dict().items()}
+    got_extra = {k: v.shape for k, v in saved.items() if k.startswith("extra/")}
+    if got_extra != want_extra or len(saved) - len(got_extra) != len(current) \
+            or not _copy_roles(saved, current, roles):
+        raise UserError(f"checkpoint {path} was written by a different configuration (student, roles or LoRA "
+                        "rank differ); resume with the config it was written with")
+    _load_extras(saved, tr.extras, list(tr.extras))
+    for r, o in tr.optimizers.items():
+        o.load_state_dict(other["optimizers"][r])
+    for r, s in tr.schedulers.items():
+        s.load_state_dict(other["schedulers"][r])
+    torch.set_rng_state(other["torch_rng"])
+    return step
+
+
+# ---- init_from: starting from an earlier run -----------------------------------------------------------------------
+
+
+def init_student(models: Models, run: str) -> None:
+    """Start the student from an earlier run's exported student (same base model)."""
+    from safetensors.torch import load_file
+
+    info = artifacts.read_sampling(run)
+    mine = artifacts.weights_hash(models.teacher_path)
+    if info.get("teacher_hash") != mine:
+        raise UserError(f"init_from={run!r} was distilled from teacher {info.get('teacher')!r}, not "
+                        f"{resolve_teacher(models.teacher_path)!r}; use a run of the same base model")
+    if info["student"] != models.student_kind:
+        raise UserError(f"init_from={run!r} has a {info['student']} student; this run has student="
+                        f"{models.student_kind}")
+    folder = Path(run) / info.get("student_dir", "student")
+    with torch.no_grad():
+        if models.student_kind == "lora":
+            from peft.utils import set_peft_model_state_dict
+
+            sd = load_file(str(folder / artifacts.LORA_FILE))
+            sd = {k.removeprefix("unet."): v for k, v in sd.items()}
+            res = set_peft_model_state_dict(models.unet, sd, adapter_name="student")
+            if getattr(res, "unexpected_keys", None):
+                raise UserError(f"init_from={run!r}: its LoRA does not fit this config's lora_targets/rank")
+        else:
+            f = folder / "unet" / "diffusion_pytorch_model.safetensors"
+            try:
+                models.net("student").load_state_dict(load_file(str(f)))
+            except RuntimeError:
+                raise UserError(f"init_from={run!r}: its UNet does not match this student's architecture") from None
+
+
+def init_roles(models: Models, extras: dict[str, nn.Module], run: str, roles: list[str]) -> None:
+    """Start ``roles`` (not the student: :func:`init_student`) and their extra modules from ``run``'s last
+    checkpoint, as a second training stage resumes networks of the first (DMD2's critic)."""
+    from safetensors.torch import load_file
+
+    ckdir = Path(run) / "checkpoints"
+    done = [p for p in listed(ckdir) if (p / "trainable.safetensors").is_file()]
+    what = ", ".join(roles)
+    if not done:
+        raise UserError(f"init_from={run!r}: {ckdir} holds no checkpoint with the {what}")
+    saved = load_file(str(done[-1] / "trainable.safetensors"))
+    if not _copy_roles(saved, role_tensors(models), roles):
+        raise UserError(f"init_from={run!r}: {done[-1]} has a different {what} (student kind or LoRA rank/targets "
+                        "differ); use the earlier run's settings")
+    _load_extras(saved, extras, roles)
