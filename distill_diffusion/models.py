@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import schedule
+from .encoders import Encoders
 from .errors import UserError
 from .method import Cond, MethodSpec, TargetSpec
 
@@ -137,18 +138,40 @@ class Models:
         resolution: int | None = None,
         device: torch.device | str = "cpu",
         weight_dtype: torch.dtype = torch.float32,
-        seed: int = 0,
         headless_roles: tuple[str, ...] = (),
         channels_last: bool = False,
         compile_unets: bool = False,
     ) -> None:
-        from diffusers import DDPMScheduler
-
         self.device, self.weight_dtype = torch.device(device), weight_dtype
         self.teacher_path = resolve_teacher(teacher)
         self.pipe = load_pipeline(teacher)
-        self.is_sdxl = type(self.pipe).__name__ == "StableDiffusionXLPipeline"
+        self._read_teacher(resolution)
+        self._freeze_teacher()
         self.student_kind = student
+        self.roles = tuple(roles)
+        # Headless roles own no network: no adapter or copy; their trainable tensors are the method's extra modules.
+        self.headless = frozenset(headless_roles)
+        self.targets = dict(targets or {})
+        self.lora_config: dict[str, Any] = {}
+        self._nets: dict[str, nn.Module] = {}  # full mode: role -> module
+        self._lora_lists: dict[str, list[nn.Parameter]] = {}  # LoRA mode: adapter -> its tensors
+        self.unet = self.pipe.unet
+        self._teacher_net: nn.Module | None = None  # LoRA students: the base's weights without the LoRA wrappers
+        if student == "lora":
+            self._build_lora(lora_rank, lora_alpha, lora_targets)
+        elif student == "full":
+            self._build_full(unet_overrides)
+        else:
+            raise UserError(f"student={student!r}: choose 'lora' or 'full'")
+        self.encoders = Encoders(self.pipe, self.device, self.resolution, self.vae_scaling)
+        self._speed_flags(channels_last, compile_unets)
+
+    # ---- building ------------------------------------------------------------------------------------------------
+    def _read_teacher(self, resolution: int | None) -> None:
+        """Schedule and shape facts of the teacher: ᾱ (T,), prediction type, latent shape (C, h, w), VAE scaling."""
+        from diffusers import DDPMScheduler
+
+        self.is_sdxl = type(self.pipe).__name__ == "StableDiffusionXLPipeline"
         sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
         self.prediction_type = sched.config.prediction_type
@@ -160,72 +183,61 @@ class Models:
         self.latent_shape = (unet.config.in_channels, h, h)
         self.vae_scaling = self.pipe.vae.config.scaling_factor
 
-        # Frozen parts: never in an optimizer. SDXL's VAE overflows in fp16, so VAEs stay fp32.
+    def _freeze_teacher(self) -> None:
+        """Frozen parts: never in an optimizer. SDXL's VAE overflows in fp16, so VAEs stay fp32."""
         for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
             m = getattr(self.pipe, name, None)
             if m is not None:
                 m.requires_grad_(False).eval()
-                want = torch.float32 if name == "vae" else weight_dtype
+                want = torch.float32 if name == "vae" else self.weight_dtype
                 m.to(self.device) if m.dtype == want else m.to(self.device, want)
 
-        self.roles = tuple(roles)
-        # Headless roles own no network: no adapter or copy; their trainable tensors are the method's extra modules.
-        self.headless = frozenset(headless_roles)
-        networked = [r for r in self.roles if r not in self.headless]
-        self.targets = dict(targets or {})
-        self.lora_config: dict[str, Any] = {}
-        self._nets: dict[str, nn.Module] = {}  # full mode: role -> module
-        self.unet = unet
-        self._teacher_net: nn.Module | None = None  # LoRA students: the base's weights without the LoRA wrappers
-        if student == "lora":
-            if unet_overrides:
-                pass  # LoRA students keep the teacher's architecture (LCM-LoRA has no guidance embedding)
-            from peft import LoraConfig
+    def _networked(self) -> list[str]:
+        return [r for r in self.roles if r not in self.headless]
 
-            targets_list = list(lora_targets or DEFAULT_LORA_TARGETS)
-            self.lora_config = {"r": lora_rank, "lora_alpha": lora_alpha, "target_modules": targets_list}
-            with warnings.catch_warnings():
-                # Several adapters on one base is the design (one per role); peft warns about it on every add.
-                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                for role in networked:
-                    # init_lora_weights=True: B = 0, so every adapter starts exactly at the teacher.
-                    unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=role)
-                for name, spec in self.targets.items():
-                    if spec.decay is not None:
-                        unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=name)
-            if not _tuner_layers(unet):
-                raise UserError(f"lora_targets {targets_list} match no module of the teacher's UNet; "
-                                "name Linear/Conv2d modules such as to_q, to_k, to_v, to_out.0")
-            self._tuners = _tuner_layers(unet)
-            # LoRA tensors train in fp32 even when the frozen base is in half precision.
-            for n, p in unet.named_parameters():
-                if "lora_" in n:
-                    p.data = p.data.float()
-            unet.set_adapter(networked[0])
-            self._base_active = networked[0]
-            self._base_disabled = False
-            for name, spec in self.targets.items():
-                if spec.decay is not None:
-                    self._copy_adapter(spec.source, name)
-            self._teacher_net = tied_plain_unet(unet)
-        elif student == "full":
-            for role in networked:
-                self._nets[role] = self._full_copy(unet, unet_overrides if role == "student" else None)
-            for name, spec in self.targets.items():
-                if spec.decay is not None:
-                    self._nets[name] = copy.deepcopy(self._nets[spec.source]).requires_grad_(False)
-        else:
-            raise UserError(f"student={student!r}: choose 'lora' or 'full'")
-        self._prompt_cache: dict[str, tuple[Tensor, Tensor | None]] = {}
-        self._uncond_cache: tuple[Tensor, Tensor | None] | None = None
+    def _build_lora(self, rank: int, alpha: float, lora_targets: list[str] | None) -> None:
+        """One adapter per networked role and per EMA target on the shared base. LoRA students keep the teacher's
+        architecture (LCM-LoRA has no guidance embedding), so student overrides do not apply."""
+        from peft import LoraConfig
+
+        unet, networked = self.unet, self._networked()
+        targets_list = list(lora_targets or DEFAULT_LORA_TARGETS)
+        self.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": targets_list}
+        adapters = networked + [n for n, s in self.targets.items() if s.decay is not None]
+        with warnings.catch_warnings():
+            # Several adapters on one base is the design (one per role); peft warns about it on every add.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            for name in adapters:
+                # init_lora_weights=True: B = 0, so every adapter starts exactly at the teacher.
+                unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=name)
+        self._tuners = _tuner_layers(unet)
+        if not self._tuners:
+            raise UserError(f"lora_targets {targets_list} match no module of the teacher's UNet; "
+                            "name Linear/Conv2d modules such as to_q, to_k, to_v, to_out.0")
+        # LoRA tensors train in fp32 even when the frozen base is in half precision.
+        for n, p in unet.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+        unet.set_adapter(networked[0])
+        self._base_active, self._base_disabled = networked[0], False
+        for name, spec in self.targets.items():
+            if spec.decay is not None:
+                self._copy_adapter(spec.source, name)
+        self._teacher_net = tied_plain_unet(unet)
         # Each adapter's LoRA tensors, listed once (the Parameter objects never change; loads copy into them).
-        self._lora_lists: dict[str, list[nn.Parameter]] = {}
-        if student == "lora":
-            for n, p in unet.named_parameters():
-                if "lora_" in n:
-                    for a in list(networked) + list(self.targets):
-                        if f".{a}." in n + ".":
-                            self._lora_lists.setdefault(a, []).append(p)
+        for n, p in unet.named_parameters():
+            for a in [a for a in networked + list(self.targets) if "lora_" in n and f".{a}." in n + "."]:
+                self._lora_lists.setdefault(a, []).append(p)
+
+    def _build_full(self, overrides: dict[str, Any] | None) -> None:
+        """A trainable copy per networked role (the student's with ``overrides``), a frozen copy per EMA target."""
+        for role in self._networked():
+            self._nets[role] = self._full_copy(self.unet, overrides if role == "student" else None)
+        for name, spec in self.targets.items():
+            if spec.decay is not None:
+                self._nets[name] = copy.deepcopy(self._nets[spec.source]).requires_grad_(False)
+
+    def _speed_flags(self, channels_last: bool, compile_unets: bool) -> None:
         self.channels_last = channels_last
         if channels_last:
             for net in self.unets():
@@ -236,7 +248,6 @@ class Models:
                 net.compile()
             self._compiled = True
 
-    # ---- building ------------------------------------------------------------------------------------------------
     def _full_copy(self, unet: nn.Module, overrides: dict[str, Any] | None) -> nn.Module:
         from diffusers import UNet2DConditionModel
 
@@ -369,9 +380,6 @@ class Models:
             self._nets[name].parameters())
         torch._foreach_lerp_(dst, src, 1 - spec.decay)
 
-    def frozen_base(self) -> nn.Module:
-        return self.unet
-
     def set_gradient_checkpointing(self, on: bool) -> None:
         mods = [self.unet] if self.student_kind == "lora" else [
             self._nets[r] for r in self.roles if r not in self.headless]
@@ -460,68 +468,18 @@ class Models:
         """The teacher's own regression target (eps, v or x0) for a denoising loss."""
         return schedule.model_target(x0, eps, t, self.alphas_cumprod, self.prediction_type)
 
-    # ---- frozen encoders -----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
-        p = self.pipe
-        if self.is_sdxl:
-            pe, _, pooled, _ = p.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
-                                               do_classifier_free_guidance=False)
-            return pe.float(), pooled.float()
-        pe, _ = p.encode_prompt(prompts, self.device, 1, False)
-        return pe.float(), None
-
-    def _time_ids(self, b: int) -> Tensor:
-        r = self.resolution
-        # (original size, crop top-left, target size): SDXL's micro-conditioning for an uncropped square image.
-        return torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=self.device).repeat(b, 1)
-
-    @torch.no_grad()
+    # ---- frozen encoders (distill_diffusion.encoders) -------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Conditioning for a list of prompts; each distinct prompt is encoded once and cached (frozen encoders)."""
-        new = [q for q in dict.fromkeys(prompts) if q not in self._prompt_cache]
-        if len(self._prompt_cache) + len(new) > 50_000:
-            self._prompt_cache.clear()
-        for q in new:
-            # One prompt per forward: a matmul's rounding depends on its batch size, and a prompt's embedding must
-            # not depend on which other prompts were new at the same step (bit-identical resume).
-            pe, pooled = self._encode_text([q])
-            self._prompt_cache[q] = (pe[0], None if pooled is None else pooled[0])
-        rows = [self._prompt_cache[q] for q in prompts]
-        pe = torch.stack([r[0] for r in rows])
-        pooled = torch.stack([r[1] for r in rows]) if self.is_sdxl else None
-        return Cond(pe, pooled, self._time_ids(len(prompts)) if self.is_sdxl else None)
+        return self.encoders.encode_prompts(prompts)
 
-    @torch.no_grad()
     def encode_uncond(self, b: int) -> Cond:
-        """The unconditional branch: the empty prompt (SD1.x/2.x), zeros when SDXL forces them (its convention)."""
-        if self._uncond_cache is None:
-            if self.is_sdxl and self.pipe.config.get("force_zeros_for_empty_prompt", True):
-                pe, pooled = self._encode_text([""])
-                self._uncond_cache = (torch.zeros_like(pe[0]), torch.zeros_like(pooled[0]))
-            else:
-                pe, pooled = self._encode_text([""])
-                self._uncond_cache = (pe[0], None if pooled is None else pooled[0])
-        pe, pooled = self._uncond_cache
-        return Cond(pe[None].expand(b, -1, -1), None if pooled is None else pooled[None].expand(b, -1),
-                    self._time_ids(b) if self.is_sdxl else None)
+        return self.encoders.encode_uncond(b)
 
-    @torch.no_grad()
     def encode_images(self, images: Tensor, noise: Tensor | None = None) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w); ``noise`` samples the posterior."""
-        dist = self.pipe.vae.encode(images.to(self.device, torch.float32)).latent_dist
-        z = dist.mean if noise is None else dist.mean + dist.std * noise
-        shift = getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * self.vae_scaling
+        return self.encoders.encode_images(images, noise)
 
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Scaled latents -> images in [-1, 1]."""
-        shift = getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
-        return self.pipe.vae.decode(latents.float() / self.vae_scaling + shift).sample.clamp(-1, 1)
-
-    def latent_posterior_shape(self) -> tuple[int, int, int]:
-        return self.latent_shape
+        return self.encoders.decode(latents)
 
 
 def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu") -> Models:

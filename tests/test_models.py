@@ -160,8 +160,8 @@ def test_lora_ema_target(tiny_teachers):
 def test_prompt_cache_encodes_each_prompt_once(tiny_teachers, monkeypatch):
     m = Models(tiny_teachers["sd"], "lora", roles=("student",), lora_rank=2, lora_alpha=2)
     calls = []
-    orig = m._encode_text
-    monkeypatch.setattr(m, "_encode_text", lambda ps: calls.append(list(ps)) or orig(ps))
+    orig = m.encoders._encode_text
+    monkeypatch.setattr(m.encoders, "_encode_text", lambda ps: calls.append(list(ps)) or orig(ps))
     a = m.encode_prompts(["x", "y", "x"])
     b = m.encode_prompts(["y", "x"])
     assert calls == [["x"], ["y"]]
