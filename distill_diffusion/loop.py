@@ -23,7 +23,7 @@ from .config import method_object, to_yaml
 from .data import Stream, build_source
 from .errors import UserError
 from .method import Batch, Method, StepRNG
-from .models import Models, embedded_teacher_path, resolve_teacher
+from .models import Models, resolve_teacher
 
 CKPT_PREFIX = "checkpoint-"
 
@@ -84,7 +84,7 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
     extras = {r: m.to(device) for r, m in method.extra_modules().items()}
     if cfg.gradient_checkpointing:
         models.set_gradient_checkpointing(True)
-    embedded = Path(models.teacher_path).resolve() == embedded_teacher_path().resolve()
+    embedded = artifacts.is_embedded_teacher(models.teacher_path)
     source = build_source(cfg.data, models.resolution, embedded, method_cls.needs_images)
     stream = Stream(source, cfg.seed, cfg.batch_size, accelerator.process_index, accelerator.num_processes,
                     cfg.gradient_accumulation_steps, cfg.data.empty_prompt_prob, load_images=method_cls.needs_images)
@@ -93,7 +93,7 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
         # The untrained student through the same run folder: the baseline row every quality bar is compared with.
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            artifacts.atomic_write_text(out / "config.yaml", to_yaml(cfg))
+            artifacts.atomic_write(out / "config.yaml", to_yaml(cfg))
             _export_and_validate(cfg, models, method, out, 0, accelerator)
         accelerator.wait_for_everyone()
         return out
@@ -135,7 +135,7 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
             print(f"resume={cfg.resume}: no usable checkpoint in {out / 'checkpoints'}; starting at step 0")
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        artifacts.atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        artifacts.atomic_write(out / "config.yaml", to_yaml(cfg))
         if cfg.report_to != "none":
             accelerator.init_trackers("distill", config=_flat(cfg))
     accelerator.wait_for_everyone()
@@ -234,7 +234,7 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
                "student": cfg.student, "method": cfg.method_name}
         if torch.cuda.is_available():
             mem["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        artifacts.atomic_write_text(out / "memory.json", json.dumps(mem, indent=1))
+        artifacts.atomic_write(out / "memory.json", json.dumps(mem, indent=1))
         _save_checkpoint(out, cfg.max_steps, models, method, extras, optimizers, schedulers, cfg, save_file)
         _export_and_validate(cfg, models, method, out, cfg.max_steps, accelerator)
     accelerator.wait_for_everyone()
@@ -280,7 +280,7 @@ def _export_and_validate(cfg: Any, models: Models, method: Method, out: Path, st
 
 
 def _default_prompts(models: Models) -> list[str]:
-    if Path(models.teacher_path).resolve() == embedded_teacher_path().resolve():
+    if artifacts.is_embedded_teacher(models.teacher_path):
         return ["a photo of a sneaker", "a trouser", "a product photo of a bag", "a photo of a dress"]
     return ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain landscape"]
 
@@ -316,7 +316,7 @@ def _validation_grid(out: Path, prompts: list[str], n_seeds: int, models: Models
 
 
 def _teacher_guidance(models: Models) -> float:
-    return 3.0 if Path(models.teacher_path).resolve() == embedded_teacher_path().resolve() else 7.5
+    return 3.0 if artifacts.is_embedded_teacher(models.teacher_path) else 7.5
 
 
 def _row(images: list[Any]) -> Any:
