@@ -109,7 +109,7 @@ def check_teacher(teacher: str | None) -> None:
 def teacher_ref(path: str) -> str:
     """How a run names its teacher: "embedded" for the shipped one (so runs move between clones), else the path/id."""
     p = Path(path)
-    if p.exists() and is_embedded_teacher(p):
+    if p.exists() and is_embedded_teacher(p.resolve()):
         return "embedded"
     return str(p.resolve()) if p.exists() else path
 
