@@ -38,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         if not 0 < args.port < 65536:
             raise UserError(f"--port {args.port}: give a port from 1 to 65535")
+        from distill_diffusion.artifacts import is_embedded_teacher
+
         from .ui import build_app, create_comparison
 
         comp = create_comparison(args.runs, args.teacher, args.device)
-        demo = build_app(comp, default_guidance=2.5 if args.teacher == "embedded" else 7.5)
+        demo = build_app(comp, default_guidance=2.5 if is_embedded_teacher(args.teacher) else 7.5)
         if args.host not in ("127.0.0.1", "localhost"):
             print(f"note: binding {args.host}: the page is reachable from other machines", file=sys.stderr)
         try:

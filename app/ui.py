@@ -4,11 +4,10 @@ Models on the page: the teacher (DDIM, any step count, CFG) plus every run folde
 runs folder (a folder with ``sampling.json``; extra students exported next to it as ``sampling_<name>.json`` are
 listed as models of their own). Everything is loaded through :mod:`distill_diffusion.artifacts`, once, on first use.
 
-NFE (UNet evaluations per image) = steps x 2 when the model samples with classifier-free guidance (the batched
-cond/uncond pass of diffusers counts as two), else steps x 1. A full LCM student feeds its guidance to an embedding
-(``time_cond_proj_dim``), not to CFG, so it counts x 1. Hybrid mode (Gandikota & Bau, "Distilling Diversity and
-Control in Diffusion Models", 2025): the teacher takes the first step and the student the remaining ones, so
-NFE = teacher's first step (x 2 with CFG) + (steps - 1) student evaluations.
+NFE (UNet evaluations per image) is :func:`distill_diffusion.artifacts.nfe`'s, the figure eval reports too: steps x 2
+when the model samples with classifier-free guidance, else steps x 1. Hybrid mode (Gandikota & Bau, "Distilling
+Diversity and Control in Diffusion Models", 2025): the teacher takes the first step and the student the remaining
+ones (:func:`distill_diffusion.artifacts.hybrid_nfe`).
 """
 
 from __future__ import annotations
@@ -50,10 +49,6 @@ class ModelEntry:
     note: str = ""
 
 
-def _is_export_dir(d: Path) -> bool:
-    return (d / "model_index.json").is_file() or (d / artifacts.LORA_FILE).is_file()
-
-
 def find_runs(root: str | Path, max_depth: int = 2, teacher_hash: str | None = None
               ) -> tuple[list[ModelEntry], list[str]]:
     """Students under ``root`` (``root`` itself, its children and grandchildren): (entries, problems).
@@ -67,11 +62,9 @@ def find_runs(root: str | Path, max_depth: int = 2, teacher_hash: str | None = N
     problems: list[str] = []
 
     def visit(d: Path, depth: int) -> None:
-        for f in sorted(d.glob("sampling*.json")):
-            if f.name != artifacts.SAMPLING_FILE and not f.name.startswith("sampling_"):
-                continue
+        for name in artifacts.list_students(d):
             try:
-                found.append((d, f.name, artifacts.read_sampling(d, f.name)))
+                found.append((d, name, artifacts.read_sampling(d, name)))
             except UserError as e:
                 problems.append(str(e))
         if depth >= max_depth:
@@ -82,7 +75,7 @@ def find_runs(root: str | Path, max_depth: int = 2, teacher_hash: str | None = N
             problems.append(f"cannot list {d}: {e.strerror}")
             return
         for sub in subs:
-            if sub.name.startswith(_SKIP) or ".tmp-" in sub.name or ".old-" in sub.name or _is_export_dir(sub):
+            if sub.name.startswith(_SKIP) or ".tmp-" in sub.name or ".old-" in sub.name or artifacts.is_export_dir(sub):
                 continue
             visit(sub, depth + 1)
 
@@ -122,12 +115,9 @@ class ModelCache:
                     artifacts.sample(pipe, ["warm-up"], 1, [0], 2.0)
                     self._pipes[key] = pipe
                 else:
+                    # load_student fuses a LoRA into the weights: an unmerged adapter would add work to every
+                    # layer and understate the student's speed-up over the teacher.
                     pipe = artifacts.load_student(entry.run_dir, device=self.device, sampling_file=entry.sampling_file)
-                    if pipe.distill.info.get("student") == "lora":
-                        # Merge the LoRA into the weights: an unmerged adapter adds work to every layer, which would
-                        # understate the student's speed-up over the teacher. Same outputs to float rounding.
-                        pipe.fuse_lora()
-                        pipe.unload_lora_weights()
                     artifacts.sample(pipe, ["warm-up"], min(pipe.distill.steps), [0])
                     self._pipes[key] = pipe
             return self._pipes[key]
@@ -167,11 +157,6 @@ class Result:
     steps: int
     hybrid: bool = False
     info: str = ""
-
-
-def uses_cfg(pipe: Any, guidance: float) -> bool:
-    """Whether diffusers' SD/SDXL pipelines run classifier-free guidance (so a negative prompt matters)."""
-    return guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
 
 
 def _display(img: Any) -> Any:
@@ -270,29 +255,27 @@ class Comparison:
             if e.run_dir is None:
                 pipe = self.cache.get(None)
                 steps, g = int(req.teacher_steps), float(req.guidance)
-                cfg = uses_cfg(pipe, g)
+                cfg = artifacts.uses_cfg(pipe, g)
                 if neg and not cfg:
                     notes.append("The negative prompt needs guidance > 1 on the teacher; it was not used.")
                 images, secs = artifacts.sample(pipe, prompts, steps, seeds, g, neg if cfg else None)
-                nfe = steps * (2 if cfg else 1)
+                nfe = artifacts.nfe(pipe, steps, g)
             else:
                 pipe = self.cache.get(e)
                 steps = int(req.student_steps.get(e.key, e.default_steps))
-                s = pipe.distill.get(steps)
-                cfg = uses_cfg(pipe, s.guidance_scale)
+                cfg = artifacts.uses_cfg(pipe, pipe.distill.get(steps).guidance_scale)
                 if req.hybrid:
                     if neg:
                         notes.append("Hybrid sampling does not take a negative prompt; it was not used.")
                     teacher = self.cache.get(None)
                     images, secs = self.hybrid_fn(teacher, pipe, prompts, steps, seeds, float(req.guidance),
                                                   output_type="pil")
-                    first = 2 if uses_cfg(teacher, float(req.guidance)) else 1
-                    nfe = first + (steps - 1) * (2 if cfg else 1)
+                    nfe = artifacts.hybrid_nfe(teacher, pipe, steps, float(req.guidance))
                 else:
                     if neg and not cfg:
                         notes.append(f"{e.label} samples without CFG, so it ignores the negative prompt.")
                     images, secs = artifacts.sample(pipe, prompts, steps, seeds, None, neg if cfg else None)
-                    nfe = steps * (2 if cfg else 1)
+                    nfe = artifacts.nfe(pipe, steps)
         shown = [(_display(img), f"seed {sd}") for img, sd in zip(images, seeds)]
         return Result(images=shown, seconds=float(secs), nfe=nfe, steps=steps,
                       hybrid=e.run_dir is not None and req.hybrid)
@@ -420,13 +403,7 @@ def create_comparison(runs: str | None, teacher: str = "embedded", device: str =
     if runs is not None and not Path(runs).is_dir():
         raise UserError(f"runs folder {runs!r} does not exist; give the folder holding your run folders (the "
                         "output_dir of train.py or its parent)")
-    if teacher in ("embedded", "") and not (Path(artifacts.resolve_teacher("embedded")) / "model_index.json").is_file():
-        raise UserError(f"the embedded teacher is missing ({artifacts.resolve_teacher('embedded')}); pass "
-                        "--teacher PATH_OR_HUB_ID")
-    local = artifacts.resolve_teacher(teacher)
-    if not Path(local).exists() and (local.startswith((".", "/", "~")) or local.count("/") != 1):
-        # Said before loading diffusers (seconds), in the words load_pipeline would use.
-        raise UserError(f"teacher {local!r} does not exist; give a diffusers pipeline folder or a hub id (org/name)")
+    artifacts.check_teacher(teacher)  # before loading diffusers (seconds)
     cache = ModelCache(teacher, device)
     cache.get(None)
     root = runs if runs is not None else "runs"

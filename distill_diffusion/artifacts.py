@@ -27,6 +27,7 @@ from .models import embedded_teacher_path, load_pipeline, resolve_teacher
 
 SAMPLING_FILE = "sampling.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+PIPELINE_INDEX = "model_index.json"  # what every diffusers pipeline folder holds
 
 
 @contextlib.contextmanager
@@ -53,17 +54,62 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write, renamed onto ``path`` only when the block succeeds.
+
+    Readers (a resumed run, the app, eval's caches) then see the old file or the new one, never half of one. The
+    temporary name keeps ``path``'s suffix, since numpy's ``save``/``savez`` append one when it is missing.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write a whole file atomically (text as UTF-8): see :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+
+
+def is_embedded_teacher(teacher: str | Path | None) -> bool:
+    """Whether ``teacher`` (a name, a folder or a hub id) is the shipped Fashion-MNIST teacher.
+
+    The one test, so "embedded", "" and the folder's own path (relative or absolute) all count: the embedded
+    teacher gets its own defaults (validation prompts and guidance, Fashion-MNIST data and captions) everywhere.
+    """
+    return Path(resolve_teacher(str(teacher or ""))).resolve() == embedded_teacher_path().resolve()
+
+
+def check_teacher(teacher: str | None) -> None:
+    """Fail in one line, before anything is loaded, for a teacher that is not there.
+
+    Hub ids (``org/name``) pass: they are checked when loading, which may need the network.
+    """
+    path = resolve_teacher(teacher)
+    if is_embedded_teacher(path) and not (Path(path) / PIPELINE_INDEX).is_file():
+        raise UserError(f"the embedded teacher is missing ({path}); build it with "
+                        "`python -m distill_diffusion.toy.train_teacher` or pass --teacher PATH_OR_HUB_ID")
+    if Path(path).is_dir():
+        if not (Path(path) / PIPELINE_INDEX).is_file():
+            raise UserError(f"teacher {teacher!r} is not a diffusers pipeline folder (no model_index.json)")
+    elif os.path.exists(path):
+        raise UserError(f"teacher {path!r} is a file, not a diffusers pipeline folder")
+    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise UserError(f"teacher {teacher!r} does not exist; give a diffusers pipeline folder or a hub id (org/name)")
 
 
 def teacher_ref(path: str) -> str:
     """How a run names its teacher: "embedded" for the shipped one (so runs move between clones), else the path/id."""
     p = Path(path)
-    if p.exists() and p.resolve() == embedded_teacher_path().resolve():
+    if p.exists() and is_embedded_teacher(p.resolve()):
         return "embedded"
     return str(p.resolve()) if p.exists() else path
 
@@ -140,11 +186,11 @@ def save_run(models: Any, method_name: str, spec: SamplingSpec, out: str | Path,
         **(extra or {}),
     }
     name = SAMPLING_FILE if folder_name == "student" else f"sampling_{folder_name}.json"
-    atomic_write_text(out / name, json.dumps(info, indent=2))
+    atomic_write(out / name, json.dumps(info, indent=2))
     if cfg_yaml is not None:
-        atomic_write_text(out / "config.yaml", cfg_yaml)
+        atomic_write(out / "config.yaml", cfg_yaml)
     if folder_name == "student":
-        atomic_write_text(out / "README.md", model_card(info, out))
+        atomic_write(out / "README.md", model_card(info, out))
     return out
 
 
@@ -197,6 +243,38 @@ def read_sampling(run_dir: str | Path, name: str = SAMPLING_FILE) -> dict[str, A
     return info
 
 
+def _export_marker(folder: Path, kind: str | None) -> Path:
+    """The file an exported student folder holds when its export finished: the LoRA file or the pipeline index."""
+    return folder / (LORA_FILE if kind == "lora" else PIPELINE_INDEX)
+
+
+def is_export_dir(folder: str | Path) -> bool:
+    """Whether ``folder`` holds an exported student (LoRA or full pipeline) rather than runs: searches skip it."""
+    return any(_export_marker(Path(folder), kind).is_file() for kind in ("lora", "full"))
+
+
+def check_run(run_dir: str | Path, sampling_file: str = SAMPLING_FILE) -> dict[str, Any]:
+    """A finished run's sampling settings (:func:`read_sampling`), once its student's export is known complete.
+
+    Called before any model loads, so a half-exported run fails in one line before eval pays for teacher rows.
+    """
+    info = read_sampling(run_dir, sampling_file)
+    need = _export_marker(Path(run_dir) / info.get("student_dir", "student"), info.get("student"))
+    if not need.is_file():
+        raise UserError(f"{run_dir}: missing {need.relative_to(run_dir)}; the run did not finish exporting")
+    return info
+
+
+def list_students(run_dir: str | Path) -> list[str]:
+    """The sampling files of the students a run folder holds, by name: ``sampling.json`` (the final student) first
+    when present, then one ``sampling_<name>.json`` per student exported on the way (TSCD's stage students).
+
+    Each name goes to :func:`load_student`'s ``sampling_file``.
+    """
+    files = Path(run_dir).glob("sampling*.json")
+    return sorted(f.name for f in files if f.name == SAMPLING_FILE or f.name.startswith("sampling_"))
+
+
 def make_scheduler(base_config: Any, s: StepSampling) -> Any:
     """The diffusers scheduler of a step count, built from the teacher's schedule config."""
     import diffusers
@@ -239,21 +317,16 @@ def load_student(run_dir: str | Path, steps: int | None = None, device: str | to
     ``base``: a fresh pipeline of the run's teacher already in memory (``Models.teacher_pipeline``, used by the
     training loop's validation), taken instead of loading the teacher from disk; it is modified (the LoRA goes in).
     """
-    info = read_sampling(run_dir, sampling_file)
+    info = check_run(run_dir, sampling_file)
     folder = Path(run_dir) / info.get("student_dir", "student")
-    if info["student"] == "lora":
-        f = folder / LORA_FILE
-        if not f.is_file():
-            raise UserError(f"{run_dir}: missing {f.relative_to(run_dir)}; the run did not finish exporting")
+    if info.get("student") == "lora":
         pipe = load_pipeline(info["teacher"], dtype) if base is None else base
-        _check_safetensors(f)
+        _check_safetensors(folder / LORA_FILE)
         pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name="student")
         if fuse:
             pipe.fuse_lora(adapter_names=["student"])
             pipe.unload_lora_weights()
     else:
-        if not (folder / "model_index.json").is_file():
-            raise UserError(f"{run_dir}: {folder.name}/ is not a pipeline; the run did not finish exporting")
         pipe = load_pipeline(str(folder), dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -310,17 +383,52 @@ def sample(pipe: Any, prompts: list[str], steps: int | None = None, seeds: list[
     Returns (images, seconds). A pipeline without ``pipe.distill`` is a teacher: DDIM with ``steps`` steps.
     """
     seeds = list(range(len(prompts))) if seeds is None else seeds
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    gens = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds]
     res = kwargs.pop("height", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
     call: dict[str, Any] = {"height": res, "width": res, "generator": gens, "output_type": output_type}
-    if getattr(pipe, "distill", None) is not None:
-        s = configure(pipe, steps)
-        call.update(timesteps=list(s.timesteps), guidance_scale=s.guidance_scale if guidance_scale is None
-                    else guidance_scale)
+    s, n, g = _plan(pipe, steps, guidance_scale)
+    if s is not None:
+        pipe.scheduler = make_scheduler(pipe.scheduler.config, s)
+        call.update(timesteps=list(s.timesteps), guidance_scale=g)
     else:
-        call.update(num_inference_steps=steps or 25, guidance_scale=guidance_scale or 1.0)
+        call.update(num_inference_steps=n, guidance_scale=g)
     if negative_prompt is not None:
         call["negative_prompt"] = [negative_prompt] * len(prompts)
     t0 = time.perf_counter()
     out = pipe(prompt=list(prompts), **call, **kwargs)
     return out.images, time.perf_counter() - t0
+
+
+def _plan(pipe: Any, steps: int | None, guidance: float | None) -> tuple[StepSampling | None, int, float]:
+    """What :func:`sample` runs for (``steps``, ``guidance``): the student's settings (None for a teacher), the
+    number of denoising steps and the guidance scale. Shared with :func:`nfe` so the count cannot drift from it."""
+    if getattr(pipe, "distill", None) is not None:
+        s = pipe.distill.get(steps)
+        return s, len(s.timesteps), s.guidance_scale if guidance is None else guidance
+    return None, steps or 25, guidance or 1.0
+
+
+def uses_cfg(pipe: Any, guidance: float) -> bool:
+    """Whether diffusers' SD/SDXL pipelines run classifier-free guidance at ``guidance`` (diffusers convention).
+
+    A UNet with a guidance embedding (``time_cond_proj_dim``: a full LCM student) takes the scale as an input
+    instead, so it runs no CFG; nor does guidance <= 1. Then a negative prompt has no effect either.
+    """
+    return guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+
+
+def nfe(pipe: Any, steps: int | None = None, guidance: float | None = None) -> int:
+    """UNet evaluations per image of ``sample(pipe, prompts, steps, guidance_scale=guidance)``.
+
+    One per step, two with CFG (diffusers' batched cond/uncond pass processes each image twice). The app reports it
+    and eval checks it against what its hooks count, so both state the cost the same way.
+    """
+    _, n, g = _plan(pipe, steps, guidance)
+    return n * (2 if uses_cfg(pipe, g) else 1)
+
+
+def hybrid_nfe(teacher: Any, student: Any, steps: int, teacher_guidance: float) -> int:
+    """UNet evaluations per image of :func:`distill_diffusion.hybrid.hybrid_sample`: the teacher's first step at
+    ``teacher_guidance``, then the student's remaining steps with its own guidance."""
+    _, n, g = _plan(student, steps, None)
+    return nfe(teacher, 1, teacher_guidance) + (n - 1) * (2 if uses_cfg(student, g) else 1)

@@ -23,7 +23,7 @@ from .config import method_object, to_yaml
 from .data import Stream, build_source
 from .errors import UserError
 from .method import Batch, Method, MethodSpec, RunContext, StepRNG
-from .models import Models, build_models, embedded_teacher_path
+from .models import Models, build_models
 
 
 class NonFiniteError(RuntimeError):
@@ -130,7 +130,7 @@ def build_trainer(cfg: Any, spec: MethodSpec, method_cls: type[Method], accelera
 
 
 def build_stream(cfg: Any, spec: MethodSpec, models: Models, accelerator: Any) -> Stream:
-    embedded = Path(models.teacher_path).resolve() == embedded_teacher_path().resolve()
+    embedded = artifacts.is_embedded_teacher(models.teacher_path)
     source = build_source(cfg.data, models.resolution, embedded, spec.needs_images)
     return Stream(source, cfg.seed, cfg.batch_size, accelerator.process_index, accelerator.num_processes,
                   cfg.gradient_accumulation_steps, cfg.data.empty_prompt_prob, load_images=spec.needs_images)
@@ -177,7 +177,7 @@ def resume(tr: Trainer, candidates: list[Path], out: Path) -> int:
 
 def start_run_folder(cfg: Any, out: Path, accelerator: Any, trackers: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    artifacts.atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    artifacts.atomic_write(out / "config.yaml", to_yaml(cfg))
     if trackers:
         accelerator.init_trackers("distill", config=_flat(cfg))
 
@@ -329,7 +329,7 @@ def write_memory(tr: Trainer, out: Path, rss_baseline: int) -> None:
            "student": tr.cfg.student, "method": tr.cfg.method_name}
     if torch.cuda.is_available():
         mem["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    artifacts.atomic_write_text(out / "memory.json", json.dumps(mem, indent=1))
+    artifacts.atomic_write(out / "memory.json", json.dumps(mem, indent=1))
 
 
 def export_and_validate(tr: Trainer, out: Path, step: int) -> None:

@@ -13,7 +13,6 @@ the reference is the test images. Bad input: one line ``error: ...`` on stderr a
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -125,33 +124,11 @@ def check_args(a: argparse.Namespace) -> None:
             raise UserError("guidance scales must be >= 0 (diffusers convention: 1 = no guidance)")
 
 
-def check_teacher(teacher: str) -> None:
-    """Fail early (one line) for a teacher that is not there; hub ids are checked when loading."""
-    from distill_diffusion.models import embedded_teacher_path, resolve_teacher
-
-    path = resolve_teacher(teacher)
-    if teacher in ("embedded", "", None) and not Path(path).is_dir():
-        raise UserError(f"the embedded teacher is missing ({embedded_teacher_path()}); build it with "
-                        "`python -m distill_diffusion.toy.train_teacher` or pass --teacher")
-    if Path(path).is_dir():
-        if not (Path(path) / "model_index.json").is_file():
-            raise UserError(f"teacher {teacher!r} is not a diffusers pipeline folder (no model_index.json)")
-    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise UserError(f"teacher {teacher!r} does not exist; give a diffusers pipeline folder or a hub id")
-
-
 def resolve_runs(a: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     """Read every run's sampling.json (UserError if missing) and settle the teacher."""
-    from distill_diffusion.artifacts import LORA_FILE, read_sampling, teacher_ref, weights_hash
+    from distill_diffusion.artifacts import check_run, check_teacher, teacher_ref, weights_hash
 
-    runs = []
-    for r in a.runs:
-        info = read_sampling(r)
-        folder = Path(r) / info.get("student_dir", "student")
-        need = folder / (LORA_FILE if info.get("student") == "lora" else "model_index.json")
-        if not need.is_file():  # checked here so a broken run fails before the teacher rows are paid for
-            raise UserError(f"{r}: missing {need.relative_to(r)}; the run did not finish exporting")
-        runs.append({"dir": r, "info": info})
+    runs = [{"dir": r, "info": check_run(r)} for r in a.runs]
     teacher = a.teacher
     if teacher is None:
         refs = {r["info"].get("teacher", "embedded") for r in runs}
@@ -181,13 +158,12 @@ def build_context(a: argparse.Namespace, teacher: str) -> Any:
     """Eval set, reference statistics, features, CLIP and zero-shot models; all input checks before heavy work."""
     import torch
 
-    from distill_diffusion.artifacts import weights_hash
-    from distill_diffusion.models import resolve_teacher
+    from distill_diffusion.artifacts import is_embedded_teacher, weights_hash
 
     from . import generate, metrics
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    embedded = Path(resolve_teacher(teacher)).resolve() == Path(resolve_teacher("embedded")).resolve()
+    embedded = is_embedded_teacher(teacher)
     n = a.num_images
     if a.prompts:
         es = generate.file_eval_set(a.prompts, n, a.seed, a.seeds_per_prompt)
@@ -264,7 +240,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
     rows = list(best)
     ref_teacher = max(best, key=lambda r: r["steps"])
     hybrid_g = a.teacher_guidance if a.teacher_guidance is not None else ref_teacher["guidance"]
-    from distill_diffusion.artifacts import load_student
+    from distill_diffusion.artifacts import SAMPLING_FILE, list_students, load_student
 
     skipped = []
     for r, name in zip(runs, unique_names([r["dir"] for r in runs])):
@@ -281,9 +257,9 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
                 rows.append(generate.evaluate_row(ctx, row, pipe))
         del pipe
         # Students a run exported on the way (TSCD's stages: sampling_student_S4.json next to student_S4/).
-        for extra in sorted(Path(r["dir"]).glob("sampling_*.json")):
-            stage = load_student(r["dir"], device=ctx.device, sampling_file=extra.name)
-            label = f"{name}/{extra.stem.removeprefix('sampling_')}"
+        for extra in [f for f in list_students(r["dir"]) if f != SAMPLING_FILE]:
+            stage = load_student(r["dir"], device=ctx.device, sampling_file=extra)
+            label = f"{name}/{Path(extra).stem.removeprefix('sampling_')}"
             for s in sorted(stage.distill.steps):
                 rows.append(generate.evaluate_row(ctx, generate.Row(label, "student", s, None, r["dir"], method),
                                                   stage))

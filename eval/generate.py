@@ -1,4 +1,4 @@
-"""What to generate (prompts, seeds, rows) and how: batched generation with NFE counting and component timing.
+"""What to generate (prompts, seeds, rows) and how: batched generation with component timing and an NFE check.
 
 Every row (teacher at a step count and guidance, a student at a step count, a hybrid) generates image i from
 prompt ``prompts[i]`` and seed ``seeds[i]``, so rows differ only by the model. Teacher rows are cached on disk under a
@@ -27,7 +27,7 @@ from distill_diffusion import artifacts
 from distill_diffusion.errors import UserError
 from distill_diffusion.hybrid import hybrid_sample
 
-from .metrics import to_uint8
+from .metrics import save_json, to_uint8
 
 MAX_CACHED_IMAGE_BYTES = 1 << 30  # teacher images above this are not kept (features and scores still are)
 
@@ -188,7 +188,8 @@ class ComponentTimer:
 
 @dataclass
 class Speed:
-    """Per-image cost of a row at ``batch_size``: measured NFE, median latency over full batches after a warm-up."""
+    """Per-image cost of a row at ``batch_size``: NFE (checked against the hooks), median latency over full batches
+    after a warm-up."""
 
     nfe: float
     latency_ms: float
@@ -245,13 +246,27 @@ class Generator:
                 self.batch_seconds.append((j - i, sec))
                 yield i, resize_images(imgs, self.image_size)
 
+    def nfe(self) -> int:
+        """The row's UNet evaluations per image as :mod:`distill_diffusion.artifacts` states them (the app's too)."""
+        r = self.row
+        if r.kind == "teacher":
+            return artifacts.nfe(self.teacher, r.steps, r.guidance)
+        if r.kind == "student":
+            return artifacts.nfe(self.student, r.steps)
+        return artifacts.hybrid_nfe(self.teacher, self.student, r.steps, r.guidance)
+
     def speed(self, batch_size: int) -> Speed:
+        """The row's cost; the NFE stated by :meth:`nfe` must be what the hooks counted, else the report is wrong."""
         n = sum(b for b, _ in self.batch_seconds)
         total = sum(s for _, s in self.batch_seconds)
         full = [s / b for b, s in self.batch_seconds if b == batch_size] or [s / b for b, s in self.batch_seconds]
         ms = {k: 1000 * v / n for k, v in self.timer.seconds.items()}
         ms["other"] = max(0.0, 1000 * total / n - sum(ms.values()))
-        return Speed(nfe=self.timer.unet_samples / n, latency_ms=1000 * statistics.median(full),
+        nfe = self.nfe()
+        if self.timer.unet_samples != nfe * n:
+            raise RuntimeError(f"{self.row.label} at {self.row.steps} steps: the hooks counted "
+                               f"{self.timer.unet_samples / n:g} UNet evaluations per image, artifacts.nfe says {nfe}")
+        return Speed(nfe=float(nfe), latency_ms=1000 * statistics.median(full),
                      images_per_s=n / total, batch_size=batch_size, ms_per_image=ms)
 
 
@@ -295,22 +310,15 @@ class TeacherCache:
 
     def write_meta(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write(self.path("meta.json"), json.dumps(self.meta, indent=1).encode())
+        save_json(self.path("meta.json"), self.meta)
 
     def save_array(self, name: str, arr: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(f".{name}.{os.getpid()}.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, self.path(name))
+        with artifacts.atomic_file(self.path(name)) as tmp:
+            np.save(tmp, arr)
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class ImageSink:
@@ -319,8 +327,8 @@ class ImageSink:
     def __init__(self, cache: TeacherCache | None, n: int) -> None:
         self.cache, self.n = cache, n
         self.arr: np.ndarray | None = None
-        self.tmp: Path | None = None
         self.enabled = cache is not None
+        self._file = contextlib.ExitStack()  # holds the atomic write of images.npy from the first batch to close()
 
     def add(self, start: int, images: np.ndarray) -> None:
         if not self.enabled:
@@ -331,15 +339,15 @@ class ImageSink:
                 self.enabled = False
                 return
             self.cache.dir.mkdir(parents=True, exist_ok=True)
-            self.tmp = self.cache.path(f".images.{os.getpid()}.npy")
-            self.arr = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=shape)
+            tmp = self._file.enter_context(artifacts.atomic_file(self.cache.path("images.npy")))
+            self.arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         self.arr[start : start + len(images)] = images
 
     def close(self) -> None:
         if self.enabled and self.arr is not None:
             self.arr.flush()
             del self.arr
-            os.replace(self.tmp, self.cache.path("images.npy"))
+            self._file.close()
 
 
 def cached_images(cache: TeacherCache, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -430,7 +438,7 @@ def evaluate_row(ctx: Context, row: Row, student: Any | None = None, es: EvalSet
 
     The result holds ``grid`` (the grid images, (G, H, W, 3) uint8) besides JSON-able numbers.
     """
-    from .metrics import row_scores, save_json
+    from .metrics import row_scores
 
     es = es or ctx.es
     cached = False

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distill_diffusion.artifacts import atomic_file, atomic_write
 from distill_diffusion.errors import UserError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's file name; it downloads to /tmp on Linux
@@ -436,10 +437,9 @@ def reference_stats(ref: Reference, fm: FeatureModel, cache_dir: Path | None, de
     mu, sigma = gaussian(feats)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, n=len(feats), feats=feats.astype(np.float32), feature_key=fm.key,
-                 source=ref.describe())
-        os.replace(tmp, cached)
+        with atomic_file(cached) as tmp:
+            np.savez(tmp, mu=mu, sigma=sigma, n=len(feats), feats=feats.astype(np.float32), feature_key=fm.key,
+                     source=ref.describe())
     return RefStats(mu, sigma, len(feats), feats, ref.describe(), fm.key)
 
 
@@ -616,6 +616,5 @@ def batches(n: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def save_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON atomically: a killed eval leaves the cache's old file or none, never half of one."""
+    atomic_write(path, json.dumps(obj, indent=1))

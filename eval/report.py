@@ -64,7 +64,7 @@ def meta(a: Any, command: str, ctx: Any, teacher: str, grid: list[float]) -> dic
         "batch_size": ctx.batch_size,
         "image_size": ctx.image_size,
         "latency": "median over full batches of (batch seconds / batch size) after one warm-up batch",
-        "nfe": "UNet samples per image, measured by a hook (a CFG step counts twice)",
+        "nfe": "UNet evaluations per image (a CFG step counts twice), as the app states them; a hook checks them",
         "grid_indices": es.grid,
         "grid_prompts": [es.prompts[i] for i in es.grid],
         "grid_seeds": [es.seeds[i] for i in es.grid],
