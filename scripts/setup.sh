@@ -20,7 +20,7 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-if ! .venv/bin/python -c "import distill_diffusion, torch, torchvision" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import distill_diffusion, torch, torchvision, xdist" >/dev/null 2>&1; then
   .venv/bin/pip install -q --upgrade pip
   # torch 2.14.1 / torchvision 0.29.1 come from the machine's local wheels here; 2.13.0 CPU breaks torchvision.
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
