@@ -51,6 +51,11 @@ class Cond:
 
         return Cond(s(self.prompt_embeds), s(self.pooled), s(self.time_ids))
 
+    def to(self, dtype: torch.dtype) -> Cond:
+        """The same conditioning with every tensor cast to ``dtype`` (a UNet held in bf16/fp16 needs its inputs so)."""
+        return Cond(self.prompt_embeds.to(dtype), None if self.pooled is None else self.pooled.to(dtype),
+                    None if self.time_ids is None else self.time_ids.to(dtype))
+
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 

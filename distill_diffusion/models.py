@@ -419,17 +419,19 @@ class Models:
         or (B,). Returns (B, C, h, w) in fp32.
         """
         with self.role(role) as net:
+            # Networks held in half precision take half-precision inputs; full students compute in their own fp32.
             dtype = self.weight_dtype if role == "teacher" or self.student_kind == "lora" else None
-            cast = (lambda x: x.to(dtype)) if dtype is not None else (lambda x: x)
-            fmt = self._latent_format
+
+            def prep(x: Tensor) -> Tensor:
+                return self._latent_format(x if dtype is None else x.to(dtype))
+
             if guidance is None or (not isinstance(guidance, Tensor) and guidance == 1.0):
-                out = self._call(net, fmt(cast(xt)), t, timestep_cond=timestep_cond,
-                                 **_cast_cond(cond, cast).unet_kwargs()).sample
-                return out.float()
+                c = cond if dtype is None else cond.to(dtype)
+                return self._call(net, prep(xt), t, timestep_cond=timestep_cond, **c.unet_kwargs()).sample.float()
             assert uncond is not None, "guidance needs the unconditional conditioning"
-            both = _cast_cond(cond.cat(uncond), cast)
+            both = cond.cat(uncond) if dtype is None else cond.cat(uncond).to(dtype)
             tc = None if timestep_cond is None else torch.cat([timestep_cond, timestep_cond])
-            out = self._call(net, fmt(cast(torch.cat([xt, xt]))), torch.cat([t, t]), timestep_cond=tc,
+            out = self._call(net, prep(torch.cat([xt, xt])), torch.cat([t, t]), timestep_cond=tc,
                              **both.unet_kwargs()).sample
             c, u = out.float().chunk(2)
             return schedule.cfg(u, c, guidance)
@@ -520,8 +522,3 @@ def no_checkpointing(net: nn.Module) -> Iterator[None]:
     finally:
         for m in mods:
             m.gradient_checkpointing = True
-
-
-def _cast_cond(c: Cond, cast: Any) -> Cond:
-    return Cond(cast(c.prompt_embeds), None if c.pooled is None else cast(c.pooled),
-                None if c.time_ids is None else cast(c.time_ids))

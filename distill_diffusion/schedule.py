@@ -1,17 +1,19 @@
 """Shared diffusion maths: one place for noising, parameterisation conversions, guidance and solver steps.
 
-Everything here is a pure function of tensors and the DDPM schedule ``alphas_cumprod`` (ᾱ, shape (T,)).
+Everything here is a pure function of tensors and the DDPM schedule ``alphas_cumprod`` (ᾱ, shape (T,)); the one
+exception, :func:`student_rollout`, also takes the student as a function x0 = G(x_t, t).
 Timesteps ``t`` are integer tensors of shape (B,) in [0, T). Latents are (B, C, H, W).
 Each function is tested against the diffusers scheduler that defines the same quantity (tests/test_schedule.py).
 
 Guidance convention: everywhere in this project a guidance scale ``w`` means the diffusers convention
 ``uncond + w (cond - uncond)`` (w = 1: no guidance). Papers that write ``cond + w' (cond - uncond)`` (LCM, PCM)
-convert at their edge with :func:`paper_to_diffusers_guidance`.
+convert at their edge with :func:`paper_to_diffusers_guidance`; :func:`paper_cfg` evaluates their form from our w.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -142,3 +144,77 @@ def solver_timesteps(num_train_timesteps: int, num_solver_steps: int) -> Tensor:
     """The skipping-step DDIM grid of LCM/PCM: (1..N) * k - 1 with k = T // N, ascending, shape (N,)."""
     k = num_train_timesteps // num_solver_steps
     return torch.arange(1, num_solver_steps + 1) * k - 1
+
+
+# ---- shared by several methods ----------------------------------------------------------------------------------
+
+
+def paper_cfg(uncond: Tensor, cond: Tensor, w: Tensor) -> Tensor:
+    """The teacher's guidance as LCM (eq. 8) and PCM write it, cond + ω (cond - uncond), with ω = w - 1.
+
+    Takes our diffusers-convention w (B,) like :func:`cfg` and equals it up to rounding; uncond, cond (B, ...).
+    """
+    omega = diffusers_to_paper_guidance(w)
+    return cond + omega.reshape(-1, *[1] * (cond.ndim - 1)) * (cond - uncond)
+
+
+def guided_ddim_step(
+    out_cond: Tensor, out_uncond: Tensor | None, xt: Tensor, t: Tensor, t_prev: Tensor, w: Tensor,
+    alphas_cumprod: Tensor, prediction_type: str,
+) -> Tensor:
+    """The teacher's guided DDIM solver step x_t -> x_{t_prev} of consistency distillation (LCM eq. 8; PCM sec. 3).
+
+    ``out_cond`` / ``out_uncond``: the network's raw outputs (B, C, h, w) at (x_t, t) for the prompt and the empty
+    prompt; both are turned into (x0, eps), guided with :func:`paper_cfg` (w (B,), diffusers convention) and stepped
+    with :func:`ddim_step`. ``out_uncond=None``: no guidance, the conditional prediction alone. Returns (B, C, h, w).
+    """
+    x0, eps = split_prediction(out_cond, xt, t, alphas_cumprod, prediction_type)
+    if out_uncond is not None:
+        x0_u, eps_u = split_prediction(out_uncond, xt, t, alphas_cumprod, prediction_type)
+        x0, eps = paper_cfg(x0_u, x0, w), paper_cfg(eps_u, eps, w)
+    return ddim_step(x0, eps, t_prev, alphas_cumprod)
+
+
+def renoise(x: Tensor, noise: Tensor, t_from: Tensor, t_to: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """Forward diffusion q(x_{t_to} | x_{t_from}) for t_to >= t_from (B,) (DDPM eq. 2 over several steps):
+    sqrt(r) x + sqrt(1 - r) noise with r = ᾱ(t_to) / ᾱ(t_from) (PCM's ``noise_travel``). x, noise (B, C, h, w).
+
+    From t_from < 0 (ᾱ = 1) it is :func:`add_noise`.
+    """
+    a_from, _ = alpha_sigma(t_from, alphas_cumprod)
+    a_to, _ = alpha_sigma(t_to, alphas_cumprod)
+    r = (a_to / a_from) ** 2
+    r = r.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+    return r.sqrt() * x + (1 - r).clamp(min=0).sqrt() * noise
+
+
+def consistency_distance(pred: Tensor, target: Tensor, loss_type: str = "huber", c: float = 0.001) -> Tensor:
+    """Per-sample consistency-training distance d(f_θ, f_θ⁻) (B,), averaged over pixels: ``huber`` is the
+    pseudo-Huber sqrt(d² + c²) - c (Song & Dhariwal 2023, sec. 3.3; LCM-LoRA, PCM), ``l2`` the squared error
+    (LCM eq. 10, Hyper-SD). pred, target (B, ...)."""
+    if loss_type == "l2":
+        return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+    return pseudo_huber(pred, target, c)
+
+
+def student_rollout(
+    predict_x0: Callable[[Tensor, Tensor], Tensor], x: Tensor, timesteps: Sequence[int], noises: Sequence[Tensor],
+    alphas_cumprod: Tensor,
+) -> Tensor:
+    """Multi-step sampling of a one-step student (consistency models' Alg. 1, Song et al. 2023; DMD2's backward
+    simulation, sec. 4.4; few-step SiD): the input of its step k = len(noises), (B, C, h, w).
+
+    x_0 = ``x`` at τ_0; for j < k: x̂0 = G(x_j, τ_j), x_{j+1} = sqrt(ᾱ_{τ_{j+1}}) x̂0 + sqrt(1 - ᾱ_{τ_{j+1}}) noises[j].
+    ``predict_x0(x, t)`` with t (B,) int64 returns G's x0; ``timesteps`` τ_0 > τ_1 > ... has at least k + 1 entries.
+    Run it under ``torch.no_grad`` for a rollout without gradient. With c_skip = 0 this is what ``LCMScheduler`` does
+    between sampling steps.
+    """
+    if len(timesteps) <= len(noises):
+        raise ValueError(f"{len(noises)} steps need {len(noises) + 1} timesteps, got {list(timesteps)}")
+    b = x.shape[0]
+    for j, noise in enumerate(noises):
+        t = torch.full((b,), timesteps[j], dtype=torch.long, device=x.device)
+        x0 = predict_x0(x, t)
+        t_next = torch.full((b,), timesteps[j + 1], dtype=torch.long, device=x.device)
+        x = add_noise(x0, noise, t_next, alphas_cumprod)
+    return x

@@ -28,7 +28,6 @@ GAN (DMD2 sec. 4.3, eq. 3-4): D(x_t, t) = head(bottleneck of μ_fake at (x_t, t)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 from distill_diffusion import schedule
 from distill_diffusion.errors import UserError
+from distill_diffusion.features import tap
 from distill_diffusion.method import (
     Batch,
     Cond,
@@ -141,60 +141,19 @@ def initial_latent(z: Tensor, t0: int, alphas_cumprod: Tensor, scaled: bool) -> 
     return z * math.sqrt(1.0 - float(alphas_cumprod[t0])) if scaled else z
 
 
-def simulate_input(
-    predict_x0: Callable[[Tensor, Tensor], Tensor], timesteps: list[int], k: int, noises: list[Tensor],
-    alphas_cumprod: Tensor,
-) -> Tensor:
-    """Backward simulation (DMD2 sec. 4.4): the generator's input at step k, (B, C, h, w).
-
-    x_0 = noises[0] (pure noise at t_0); for j < k: x̂ = G(x_j, t_j), x_{j+1} = α_{t_{j+1}} x̂ + σ_{t_{j+1}} noises[j+1].
-    ``predict_x0(x, t)`` with t (B,) returns G's x0; call under ``torch.no_grad``. Exactly what LCMScheduler does
-    between steps at sampling time.
-    """
-    x = noises[0]
-    b = x.shape[0]
-    for j in range(k):
-        t = torch.full((b,), timesteps[j], dtype=torch.long, device=x.device)
-        x0 = predict_x0(x, t)
-        t_next = torch.full((b,), timesteps[j + 1], dtype=torch.long, device=x.device)
-        x = schedule.add_noise(x0, noises[j + 1], t_next, alphas_cumprod)
-    return x
-
-
 # ---- the critic's bottleneck and the GAN head ---------------------------------------------------------------------
 
 
 def unet_bottleneck(unet: nn.Module, xt: Tensor, t: Tensor, cond: Cond) -> Tensor:
-    """A diffusers ``UNet2DConditionModel`` run up to and including its mid-block: (B, C_mid, h', w').
+    """A diffusers ``UNet2DConditionModel``'s mid-block output at (x_t, t): (B, C_mid, h', w').
 
-    diffusers' forward does not return the mid-block output, so this repeats the first half of
-    ``UNet2DConditionModel.forward`` (time embedding with SDXL's added text/time conditioning, conv_in, down blocks,
-    mid block) and stops; the up blocks never run.
+    The UNet's own forward, tapped at its mid block and stopped there: the up blocks never run.
     """
-    kw = cond.unet_kwargs()
-    ehs, added = kw["encoder_hidden_states"], kw.get("added_cond_kwargs")
     if unet.config.addition_embed_type == "image_hint":
         raise UserError("DMD2's GAN head does not support UNets with image_hint conditioning; set method.gan=false")
-    sample = 2 * xt - 1.0 if unet.config.center_input_sample else xt
-    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
-    class_emb = unet.get_class_embed(sample=sample, class_labels=None)
-    if class_emb is not None:
-        emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
-    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=added)
-    if aug is not None:
-        emb = emb + aug
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    ehs = unet.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=added)
-    h = unet.conv_in(sample)
-    for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
-        else:
-            h, _ = block(hidden_states=h, temb=emb)
-    if getattr(unet.mid_block, "has_cross_attention", False):
-        return unet.mid_block(h, emb, encoder_hidden_states=ehs)
-    return unet.mid_block(h, emb)
+    with tap(unet, ["mid_block"], stop_after_last=True) as feats:
+        unet(xt, t, **cond.unet_kwargs())
+    return feats["mid_block"]
 
 
 def bottleneck_shape(unet: nn.Module, latent_hw: int) -> tuple[int, int]:
@@ -288,8 +247,8 @@ class DMD2(Method):
         noises = [batch.rng.randn(m.latent_shape, f"dmd2-gen-noise-{j}") for j in range(k + 1)]
         noises[0] = initial_latent(noises[0], self.timesteps[0], m.alphas_cumprod, self.cfg.scaled_init_noise)
         with torch.no_grad():
-            return simulate_input(lambda x, t: m.predict("student", x, t, batch.cond)[0], self.timesteps, k, noises,
-                                  m.alphas_cumprod)
+            return schedule.student_rollout(lambda x, t: m.predict("student", x, t, batch.cond)[0], noises[0],
+                                            self.timesteps, noises[1:], m.alphas_cumprod)
 
     def generate(self, batch: Batch, grad: bool) -> tuple[Tensor, int]:
         """The generator's x0 at a keyed step k (with gradient when ``grad``), and k."""
@@ -318,8 +277,7 @@ class DMD2(Method):
         with m.role("critic") as net:
             lora = m.student_kind == "lora"
             dtype = next(net.parameters()).dtype if lora else x.dtype
-            c = Cond(cond.prompt_embeds.to(dtype), None if cond.pooled is None else cond.pooled.to(dtype),
-                     None if cond.time_ids is None else cond.time_ids.to(dtype))
+            c = cond.to(dtype)
             if train:
                 return head(unet_bottleneck(net, x.to(dtype), t, c))
             with frozen(m.parameters("critic") + list(head.parameters())), no_checkpointing(net):

@@ -64,23 +64,10 @@ class LCMConfig:
             raise UserError("method.sampling_steps must be positive and contain method.default_steps")
 
 
-def lcm_teacher_guidance(cond: Tensor, uncond: Tensor, w: Tensor) -> Tensor:
-    """The teacher's guided prediction of the paper, cond + ω (cond - uncond), with ω = w - 1 (w diffusers')."""
-    omega = schedule.diffusers_to_paper_guidance(w)
-    return cond + omega.reshape(-1, *[1] * (cond.ndim - 1)) * (cond - uncond)
-
-
 def consistency_output(xt: Tensor, x0: Tensor, t: Tensor, sigma_data: float, timestep_scaling: float) -> Tensor:
     """f(x, t) = c_skip(t) x + c_out(t) x̂0 (LCM eq. 9). xt, x0: (B, C, h, w); t: (B,)."""
     c_skip, c_out = schedule.boundary_scalings(t, sigma_data, timestep_scaling)
     return c_skip.reshape(-1, 1, 1, 1) * xt + c_out.reshape(-1, 1, 1, 1) * x0
-
-
-def lcm_loss(pred: Tensor, target: Tensor, loss_type: str = "huber", c: float = 0.001) -> Tensor:
-    """Per-sample consistency distance (B,): pseudo-Huber sqrt(d² + c²) - c, or squared error, averaged over pixels."""
-    if loss_type == "l2":
-        return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
-    return schedule.pseudo_huber(pred, target, c)
 
 
 class LCM(Method):
@@ -120,18 +107,15 @@ class LCM(Method):
 
         with torch.no_grad():
             # Teacher: one guided DDIM step, CFG in the paper's form on both x0 and eps (same forward, batched).
-            out_c_u = m.unet_out("teacher", torch.cat([x_tn, x_tn]), torch.cat([t_n, t_n]),
-                                 batch.cond.cat(batch.uncond))
-            x0_cu, eps_cu = schedule.split_prediction(out_c_u, torch.cat([x_tn, x_tn]), torch.cat([t_n, t_n]),
-                                                      m.alphas_cumprod, m.prediction_type)
-            x0_t = lcm_teacher_guidance(*x0_cu.chunk(2), w)
-            eps_t = lcm_teacher_guidance(*eps_cu.chunk(2), w)
-            x_prev = schedule.ddim_step(x0_t, eps_t, t_prev, m.alphas_cumprod)
+            out_c, out_u = m.unet_out("teacher", torch.cat([x_tn, x_tn]), torch.cat([t_n, t_n]),
+                                      batch.cond.cat(batch.uncond)).chunk(2)
+            x_prev = schedule.guided_ddim_step(out_c, out_u, x_tn, t_n, t_prev, w, m.alphas_cumprod,
+                                               m.prediction_type)
             # Target network at t_n - k on the teacher's result.
             x0_tgt, _ = m.predict("target", x_prev, t_prev, batch.cond, timestep_cond=w_cond)
             target = consistency_output(x_prev, x0_tgt, t_prev, c.sigma_data, c.timestep_scaling)
 
-        per_sample = lcm_loss(pred, target, c.loss_type, c.huber_c)
+        per_sample = schedule.consistency_distance(pred, target, c.loss_type, c.huber_c)
         loss, dropped = masked_mean(per_sample)
         return loss, {"nonfinite": float(dropped), "w": float(w.mean()), "t": float(t_n.float().mean())}
 

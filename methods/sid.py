@@ -218,29 +218,19 @@ class SiD(Method):
             return value.to(dev, torch.long)
         return torch.full((b,), int(value), dtype=torch.long, device=dev)
 
-    def guided(self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond,
-               scales: tuple[float, ...]) -> list[Tensor]:
-        """Raw outputs of ``role`` at (x_t, t), one per guidance scale κ: uncond + κ (cond − uncond).
+    def guided(self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float) -> Tensor:
+        """Raw output of ``role`` at (x_t, t) with guidance κ = ``scale``: uncond + κ (cond − uncond).
 
-        κ = 1 needs only the conditional forward, κ = 0 only the unconditional one; otherwise both run as one batched
-        forward and every scale is combined from it. xt (B, C, h, w), t (B,). Returns [(B, C, h, w)] * len(scales).
+        κ = 1 runs only the conditional forward, κ = 0 only the unconditional one; otherwise both run as one batched
+        forward (``Models.unet_out``'s CFG). xt (B, C, h, w), t (B,). Returns (B, C, h, w).
         """
-        m = self.models
-        need_c = any(s != 0 for s in scales)
-        need_u = any(s != 1 for s in scales)
-        c = u = None
-        if need_c and need_u:
-            both = m.unet_out(role, torch.cat([xt, xt]), torch.cat([t, t]), cond.cat(uncond))
-            c, u = both.chunk(2)
-        elif need_c:
-            c = m.unet_out(role, xt, t, cond)
-        else:
-            u = m.unet_out(role, xt, t, uncond)
-        return [c if s == 1 else u if s == 0 else schedule.cfg(u, c, s) for s in scales]
+        if scale == 0:
+            return self.models.unet_out(role, xt, t, uncond)
+        return self.models.unet_out(role, xt, t, cond, uncond, guidance=scale)
 
     def x0(self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float) -> Tensor:
         """x0 of ``role`` with guidance ``scale`` (CFG on the raw output; x0 is linear in it at fixed x_t, t)."""
-        out = self.guided(role, xt, t, cond, uncond, (scale,))[0]
+        out = self.guided(role, xt, t, cond, uncond, scale)
         return schedule.split_prediction(out, xt, t, self.models.alphas_cumprod, self.models.prediction_type)[0]
 
     def generate(self, batch: Batch, k: int, tag: str, grad: bool) -> tuple[Tensor, Tensor]:
@@ -251,14 +241,14 @@ class SiD(Method):
         as LCMScheduler does between sampling steps. Returns (x_g, x_in), both (B, C, h, w).
         """
         m, b = self.models, len(batch)
-        x0 = torch.zeros(b, *m.latent_shape, device=m.device)
-        x_in = x0
-        for i in range(k):
-            noise = batch.rng.randn(m.latent_shape, f"sid-{tag}-noise-{i}")
-            t = self._t(self.gen_t[i], b)
-            x_in = schedule.add_noise(x0, noise, t, m.alphas_cumprod).detach()
-            with torch.set_grad_enabled(grad and i == k - 1):
-                x0 = m.predict("student", x_in, t, batch.cond)[0]
+        noises = [batch.rng.randn(m.latent_shape, f"sid-{tag}-noise-{i}") for i in range(k)]
+        x_in = schedule.add_noise(torch.zeros(b, *m.latent_shape, device=m.device), noises[0],
+                                  self._t(self.gen_t[0], b), m.alphas_cumprod)
+        with torch.no_grad():
+            x_in = schedule.student_rollout(lambda x, t: m.predict("student", x, t, batch.cond)[0], x_in,
+                                            self.gen_t, noises[1:], m.alphas_cumprod)
+        with torch.set_grad_enabled(grad):
+            x0 = m.predict("student", x_in, self._t(self.gen_t[k - 1], b), batch.cond)[0]
         return x0, x_in
 
     # ---- the two losses --------------------------------------------------------------------------------------------
@@ -283,7 +273,7 @@ class SiD(Method):
             keep = batch.rng.rand("sid-critic-drop") >= self.dropout  # keyed per sample (reference: 10% -> "")
             cond = mix_cond(keep, batch.cond, batch.uncond)
             dropped = float((~keep).float().mean())
-        pred = self.guided("critic", xt, t, cond, batch.uncond, (self.kappa1,))[0]
+        pred = self.guided("critic", xt, t, cond, batch.uncond, self.kappa1)
         target = m.denoising_target(x_g, eps, t)
         per_sample = critic_loss(pred, target, t, m.alphas_cumprod, m.prediction_type)
         loss, bad = masked_mean(per_sample)

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from distill_diffusion import schedule
 from distill_diffusion.errors import UserError
+from distill_diffusion.features import tap, unet_block_names
 from distill_diffusion.method import (
     Batch,
     Cond,
@@ -172,12 +173,6 @@ def stage_index(step: int, ends: list[int]) -> int:
 # ---- the maths of one update -------------------------------------------------------------------------------------
 
 
-def paper_guidance(cond: Tensor, uncond: Tensor, w: Tensor) -> Tensor:
-    """The papers' teacher CFG cond + ω (cond - uncond) with ω = w - 1 (w diffusers'); cond, uncond (B, ...), w (B,)."""
-    omega = schedule.diffusers_to_paper_guidance(w)
-    return cond + omega.reshape(-1, *[1] * (cond.ndim - 1)) * (cond - uncond)
-
-
 def jump(x0: Tensor, eps: Tensor, t_to: Tensor, alphas_cumprod: Tensor) -> Tensor:
     """DDIM jump of a (x0, eps) prediction (B, C, h, w) to timesteps t_to (B,): sqrt(ᾱ) x0 + sqrt(1 - ᾱ) eps."""
     return schedule.ddim_step(x0, eps, t_to, alphas_cumprod)
@@ -194,23 +189,6 @@ def consistency_target(x_prev: Tensor, on_edge: Tensor, target_jump: Callable[[T
     if len(idx):
         target[idx] = target_jump(idx).to(target.dtype)
     return target
-
-
-def distance(pred: Tensor, target: Tensor, loss_type: str = "huber", c: float = 0.001) -> Tensor:
-    """Per-sample distance (B,): pseudo-Huber sqrt(d² + c²) - c, or squared error, averaged over pixels."""
-    if loss_type == "l2":
-        return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
-    return schedule.pseudo_huber(pred, target, c)
-
-
-def renoise(x: Tensor, noise: Tensor, t_from: Tensor, t_to: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """Forward diffusion q(x_{t_to} | x_{t_from}) for t_to >= t_from (B,): sqrt(r) x + sqrt(1 - r) noise with
-    r = ᾱ(t_to) / ᾱ(t_from) (PCM's ``noise_travel``). x, noise (B, C, h, w)."""
-    a_from, _ = schedule.alpha_sigma(t_from, alphas_cumprod)
-    a_to, _ = schedule.alpha_sigma(t_to, alphas_cumprod)
-    r = (a_to / a_from) ** 2
-    r = r.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
-    return r.sqrt() * x + (1 - r).clamp(min=0).sqrt() * noise
 
 
 def hinge_d_loss(fake_logits: list[Tensor], real_logits: list[Tensor]) -> Tensor:
@@ -235,31 +213,13 @@ def feature_channels(unet_config: Any, up_blocks: bool = True) -> list[int]:
     return ch + mid + (ch[::-1] if up_blocks else [])
 
 
-class _Enough(Exception):
-    """Raised by the last hook to skip the rest of a UNet forward whose output is not needed."""
-
-
 def unet_features(net: nn.Module, xt: Tensor, t: Tensor, cond: Cond, up_blocks: bool = True) -> list[Tensor]:
     """Outputs of every down block, the mid block and (``up_blocks``) every up block of a UNet2DConditionModel at
-    (x_t, t), each (B, C_l, h_l, w_l). Without the up blocks the forward stops after the last hooked block."""
-    feats: list[Tensor] = []
-    blocks = list(net.down_blocks) + ([net.mid_block] if net.mid_block is not None else [])
-    blocks += list(net.up_blocks) if up_blocks else []
-
-    def grab(m: nn.Module, _inp: Any, out: Any) -> None:
-        feats.append(out[0] if isinstance(out, tuple) else out)
-        if m is blocks[-1] and not up_blocks:
-            raise _Enough
-
-    handles = [b.register_forward_hook(grab) for b in blocks]
-    try:
+    (x_t, t), each (B, C_l, h_l, w_l). Without the up blocks the forward stops after the last tapped block."""
+    names = unet_block_names(net, up_blocks)
+    with tap(net, names, stop_after_last=not up_blocks) as feats:
         net(xt, t, **cond.unet_kwargs())
-    except _Enough:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return feats
+    return [feats[n] for n in names]
 
 
 class DiscriminatorHead(nn.Module):
@@ -354,13 +314,11 @@ class TSCD(Method):
         """One guided DDIM step of the teacher from t_n to t_prev (B,); CFG in the papers' form on x0 and eps."""
         m = self.models
         if self.cfg.w_max == 1.0:  # no CFG: the conditional prediction alone
-            x0, eps = m.predict("teacher", x_tn, t_n, batch.cond)
+            out_c, out_u = m.unet_out("teacher", x_tn, t_n, batch.cond), None
         else:
-            both_x, both_t = torch.cat([x_tn, x_tn]), torch.cat([t_n, t_n])
-            out = m.unet_out("teacher", both_x, both_t, batch.cond.cat(batch.uncond))
-            x0_cu, eps_cu = schedule.split_prediction(out, both_x, both_t, m.alphas_cumprod, m.prediction_type)
-            x0, eps = paper_guidance(*x0_cu.chunk(2), w), paper_guidance(*eps_cu.chunk(2), w)
-        return schedule.ddim_step(x0, eps, t_prev, m.alphas_cumprod)
+            out_c, out_u = m.unet_out("teacher", torch.cat([x_tn, x_tn]), torch.cat([t_n, t_n]),
+                                      batch.cond.cat(batch.uncond)).chunk(2)
+        return schedule.guided_ddim_step(out_c, out_u, x_tn, t_n, t_prev, w, m.alphas_cumprod, m.prediction_type)
 
     def consistency_pair(self, batch: Batch, n: Tensor, eps: Tensor, w: Tensor,
                          segments: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -398,8 +356,7 @@ class TSCD(Method):
         m = self.models
         with m.role("teacher") as net, no_checkpointing(net):
             dtype = next(net.parameters()).dtype
-            c = Cond(cond.prompt_embeds.to(dtype), None if cond.pooled is None else cond.pooled.to(dtype),
-                     None if cond.time_ids is None else cond.time_ids.to(dtype))
+            c = cond.to(dtype)
             if train_heads:
                 with torch.no_grad():
                     feats = unet_features(net, x.detach().to(dtype), t, c, self.cfg.adv_up_blocks)
@@ -425,20 +382,20 @@ class TSCD(Method):
             with torch.no_grad():
                 pred, target, edge, _ = self.consistency_pair(batch, n, eps, w, S)
             t_adv = self.adversarial_timesteps(batch, edge, S)
-            fake = renoise(pred, rng.randn(m.latent_shape, "tscd-adv-fake"), edge, t_adv, m.alphas_cumprod)
-            real = renoise(target, rng.randn(m.latent_shape, "tscd-adv-real"), edge, t_adv, m.alphas_cumprod)
+            fake = schedule.renoise(pred, rng.randn(m.latent_shape, "tscd-adv-fake"), edge, t_adv, m.alphas_cumprod)
+            real = schedule.renoise(target, rng.randn(m.latent_shape, "tscd-adv-real"), edge, t_adv, m.alphas_cumprod)
             per = hinge_d_loss(self.discriminate(fake, t_adv, batch.cond, True),
                                self.discriminate(real, t_adv, batch.cond, True))
             loss, dropped = masked_mean(per)
             return loss, {**logs, "nonfinite": float(dropped)}
 
         pred, target, edge, on_edge = self.consistency_pair(batch, n, eps, w, S)
-        per = distance(pred, target, c.loss_type, c.huber_c)
+        per = schedule.consistency_distance(pred, target, c.loss_type, c.huber_c)
         logs.update(consistency=float(per.detach().mean()), on_edge=float(on_edge.float().mean()),
                     t=float(self.solver_t[n].float().mean()), w=float(w.mean()))
         if c.adversarial and c.adv_weight > 0:
             t_adv = self.adversarial_timesteps(batch, edge, S)
-            fake = renoise(pred, rng.randn(m.latent_shape, "tscd-adv-fake"), edge, t_adv, m.alphas_cumprod)
+            fake = schedule.renoise(pred, rng.randn(m.latent_shape, "tscd-adv-fake"), edge, t_adv, m.alphas_cumprod)
             g = hinge_g_loss(self.discriminate(fake, t_adv, batch.cond, False))
             per = per + c.adv_weight * g
             logs["adv_g"] = float(g.detach().mean())

@@ -105,3 +105,92 @@ def test_pseudo_huber_closed_form():
 def test_solver_timesteps():
     t = schedule.solver_timesteps(1000, 50)
     assert t[0] == 19 and t[-1] == 999 and len(t) == 50
+
+
+# ---- the pieces several methods share ----------------------------------------------------------------------------
+
+
+def test_paper_cfg_is_the_papers_form_of_our_w():
+    c, u = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    w = torch.tensor([6.0, 1.0, 2.5])  # diffusers convention; LCM's / PCM's ω = w - 1
+    g = schedule.paper_cfg(u, c, w)
+    torch.testing.assert_close(g[0], c[0] + 5.0 * (c[0] - u[0]))
+    assert torch.equal(g[1], c[1])  # w = 1: no guidance, exactly the conditional prediction
+    torch.testing.assert_close(g, schedule.cfg(u, c, w))
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_guided_ddim_step_is_ddim_on_the_guided_output(ac, pred):
+    """x0 and eps are affine in the network output at fixed (x_t, t), so guiding them (the papers' form) and taking
+    the DDIM step is diffusers' DDIMScheduler.step on the CFG-combined output."""
+    s = DDIMScheduler(**SD, prediction_type=pred, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    s.set_timesteps(50)  # k = 20: the LCM / PCM skipping-step grid
+    xt, out_c, out_u = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    w = torch.tensor([3.0, 3.0])
+    for t in (int(s.timesteps[0]), int(s.timesteps[25])):
+        ref = s.step(schedule.cfg(out_u, out_c, 3.0), t, xt, eta=0.0).prev_sample
+        tt = torch.full((2,), t)
+        ours = schedule.guided_ddim_step(out_c, out_u, xt, tt, tt - 20, w, ac, pred)
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+        unguided = s.step(out_c, t, xt, eta=0.0).prev_sample
+        torch.testing.assert_close(schedule.guided_ddim_step(out_c, None, xt, tt, tt - 20, w, ac, pred), unguided,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_renoise_composes_forward_diffusion(ac):
+    x0, e1, e2 = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    t1, t2 = torch.tensor([100, 400]), torch.tensor([600, 400])
+    # from "before the first step" (ᾱ = 1) it is DDPMScheduler.add_noise
+    torch.testing.assert_close(schedule.renoise(x0, e1, torch.tensor([-1, -1]), t2, ac),
+                               DDPMScheduler(**SD).add_noise(x0, e1, t2))
+    # q(x_t2 | x_t1) after q(x_t1 | x0): x0 keeps sqrt(ᾱ_t2), the two noises' variances add up to 1 - ᾱ_t2
+    x2 = schedule.renoise(schedule.add_noise(x0, e1, t1, ac), e2, t1, t2, ac)
+    a1, a2 = ac[t1].reshape(-1, 1, 1, 1), ac[t2].reshape(-1, 1, 1, 1)
+    r = a2 / a1
+    expected = a2.sqrt() * x0 + (r * (1 - a1)).sqrt() * e1 + (1 - r).sqrt() * e2
+    torch.testing.assert_close(x2, expected)
+    torch.testing.assert_close(r * (1 - a1) + (1 - r), 1 - a2)
+    assert torch.equal(x2[1], schedule.add_noise(x0, e1, t1, ac)[1])  # t_to = t_from: unchanged
+
+
+def test_consistency_distance_closed_forms():
+    a, b = torch.zeros(1, 2), torch.tensor([[3.0, 4.0]])
+    c = 0.001
+    expected = ((9 + c * c) ** 0.5 - c + (16 + c * c) ** 0.5 - c) / 2
+    assert abs(float(schedule.consistency_distance(a, b, "huber", c)[0]) - expected) < 1e-5
+    assert abs(float(schedule.consistency_distance(a, b, "l2")[0]) - 12.5) < 1e-6
+    assert schedule.consistency_distance(torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)).shape == (5,)
+
+
+def test_student_rollout_closed_form(ac):
+    out = schedule.student_rollout(lambda x, t: 2 * x, torch.ones(1, 1), [9, 5], [torch.zeros(1, 1)], ac)
+    torch.testing.assert_close(out, ac[5].sqrt() * 2 * torch.ones(1, 1))
+    x = torch.randn(2, 3)
+    assert torch.equal(schedule.student_rollout(lambda x, t: 2 * x, x, [9], [], ac), x)  # step 0: the input itself
+    with pytest.raises(ValueError):
+        schedule.student_rollout(lambda x, t: x, x, [9], [torch.zeros(2, 3)], ac)
+
+
+def test_student_rollout_is_lcm_scheduler_between_steps(ac):
+    """LCMScheduler with c_skip ≈ 0 (timestep_scaling 1e4) takes the model's x0 and re-noises it with fresh noise
+    to the next timestep: the rollout's input at step k is its sample after k steps, given the same noise."""
+    ts = [999, 749, 499, 249]
+    s = LCMScheduler(**SD, timestep_scaling=1.0e4, original_inference_steps=1000)
+    s.set_timesteps(timesteps=ts)
+
+    def eps_model(x: torch.Tensor) -> torch.Tensor:
+        return 0.3 * x + 0.1
+
+    x_init = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    sample = x_init
+    for t in s.timesteps[:3]:
+        sample = s.step(eps_model(sample), t, sample, generator=g).prev_sample
+    g = torch.Generator().manual_seed(1)
+    noises = [torch.randn(x_init.shape, generator=g) for _ in range(3)]
+
+    def predict_x0(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return schedule.split_prediction(eps_model(x), x, t, ac, "epsilon")[0]
+
+    torch.testing.assert_close(schedule.student_rollout(predict_x0, x_init, ts, noises, ac), sample,
+                               atol=1e-5, rtol=1e-5)

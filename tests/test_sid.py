@@ -152,7 +152,7 @@ def test_guided_outputs_follow_the_diffusers_convention(tiny_teachers):
     with torch.no_grad():
         cond = models.unet_out("teacher", xt, t, batch.cond)
         unc = models.unet_out("teacher", xt, t, batch.uncond)
-        g1, g0, g25 = method.guided("teacher", xt, t, batch.cond, batch.uncond, (1.0, 0.0, 2.5))
+        g1, g0, g25 = (method.guided("teacher", xt, t, batch.cond, batch.uncond, s) for s in (1.0, 0.0, 2.5))
         ref = models.unet_out("teacher", xt, t, batch.cond, batch.uncond, guidance=2.5)
     torch.testing.assert_close(g1, cond, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g0, unc, atol=1e-5, rtol=1e-5)
