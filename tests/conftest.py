@@ -20,6 +20,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
+def _share_loaded_tokenizers() -> None:
+    """Every pipeline load reads the CLIP tokenizer's 49k-entry vocabulary again (0.6 s each; a training run loads
+    its teacher once, but the suite loads the same tiny teachers a few hundred times). Tests share one tokenizer
+    object per folder instead: nothing in the library mutates a tokenizer."""
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    for cls in (CLIPTokenizer, CLIPTokenizerFast):
+        load = cls.from_pretrained.__func__
+        cache: dict[tuple, object] = {}
+
+        def cached(klass, path, *args, _load=load, _cache=cache, **kwargs):
+            key = (klass, str(path), args, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+            if key not in _cache:
+                _cache[key] = _load(klass, path, *args, **kwargs)
+            return _cache[key]
+
+        cls.from_pretrained = classmethod(cached)
+
+
+_share_loaded_tokenizers()
+
+
 def _text_encoder(cls: type, hidden: int = 16, proj: int = 16) -> torch.nn.Module:
     from transformers import CLIPTextConfig
 

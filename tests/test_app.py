@@ -155,6 +155,7 @@ def test_hybrid_module_when_present(comp):
     assert warnings == [] and len(results[s0].images) == 2, status
 
 
+@pytest.mark.slow
 def test_gradio_api_end_to_end(comp):
     from gradio_client import Client
 
@@ -183,6 +184,7 @@ def test_gradio_api_end_to_end(comp):
         demo.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, text", [
     (["--runs", "/nonexistent/runs"], "runs folder '/nonexistent/runs' does not exist"),
     (["--teacher", "/nonexistent/teacher"], "teacher '/nonexistent/teacher' does not exist"),

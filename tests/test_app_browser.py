@@ -86,6 +86,7 @@ def drive_page(url: str, exe: str, profile: Path, keys: list[str], n: int, out: 
     return texts
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(tiny_teachers, tmp_path):
     exe = chromium_or_skip()
     from app.ui import build_app, create_comparison

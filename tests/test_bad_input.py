@@ -161,6 +161,7 @@ def test_bad_input(tool, case, argv, fragment, bad, capsys, monkeypatch):
     assert not (bad["root"] / "report").exists(), f"{case}: a report was started"
 
 
+@pytest.mark.slow
 def test_first_error_under_accelerate_launch_is_ours(tmp_path):
     """accelerate launch re-raises the child's exit status with its own traceback; our line must come before it."""
     import os

@@ -25,6 +25,7 @@ def _args(teacher: str, prompts: Path, out: Path, batch: int) -> list[str]:
             "learning_rate=1e-3", "checkpointing_steps=100", "adam_epsilon=1e-2"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate's launcher is not installed beside this python")
 def test_two_ranks_equal_one_process(tiny_teachers, tmp_path):
     prompts = tmp_path / "prompts.txt"

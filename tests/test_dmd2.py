@@ -338,6 +338,7 @@ def _train(args: list[str]) -> subprocess.CompletedProcess:
                           env=env)
 
 
+@pytest.mark.slow
 def test_train_py_run_and_second_stage(tiny_teachers, image_folder, tmp_path):
     """A four-step GAN run through train.py, then a second stage that starts the student and critic from it."""
     first = tmp_path / "first"

@@ -298,6 +298,7 @@ def _cli(runs, prompt_file, ref_folder, evaluator_dir, out, cache, *extra):
             "--out", str(out), "--cache-dir", str(cache), "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_report_for_two_runs_and_teacher_cache(runs, prompt_file, ref_folder, evaluator_dir, tmp_path):
     out, cache = tmp_path / "report", tmp_path / "cache"
     assert main(_cli(runs, prompt_file, ref_folder, evaluator_dir, out, cache, "--hybrid")) == 0

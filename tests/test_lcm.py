@@ -44,6 +44,7 @@ def _train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_train_py_lora_roundtrip_into_plain_diffusers(tiny_teachers, image_folder, tmp_path):
     """A run through train.py; its LoRA (alpha != rank) loads into a vanilla pipeline with load_lora_weights and
     the scheduler from sampling.json, and gives exactly the images of load_student."""

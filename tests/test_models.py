@@ -191,6 +191,7 @@ def test_channels_last_trains_with_the_same_loss(student, tiny_teachers, image_f
     assert (tmp_path / "on" / "sampling.json").is_file()
 
 
+@pytest.mark.slow
 def test_compile_trains_two_steps(tiny_teachers, image_folder, tmp_path, monkeypatch):
     """compile=true through the loop. Dynamo traces every UNet call (adapters, grad modes, batch sizes) with its
     "eager" backend here: inductor's C++ code generation took 7 minutes for these two steps on this CPU; the

@@ -64,6 +64,7 @@ def _run(args: list[str], crash_step: int | None = None) -> subprocess.Completed
     return subprocess.run([sys.executable, *cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume(tiny_teachers, image_folder, tmp_path):
     out = tmp_path / "run"
     r = _run(_args("lcm", tiny_teachers["sd"], image_folder, out, 6), crash_step=3)

@@ -303,6 +303,7 @@ def test_sampling_exports_every_prefix_of_the_training_steps(tiny_teachers):
 # ---- the real CLI ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_py_from_a_prompt_file_without_images(tiny_teachers, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\n\na green field\n")

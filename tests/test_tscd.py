@@ -314,6 +314,7 @@ def test_adversarial_generator_gradient_is_the_hinge_term(tiny_teachers):
 # ---- a run through train.py; every exported student samples ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_py_run_exports_every_stage(tiny_teachers, image_folder, tmp_path):
     out = tmp_path / "run"
     r = subprocess.run(
@@ -352,6 +353,7 @@ def test_train_py_run_exports_every_stage(tiny_teachers, image_folder, tmp_path)
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,teacher", [("sd15_lora.yaml", "sd"), ("sdxl_lora.yaml", "sdxl")])
 def test_published_configs_run_on_tiny_teachers(config, teacher, tiny_teachers, image_folder, tmp_path):
     """The SD1.5 / SDXL files (PCM's hyper-parameters; SDXL with the adversarial heads) run their staged schedule
