@@ -65,7 +65,7 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=lambda: [
         "a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain landscape"])
     validation_guidance: float = 7.5
-    validation_seeds: int = 4  # images per prompt in the validation grid
+    validation_seeds: int = 4  # images per prompt in the validation grid; 0: no grid (the run folder is written)
     logging_steps: int = 10
     report_to: str = "tensorboard"  # tensorboard | none
     max_nonfinite_steps: int = 20  # stop after this many skipped (non-finite) updates in a row
@@ -234,6 +234,7 @@ def validate(cfg: Any) -> None:
     need(cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit > 0,
          "checkpoints_total_limit must be at least 1 (or null for no limit)")
     need(cfg.validation_steps >= 0, "validation_steps must be 0 (end only) or positive")
+    need(cfg.validation_seeds >= 0, "validation_seeds must be 0 (no validation grid) or positive")
     need(cfg.report_to in ("tensorboard", "none"), f"report_to={cfg.report_to!r}: tensorboard or none")
     need(0.0 <= cfg.data.empty_prompt_prob <= 1.0, "data.empty_prompt_prob must be in [0, 1]")
     need(cfg.resolution is None or cfg.resolution > 0, "resolution must be positive")

@@ -337,6 +337,8 @@ def export_and_validate(tr: Trainer, out: Path, step: int) -> None:
     cfg = tr.cfg
     artifacts.save_run(tr.models, cfg.method_name, tr.method.sampling(), out, cfg_yaml=to_yaml(cfg),
                        extra={"step": step})
+    if cfg.validation_seeds == 0:
+        return
     grid = _validation_grid(out, list(cfg.validation_prompts), cfg.validation_seeds, cfg.validation_guidance,
                             tr.models)
     path = out / "validation" / f"step_{step:06d}.png"

@@ -72,10 +72,11 @@ def test_memory_json_counts_one_base_copy_with_lora(name, tiny_teachers, image_f
         out = tmp_path / student
         cfg, _ = parse_config(["--method", name, f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
                                f"student={student}", "lora_rank=2", "max_steps=2", "batch_size=2", f"output_dir={out}",
-                               "report_to=none", "validation_seeds=1", "method.student_update_every=1"
+                               "report_to=none", "validation_seeds=0", "method.student_update_every=1"
                                if name == "dmd2" else "seed=0"], METHODS)
         train(cfg, METHODS[name])
         mem[student] = json.loads((out / "memory.json").read_text())
+        assert not (out / "validation").exists()  # validation_seeds=0: the run folder without a grid
     lora, full = mem["lora"], mem["full"]
     for role, b in lora["trainable_bytes"].items():
         assert b > 0 and lora["optimizer_state_bytes"][role] >= 2 * b

@@ -177,7 +177,7 @@ def _train_losses(tiny_teachers, image_folder, out, *extra):
 
     cfg, _ = parse_config(["--method", "lcm", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
                            "max_steps=2", "batch_size=2", "lora_rank=2", "lora_alpha=4", f"output_dir={out}",
-                           "report_to=none", "validation_seeds=1", "logging_steps=1", *extra], METHODS)
+                           "report_to=none", "validation_seeds=0", "logging_steps=1", *extra], METHODS)
     train(cfg, METHODS["lcm"])
     return [json.loads(line)["student/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
