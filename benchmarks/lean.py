@@ -119,6 +119,22 @@ def micro_rows(repeats: int) -> list[dict[str, Any]]:
     rows.append(row("CFG: cond + uncond teacher passes in one forward", f"teacher UNet, batch {B}: two forwards "
                     f"of {B} vs one of {2 * B}", b, a, status="already in"))
 
+    xt2, t2 = torch.cat([xt, xt]), torch.cat([t, t])
+    with torch.no_grad():
+        def wrapped() -> None:  # the teacher as it ran before issue 23: peft's layers with adapters disabled
+            m._activate(m._base_active, True)
+            try:
+                m.unet(xt2, t2, **both.unet_kwargs())
+            finally:
+                m._activate(m._base_active, False)
+
+        def tied() -> None:
+            m.unet_out("teacher", xt2, t2, both)
+
+        b, a = ab(wrapped, tied, repeats)
+    rows.append(row("teacher forward through a weight-tied plain UNet (issue 23)", f"batch {2 * B} (CFG): the "
+                    "LoRA-wrapped base with adapters disabled vs a plain UNet on the same tensors", b, a))
+
     def per_step() -> None:
         m.pipe.encode_prompt(prompts, m.device, 1, True, negative_prompt=None)
 

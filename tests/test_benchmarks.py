@@ -73,7 +73,7 @@ def test_reference_lcm_shard_timing_and_matched_settings(tmp_path):
                                           "huber_c", "num_ddim_timesteps", "threads")},
                         "lora_targets": R.LORA_TARGETS, "w_ours": [1.5, 3.0], "w_script": [0.5, 2.0]}}
     md = "\n".join(R.markdown_section(res))
-    assert "| 0.550 | 0.500, 0.600 |" in md and "**0.50**" in md and "0.50×" in md and ": met." in md
+    assert "| 0.550 | 0.500, 0.600 |" in md and "**0.50**" in md and "0.50×, met." in md
     # Spliced into BENCHMARKS.md before the sampling section, once, whatever else the file holds.
     bench = tmp_path / "B.md"
     bench.write_text("# B\n\n## Training\n\nt\n\n## Sampling\n\ns\n")
@@ -90,6 +90,8 @@ def test_reference_lcm_shard_timing_and_matched_settings(tmp_path):
     assert list(cfg.lora_targets) == R.LORA_TARGETS == DEFAULT_LORA_TARGETS and cfg.mixed_precision == "no"
     assert (cfg.learning_rate, cfg.lr_warmup_steps, cfg.method.huber_c, cfg.method.loss_type) == (5e-4, 50, 1e-3,
                                                                                                     "huber")
+    cfg16, _ = parse_config(R.ours_argv(tmp_path / "o", 40, bf16=True)[2:], METHODS)
+    assert cfg16.mixed_precision == "bf16" and cfg16.batch_size == 32  # our bf16 option, else the same work
     ref = R.reference_argv(*(tmp_path / x for x in "wstxyo"), "off", steps=40)
     flag = {ref[i]: ref[i + 1] for i in range(5, len(ref) - 1) if ref[i].startswith("--")}
     assert flag["--lora_target_modules"].split(",") == R.LORA_TARGETS and flag["--train_batch_size"] == "32"
