@@ -91,3 +91,34 @@ def test_resume_latest_skips_broken_checkpoint(tiny_teachers, image_folder, tmp_
     train(cfg, METHODS["lcm"])
     printed = capsys.readouterr().out
     assert "skipping checkpoint" in printed and "checkpoint-4" in printed and "resumed from" in printed
+
+
+def test_checkpoint_keyed_by_position_still_resumes(tiny_teachers, image_folder, tmp_path, capsys):
+    """Checkpoints written before tensors were keyed by name (``<role>/<i>``) resume to the same student."""
+    from safetensors.torch import save_file
+
+    from distill_diffusion import checkpoints
+    from distill_diffusion.config import method_object
+    from distill_diffusion.models import build_models
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, full, 4), METHODS)
+    train(cfg, METHODS["lcm"])
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, part, 2), METHODS)
+    train(cfg, METHODS["lcm"])
+    ck = part / "checkpoints" / "checkpoint-2" / "trainable.safetensors"
+    named = load_file(str(ck))
+    order = list(checkpoints.role_tensors(build_models(cfg, METHODS["lcm"].spec(method_object(cfg), "lora"))))
+    old, seen = {}, {}
+    for k in order:  # the old layout: the i-th tensor of each role, in the models' parameter order
+        role = k.split("/", 1)[0]
+        old[f"{role}/{seen.setdefault(role, 0)}"] = named[k]
+        seen[role] += 1
+    save_file(old, str(ck))
+    capsys.readouterr()
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, part, 4, "resume=latest",
+                                "allow_overwrite=true"), METHODS)
+    train(cfg, METHODS["lcm"])
+    assert "resumed from" in capsys.readouterr().out  # not skipped and restarted at step 0
+    a, b = _student(full), _student(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
