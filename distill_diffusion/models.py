@@ -314,11 +314,11 @@ class Models:
     def role(self, name: str) -> Iterator[nn.Module]:
         """Make ``name`` the active role of the shared UNet and yield the module to call.
 
-        With LoRA, every adapter layer's active adapter (or "disabled", for the teacher) is set directly and the
-        previous state restored on exit; nothing else changes, in particular no ``requires_grad`` (peft's
-        ``set_adapter`` / ``enable_adapters`` rewrite it for every adapter tensor, 15-20 ms a switch on the embedded
-        teacher's 129 LoRA layers; ``requires_grad`` is :meth:`trainable`'s alone). Entering the role that is
-        already active costs nothing.
+        With LoRA, the teacher is a plain network on the base's own tensors (:func:`tied_plain_unet`: no adapter
+        switch at all); for other roles every adapter layer's active adapter is set directly and the previous state
+        restored on exit; nothing else changes, in particular no ``requires_grad`` (peft's ``set_adapter`` /
+        ``enable_adapters`` rewrite it for every adapter tensor at every switch: BENCHMARKS.md's lean section
+        measures the cost; ``requires_grad`` is :meth:`trainable`'s alone). Entering the active role costs nothing.
         Target roles with ``decay=None`` run the source's weights; callers wrap them in ``torch.no_grad``.
         A headless role has no network: its context changes nothing (its loss picks the roles it calls).
         """
