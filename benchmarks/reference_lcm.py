@@ -395,8 +395,8 @@ def markdown_section(ref: dict[str, Any]) -> list[str]:
               "text encoder on the B captions every step, ours encodes each distinct caption once and reuses it "
               "(frozen encoder; 30 distinct captions here), so ours skips a small 2-layer text encoder forward; the "
               "script decodes PNGs from the shard in a DataLoader worker process (work in a second process), ours "
-              "indexes decoded tensors in memory; the script's teacher is a separate plain UNet, ours is the shared "
-              "base UNet with its adapters disabled (peft's layers skip the adapter); ours also checks every "
+              "indexes decoded tensors in memory; the script's teacher is a separate plain UNet, ours a plain UNet "
+              "whose tensors are the LoRA base's own (no copy, no peft wrappers); ours also checks every "
               "gradient for finiteness and draws per-sample keyed noise (for bit-identical resume).",
           *(["", *ref["notes"]] if ref.get("notes") else []), END]
     return L
