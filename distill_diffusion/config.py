@@ -152,10 +152,14 @@ def _default_files(args: argparse.Namespace, file_values: dict[str, Any], name: 
     """The teacher's own values (configs/teachers/<name>.yaml: validation prompts and guidance), then, with no
     --config, the method's values tuned for the embedded teacher (configs/<method>/default.yaml). The dataclass
     defaults stay the paper's."""
+    from .models import embedded_teacher_path
+
     teacher = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("teacher=")), None)
     teacher = teacher or file_values.get("teacher") or "embedded"
     files = []
-    if teacher.replace("-", "_").isidentifier():  # a name such as "embedded", never a path or hub id
+    if Path(teacher).expanduser().resolve() == embedded_teacher_path().resolve():  # its folder, given as a path
+        files.append(CONFIG_DIR / "teachers" / "embedded.yaml")
+    elif teacher.replace("-", "_").isidentifier():  # a name such as "embedded", never a path or hub id
         files.append(CONFIG_DIR / "teachers" / f"{teacher}.yaml")
     if not args.config and teacher == "embedded":
         files.append(CONFIG_DIR / name / "default.yaml")

@@ -79,3 +79,15 @@ def test_mixed_precision_no_is_not_false():
     assert cfg.mixed_precision == "no"
     cfg, _ = parse_config(["--method", "lcm", "mixed_precision=fp16"], METHODS)
     assert cfg.mixed_precision == "fp16"
+
+
+def test_teacher_defaults_by_name_or_path(tmp_path):
+    """configs/teachers/embedded.yaml applies to teacher=embedded and to the embedded folder given as a path, not to
+    another teacher."""
+    from distill_diffusion.models import embedded_teacher_path
+
+    for teacher in ("embedded", str(embedded_teacher_path())):
+        cfg, _ = parse_config(["--method", "lcm", f"teacher={teacher}"], METHODS)
+        assert cfg.validation_guidance == 3.0 and "a trouser" in cfg.validation_prompts, teacher
+    cfg, _ = parse_config(["--method", "lcm", f"teacher={tmp_path}"], METHODS)
+    assert cfg.validation_guidance == 7.5 and "a trouser" not in cfg.validation_prompts
