@@ -63,7 +63,7 @@ def row(item: str, how: str, before: float, after: float, unit: str = "ms", stat
 @contextlib.contextmanager
 def _old_role(m: Any, name: str) -> Iterator[Any]:
     """``Models.role`` as it was before this change (commit cadd282), kept here to measure it."""
-    saved = [(p, p.requires_grad) for n, p in m.unet.named_parameters() if "lora_" in n]
+    saved = [(p, p.requires_grad) for n, p in m.denoiser.named_parameters() if "lora_" in n]
     prev_active, prev_disabled = m._base_active, m._tuners[0].disable_adapters
     adapter = m.targets[name].source if name in m.targets and m.targets[name].decay is None else name
     try:
@@ -75,7 +75,7 @@ def _old_role(m: Any, name: str) -> Iterator[Any]:
                 layer.enable_adapters(True)
                 layer.set_adapter(adapter)
             m._base_active = adapter
-        yield m.unet
+        yield m.denoiser
     finally:
         for layer in m._tuners:
             layer.enable_adapters(True)
@@ -109,11 +109,11 @@ def micro_rows(repeats: int) -> list[dict[str, Any]]:
 
     with torch.no_grad():
         def two() -> None:
-            m.unet_out("teacher", xt, t, cond)
-            m.unet_out("teacher", xt, t, uncond)
+            m.net_out("teacher", xt, t, cond)
+            m.net_out("teacher", xt, t, uncond)
 
         def one() -> None:
-            m.unet_out("teacher", torch.cat([xt, xt]), torch.cat([t, t]), both)
+            m.net_out("teacher", torch.cat([xt, xt]), torch.cat([t, t]), both)
 
         b, a = ab(two, one, repeats)
     rows.append(row("CFG: cond + uncond teacher passes in one forward", f"teacher UNet, batch {B}: two forwards "
@@ -124,15 +124,15 @@ def micro_rows(repeats: int) -> list[dict[str, Any]]:
         def wrapped() -> None:  # the teacher as it ran before issue 23: peft's layers with adapters disabled
             m._activate(m._base_active, True)
             try:
-                m.unet(xt2, t2, **both.unet_kwargs())
+                m.family.forward(m.denoiser, xt2, t2, both)
             finally:
                 m._activate(m._base_active, False)
 
         def tied() -> None:
-            m.unet_out("teacher", xt2, t2, both)
+            m.net_out("teacher", xt2, t2, both)
 
         b, a = ab(wrapped, tied, repeats)
-    rows.append(row("teacher forward through a weight-tied plain UNet (issue 23)", f"batch {2 * B} (CFG): the "
+    rows.append(row("teacher forward through a weight-tied plain network (issue 23)", f"batch {2 * B} (CFG): the "
                     "LoRA-wrapped base with adapters disabled vs a plain UNet on the same tensors", b, a))
 
     def per_step() -> None:
@@ -147,11 +147,11 @@ def micro_rows(repeats: int) -> list[dict[str, Any]]:
 
     def with_grad() -> None:
         with m.trainable("student"):
-            m.unet_out("target", xt, t, cond)
+            m.net_out("target", xt, t, cond)
 
     def without() -> None:
         with m.trainable("student"), torch.no_grad():
-            m.unet_out("target", xt, t, cond)
+            m.net_out("target", xt, t, cond)
 
     b, a = ab(with_grad, without, repeats)
     rows.append(row("detached targets under torch.no_grad", f"LCM's target forward (student adapter, batch {B}, its "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .families import family_of
 from .method import SamplingSpec, StepSampling
 from .models import embedded_teacher_path, load_pipeline, resolve_teacher
 
@@ -144,15 +145,14 @@ def save_student(models: Any, folder: Path, spec: SamplingSpec, role: str = "stu
     if models.student_kind == "lora":
         from peft.utils import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(models.unet, adapter_name=role)
+        state = get_peft_model_state_dict(models.denoiser, adapter_name=role)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        meta = models.unet.peft_config[role].to_dict()
-        type(pipe).save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=meta,
-                                     weight_name=LORA_FILE)
+        meta = models.denoiser.peft_config[role].to_dict()
+        type(pipe).save_lora_weights(folder, **models.family.lora_save_kwargs(state, meta), weight_name=LORA_FILE)
     else:
         net = models.net(role)
-        comps = {**pipe.components, "unet": net, "scheduler": make_scheduler(pipe.scheduler.config,
-                                                                             spec.steps[spec.default_steps])}
+        comps = {**pipe.components, models.family.denoiser: net,
+                 "scheduler": make_scheduler(pipe.scheduler.config, spec.steps[spec.default_steps])}
         full = type(pipe)(**comps)
         cl = getattr(models, "channels_last", False)
         if cl:  # safetensors writes contiguous tensors only; the weights go back to channels-last afterwards
@@ -175,6 +175,7 @@ def save_run(models: Any, method_name: str, spec: SamplingSpec, out: str | Path,
         "format": 1,
         "method": method_name,
         "pipeline": type(models.pipe).__name__,
+        "family": models.family.name,
         "teacher": teacher_ref(models.teacher_path),
         "teacher_hash": weights_hash(models.teacher_path),
         "student": models.student_kind,
@@ -182,6 +183,7 @@ def save_run(models: Any, method_name: str, spec: SamplingSpec, out: str | Path,
         "lora": models.lora_config or None,
         "resolution": models.resolution,
         "prediction_type": models.prediction_type,
+        "schedule": models.schedule.kind,
         **spec_to_json(spec),
         **(extra or {}),
     }
@@ -197,7 +199,12 @@ def save_run(models: Any, method_name: str, spec: SamplingSpec, out: str | Path,
 def model_card(info: dict[str, Any], out: Path) -> str:
     steps = ", ".join(info["steps"])
     d = info["steps"][str(info["default_steps"])]
-    ts = d["timesteps"]
+    if d.get("sigmas") is not None:  # flow schedules: the exact sigmas; flow pipelines never scale the start noise
+        run = f"sigmas={d['sigmas']}"
+        scale = ""
+    else:
+        run = f"timesteps={d['timesteps']}"
+        scale = f"pipe.scheduler.init_noise_sigma = {d['init_noise_scale']}  # the initial latent's scale\n"
     load = (
         f"pipe = {info['pipeline']}.from_pretrained(TEACHER)\n"
         f"pipe.load_lora_weights(\"{out}/student\")\n" if info["student"] == "lora"
@@ -218,8 +225,7 @@ Supported step counts: {steps} (default {info['default_steps']}). Sampling setti
 import torch
 from diffusers import {info['pipeline']}, {d['scheduler']}
 {load}pipe.scheduler = {d['scheduler']}.from_config(pipe.scheduler.config, **{d['scheduler_kwargs']!r})
-pipe.scheduler.init_noise_sigma = {d['init_noise_scale']}  # the initial latent's scale
-image = pipe("a photo of a sneaker", timesteps={ts}, guidance_scale={d['guidance_scale']}).images[0]
+{scale}image = pipe("a photo of a sneaker", {run}, guidance_scale={d['guidance_scale']}).images[0]
 ```
 Or, with distill-diffusion installed: `pipe = distill_diffusion.load_student("{out}")`.
 """
@@ -353,25 +359,32 @@ def configure(pipe: Any, steps: int | None = None) -> StepSampling:
     return s
 
 
-# DDIM's timestep spacing for the teacher's reference rows. SD-style configs say "leading", which starts 1 step at
-# t = 1 and 4 steps at t = 751, never at the last timestep: a few-step teacher baseline would be broken by
-# construction. "trailing" starts at T - 1 (999, 749, 499, 249 for 4 steps; Lin et al. 2024, "Common Diffusion Noise
-# Schedules and Sample Steps are Flawed", table 2), the fair baseline at every step count.
+# DDIM's timestep spacing for the reference rows of VP teachers (``families.StableDiffusion.pipe_teacher_scheduler``
+# says why); flow teachers keep their own FlowMatchEulerDiscreteScheduler.
 TEACHER_SPACING = "trailing"
 
 
 def load_teacher(teacher: str = "embedded", device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, base: Any = None) -> Any:
-    """The teacher pipeline with a DDIM scheduler (eta 0, :data:`TEACHER_SPACING`), for reference rows.
+                 dtype: torch.dtype = torch.float32, base: Any = None, resolution: int | None = None) -> Any:
+    """The teacher pipeline with its family's reference scheduler (VP: DDIM eta 0, :data:`TEACHER_SPACING`; flow:
+    its own flow scheduler), for reference rows. ``resolution``: the image side its rows use (a run's training
+    resolution; default the pipeline's own).
 
     ``base``: the teacher already in memory (see :func:`load_student`), used instead of loading it from disk."""
-    from diffusers import DDIMScheduler
-
     pipe = load_pipeline(teacher, dtype) if base is None else base
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=TEACHER_SPACING)
+    pipe.scheduler = family_of(pipe).pipe_teacher_scheduler(pipe)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    pipe.distill_resolution = resolution
     return pipe
+
+
+def pipe_resolution(pipe: Any) -> int:
+    """The image side a pipeline samples at: a student's training resolution, a teacher's requested one, or the
+    pipeline's own default."""
+    run = getattr(pipe, "distill", None)
+    res = run.info.get("resolution") if run is not None else getattr(pipe, "distill_resolution", None)
+    return int(res or family_of(pipe).pipe_resolution(pipe))
 
 
 @torch.no_grad()
@@ -380,20 +393,21 @@ def sample(pipe: Any, prompts: list[str], steps: int | None = None, seeds: list[
            output_type: str = "pil", **kwargs: Any) -> tuple[Any, float]:
     """Generate one image per prompt with per-image seeds; students use their run's settings for ``steps``.
 
-    Returns (images, seconds). A pipeline without ``pipe.distill`` is a teacher: DDIM with ``steps`` steps.
+    Returns (images, seconds). A pipeline without ``pipe.distill`` is a teacher: its reference scheduler with
+    ``steps`` steps.
     """
     seeds = list(range(len(prompts))) if seeds is None else seeds
     gens = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds]
-    res = kwargs.pop("height", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    res = kwargs.pop("height", None) or pipe_resolution(pipe)
     call: dict[str, Any] = {"height": res, "width": res, "generator": gens, "output_type": output_type}
     s, n, g = _plan(pipe, steps, guidance_scale)
     if s is not None:
         pipe.scheduler = make_scheduler(pipe.scheduler.config, s)
-        call.update(timesteps=list(s.timesteps), guidance_scale=g)
+        call.update(s.call_kwargs())
     else:
-        call.update(num_inference_steps=n, guidance_scale=g)
-    if negative_prompt is not None:
-        call["negative_prompt"] = [negative_prompt] * len(prompts)
+        call.update(num_inference_steps=n)
+    neg = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    call.update(family_of(pipe).pipe_guidance_kwargs(pipe, g, neg))
     t0 = time.perf_counter()
     out = pipe(prompt=list(prompts), **call, **kwargs)
     return out.images, time.perf_counter() - t0
@@ -409,16 +423,16 @@ def _plan(pipe: Any, steps: int | None, guidance: float | None) -> tuple[StepSam
 
 
 def uses_cfg(pipe: Any, guidance: float) -> bool:
-    """Whether diffusers' SD/SDXL pipelines run classifier-free guidance at ``guidance`` (diffusers convention).
-
-    A UNet with a guidance embedding (``time_cond_proj_dim``: a full LCM student) takes the scale as an input
-    instead, so it runs no CFG; nor does guidance <= 1. Then a negative prompt has no effect either.
+    """Whether the pipeline runs classifier-free guidance (a second, unconditional pass) at ``guidance`` (diffusers
+    convention). A network with a guidance embedding (a full LCM student's ``time_cond_proj_dim``, FLUX.1-dev's
+    ``guidance_embeds``) takes the scale as an input instead, so it runs no CFG; nor does guidance <= 1. Then a
+    negative prompt has no effect either.
     """
-    return guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    return family_of(pipe).pipe_uses_cfg(pipe, guidance)
 
 
 def nfe(pipe: Any, steps: int | None = None, guidance: float | None = None) -> int:
-    """UNet evaluations per image of ``sample(pipe, prompts, steps, guidance_scale=guidance)``.
+    """Network evaluations per image of ``sample(pipe, prompts, steps, guidance_scale=guidance)``.
 
     One per step, two with CFG (diffusers' batched cond/uncond pass processes each image twice). The app reports it
     and eval checks it against what its hooks count, so both state the cost the same way.
@@ -428,7 +442,7 @@ def nfe(pipe: Any, steps: int | None = None, guidance: float | None = None) -> i
 
 
 def hybrid_nfe(teacher: Any, student: Any, steps: int, teacher_guidance: float) -> int:
-    """UNet evaluations per image of :func:`distill_diffusion.hybrid.hybrid_sample`: the teacher's first step at
+    """Network evaluations per image of :func:`distill_diffusion.hybrid.hybrid_sample`: the teacher's first step at
     ``teacher_guidance``, then the student's remaining steps with its own guidance."""
     _, n, g = _plan(student, steps, None)
     return nfe(teacher, 1, teacher_guidance) + (n - 1) * (2 if uses_cfg(student, g) else 1)

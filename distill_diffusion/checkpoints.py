@@ -170,16 +170,18 @@ def init_student(models: Models, run: str) -> None:
             from peft.utils import set_peft_model_state_dict
 
             sd = load_file(str(folder / artifacts.LORA_FILE))
-            sd = {k.removeprefix("unet."): v for k, v in sd.items()}
-            res = set_peft_model_state_dict(models.unet, sd, adapter_name="student")
+            prefix = f"{models.family.denoiser}."
+            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+            res = set_peft_model_state_dict(models.denoiser, sd, adapter_name="student")
             if getattr(res, "unexpected_keys", None):
                 raise UserError(f"init_from={run!r}: its LoRA does not fit this config's lora_targets/rank")
         else:
-            f = folder / "unet" / "diffusion_pytorch_model.safetensors"
+            f = folder / models.family.denoiser / "diffusion_pytorch_model.safetensors"
             try:
                 models.net("student").load_state_dict(load_file(str(f)))
             except RuntimeError:
-                raise UserError(f"init_from={run!r}: its UNet does not match this student's architecture") from None
+                raise UserError(f"init_from={run!r}: its {models.family.denoiser} does not match this student's "
+                                "architecture") from None
 
 
 def init_roles(models: Models, extras: dict[str, nn.Module], run: str, roles: list[str]) -> None:

@@ -35,8 +35,10 @@ import numpy as np
 import torch
 
 from . import schedule
-from .artifacts import configure
+from .artifacts import configure, pipe_resolution
 from .errors import UserError
+from .families import family_of
+from .method import StepSampling
 
 
 def _ddim_first_step_scheduler(base_config: Any, t_to: int) -> Any:
@@ -71,22 +73,47 @@ def _ddim_first_step_scheduler(base_config: Any, t_to: int) -> Any:
     return sched
 
 
-@torch.no_grad()
-def teacher_first_step(teacher: Any, prompts: list[str], t_from: int, t_to: int,
-                       generators: list[torch.Generator], teacher_guidance: float) -> torch.Tensor:
-    """The teacher's guided DDIM step from pure noise at ``t_from`` to ``t_to``: latents x_{t_to}, (B, C, h, w).
+def _euler_first_step_scheduler(base_config: Any, sigma_to: float) -> Any:
+    """Flow teachers: a FlowMatchEulerDiscreteScheduler that runs the one sigma it is given, unshifted, and steps
+    from it to ``sigma_to`` (Euler x + (σ' − σ) v: the (x0, ε) DDIM jump in flow form) instead of to 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    Runs through the teacher pipeline itself (its own prompt encoding, SDXL conditioning and CFG) with a one-step
+    class _FirstStepEuler(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
+                          sigmas: list[float] | None = None, mu: float | None = None, **_: Any) -> None:
+            if sigmas is None or len(sigmas) != 1:
+                raise ValueError("the hybrid's teacher step needs one explicit sigma")
+            self.num_inference_steps = 1
+            self.sigmas = torch.tensor([float(sigmas[0]), self.sigma_to], dtype=torch.float32, device=device)
+            self.timesteps = self.sigmas[:1] * self.config.num_train_timesteps
+            self._step_index, self._begin_index = None, None
+
+    sched = _FirstStepEuler.from_config(base_config, shift=1.0, use_dynamic_shifting=False)
+    sched.sigma_to = float(sigma_to)
+    return sched
+
+
+@torch.no_grad()
+def teacher_first_step(teacher: Any, prompts: list[str], first: StepSampling, generators: list[torch.Generator],
+                       teacher_guidance: float, res: int) -> torch.Tensor:
+    """The teacher's guided deterministic step (DDIM; flow: Euler) from pure noise at the student's first timestep to
+    its second (``first``: the student's schedule): latents at the second, in the pipeline's own latent layout.
+
+    Runs through the teacher pipeline itself (its own prompt encoding, conditioning and CFG) with a one-step
     scheduler, and returns the latents before any VAE decode. The initial noise is drawn from ``generators`` (one
     per image), which are left advanced past it.
     """
     saved = teacher.scheduler
-    teacher.scheduler = _ddim_first_step_scheduler(saved.config, t_to)
+    if first.sigmas is not None:
+        teacher.scheduler = _euler_first_step_scheduler(saved.config, first.sigmas[1])
+        where: dict[str, Any] = {"sigmas": [first.sigmas[0]]}
+    else:
+        teacher.scheduler = _ddim_first_step_scheduler(saved.config, int(first.timesteps[1]))
+        where = {"timesteps": [int(first.timesteps[0])]}
     try:
-        gens = generators
-        res = teacher.unet.config.sample_size * teacher.vae_scale_factor
-        out = teacher(prompt=list(prompts), timesteps=[int(t_from)], guidance_scale=teacher_guidance,
-                      generator=gens, height=res, width=res, output_type="latent")
+        call = family_of(teacher).pipe_guidance_kwargs(teacher, teacher_guidance, None)
+        out = teacher(prompt=list(prompts), **where, **call, generator=generators, height=res, width=res,
+                      output_type="latent")
     finally:
         teacher.scheduler = saved
     return out.images
@@ -111,21 +138,28 @@ def hybrid_sample(teacher: Any, student: Any, prompts: list[str], steps: int, se
         raise UserError("hybrid sampling needs steps >= 2: the teacher takes the first of the student's steps and "
                         "the student the rest, so a 1-step schedule leaves the student nothing to do")
     s = configure(student, steps)
-    taus = [int(t) for t in s.timesteps]
-    if len(taus) < 2:
-        raise UserError(f"the run's {steps}-step schedule has {len(taus)} timestep(s); hybrid sampling needs >= 2")
-    if teacher.unet.config.in_channels != student.unet.config.in_channels or \
+    if len(s.timesteps) < 2:
+        raise UserError(f"the run's {steps}-step schedule has {len(s.timesteps)} timestep(s); hybrid sampling needs "
+                        ">= 2")
+    t_net, s_net = family_of(teacher).pipe_net(teacher), family_of(student).pipe_net(student)
+    if type(teacher) is not type(student) or t_net.config.in_channels != s_net.config.in_channels or \
             teacher.vae_scale_factor != student.vae_scale_factor:
         raise UserError("the teacher and the student do not share a latent space; use the run's own teacher")
+    res = pipe_resolution(student)
     t0 = time.perf_counter()
     # One generator per image, used first for z (by the teacher's pipeline) and then for any fresh noise the
     # student's scheduler draws (LCM/TCD re-noising): the same draw sequence as the student's own sampling.
     gens = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds]
-    x = teacher_first_step(teacher, prompts, taus[0], taus[1], gens, teacher_guidance)
-    # The student's pipeline multiplies given latents by its scheduler's init_noise_sigma: undo that so it starts
-    # exactly from x_{τ_2}.
-    latents = x.to(student.unet.device, student.unet.dtype) / float(student.scheduler.init_noise_sigma)
-    res = student.unet.config.sample_size * student.vae_scale_factor
-    out = student(prompt=list(prompts), timesteps=taus[1:], guidance_scale=s.guidance_scale, latents=latents,
-                  generator=gens, height=res, width=res, output_type=output_type)
+    x = teacher_first_step(teacher, prompts, s, gens, teacher_guidance, res)
+    latents = x.to(s_net.device, s_net.dtype)
+    if s.sigmas is None:
+        # SD pipelines multiply given latents by their scheduler's init_noise_sigma: undo that so the student starts
+        # exactly from x_{τ_2} (flow pipelines take given latents as they are).
+        latents = latents / float(student.scheduler.init_noise_sigma)
+        rest: dict[str, Any] = {"timesteps": [int(t) for t in s.timesteps[1:]]}
+    else:
+        rest = {"sigmas": list(s.sigmas[1:])}
+    call = family_of(student).pipe_guidance_kwargs(student, s.guidance_scale, None)
+    out = student(prompt=list(prompts), **rest, **call, latents=latents, generator=gens, height=res, width=res,
+                  output_type=output_type)
     return out.images, time.perf_counter() - t0

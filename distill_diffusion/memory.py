@@ -34,7 +34,7 @@ def _nbytes(t: torch.Tensor) -> int:
 def counted(models: Any, extras: dict[str, nn.Module], params: dict[str, list[nn.Parameter]],
             optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
     """Bytes of parameters (trainable per role, frozen), gradients and optimizer states, each tensor counted once."""
-    modules = [getattr(models.pipe, n, None) for n in ("unet", "text_encoder", "text_encoder_2", "vae")]
+    modules = [m for m in models.pipe.components.values() if isinstance(m, nn.Module)]
     modules += list(models._nets.values()) + list(extras.values())
     seen: dict[int, int] = {}
     for m in modules:

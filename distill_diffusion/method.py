@@ -20,41 +20,44 @@ if TYPE_CHECKING:
 
 @dataclass
 class Cond:
-    """Text conditioning for a batch, as every UNet call needs it.
+    """Text conditioning for a batch, in whatever form the teacher's family feeds its network
+    (``distill_diffusion.families``).
 
-    prompt_embeds: (B, L, D); pooled: (B, D2) SDXL ``text_embeds`` or None; time_ids: (B, 6) SDXL ``add_time_ids``
-    or None.
+    prompt_embeds: (B, L, D); pooled: (B, D2) pooled text embedding (SDXL ``text_embeds``, SD3
+    ``pooled_projections``, FLUX ``pooled_projections``) or None; time_ids: (B, 6) SDXL ``add_time_ids`` or None;
+    mask: (B, L) attention mask of the prompt tokens (SANA) or None.
     """
 
     prompt_embeds: Tensor
     pooled: Tensor | None = None
     time_ids: Tensor | None = None
+    mask: Tensor | None = None
 
-    def unet_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"encoder_hidden_states": self.prompt_embeds}
-        if self.pooled is not None:
-            kw["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
-        return kw
+    def _map(self, fn: Any, other: Cond | None = None) -> Cond:
+        names = ("prompt_embeds", "pooled", "time_ids", "mask")
+        vals = [getattr(self, n) for n in names]
+        others = [getattr(other, n) for n in names] if other is not None else [None] * len(names)
+        return Cond(*[None if a is None else fn(n, a, b) for n, a, b in zip(names, vals, others)])
 
     def cat(self, other: Cond) -> Cond:
         """Concatenate along the batch (used to run cond and uncond in one forward)."""
-
-        def c(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-            return None if a is None else torch.cat([a, b])
-
-        return Cond(c(self.prompt_embeds, other.prompt_embeds), c(self.pooled, other.pooled),
-                    c(self.time_ids, other.time_ids))
+        return self._map(lambda _n, a, b: torch.cat([a, b]), other)
 
     def index(self, idx: Tensor | slice) -> Cond:
-        def s(a: Tensor | None) -> Tensor | None:
-            return None if a is None else a[idx]
+        return self._map(lambda _n, a, _b: a[idx])
 
-        return Cond(s(self.prompt_embeds), s(self.pooled), s(self.time_ids))
+    def where(self, keep: Tensor, other: Cond) -> Cond:
+        """Per sample, this conditioning where ``keep`` (B,) is True, else ``other``'s (same shapes)."""
+
+        def pick(_n: str, a: Tensor, b: Tensor) -> Tensor:
+            return torch.where(keep.to(a.device).reshape(-1, *[1] * (a.ndim - 1)), a, b.to(a.dtype))
+
+        return self._map(pick, other)
 
     def to(self, dtype: torch.dtype) -> Cond:
-        """The same conditioning with every tensor cast to ``dtype`` (a UNet held in bf16/fp16 needs its inputs so)."""
-        return Cond(self.prompt_embeds.to(dtype), None if self.pooled is None else self.pooled.to(dtype),
-                    None if self.time_ids is None else self.time_ids.to(dtype))
+        """The same conditioning with its float tensors cast to ``dtype`` (a network held in bf16/fp16 needs its
+        inputs so); the attention mask keeps its dtype."""
+        return self._map(lambda n, a, _b: a if n == "mask" else a.to(dtype))
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
@@ -122,11 +125,16 @@ class Batch:
 class StepSampling:
     """How a student samples at one step count (diffusers scheduler + explicit timesteps)."""
 
-    scheduler: str  # a diffusers scheduler class name, e.g. "LCMScheduler"
-    timesteps: list[int]  # explicit timesteps, in sampling order
+    scheduler: str  # a diffusers scheduler class name, e.g. "LCMScheduler", "FlowMatchLCMScheduler"
+    timesteps: list[Any]  # explicit timesteps, in sampling order (flow schedules: σ · T, informative)
     guidance_scale: float = 1.0  # diffusers convention; for full LCM students it feeds the guidance embedding
     scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     init_noise_scale: float = 1.0  # the initial latent is init_noise_scale * N(0, I)
+    sigmas: list[float] | None = None  # flow schedules: the exact sigmas passed to the pipeline (``sigmas=``)
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """What a diffusers pipeline call takes to run these steps: ``sigmas=`` (flow) or ``timesteps=`` (VP)."""
+        return {"sigmas": list(self.sigmas)} if self.sigmas is not None else {"timesteps": list(self.timesteps)}
 
 
 @dataclass
@@ -168,7 +176,8 @@ class MethodSpec:
     copy): their trainable tensors are the method's :meth:`Method.extra_modules` (TSCD's heads on teacher
     features). targets: target networks by name. needs_images: False for data-free methods (prompts suffice).
     checkpointing_safe: True when no gradient flows through another role's (checkpointed) forward.
-    student_overrides: network config changes for a full student (LCM's guidance embedding). init_roles: the roles
+    student_guidance_embedding: a full student that also embeds the guidance scale (LCM's w-conditioning), of this
+    size; the family builds it where its architecture can (UNets: ``time_cond_proj_dim``). init_roles: the roles
     ``init_from`` starts from the earlier run (the student from its export, any other from its last checkpoint).
     """
 
@@ -177,7 +186,7 @@ class MethodSpec:
     targets: dict[str, TargetSpec] = field(default_factory=dict)
     needs_images: bool = True
     checkpointing_safe: bool = True
-    student_overrides: dict[str, Any] = field(default_factory=dict)
+    student_guidance_embedding: int | None = None
     init_roles: tuple[str, ...] = ("student",)
 
 

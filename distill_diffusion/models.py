@@ -1,8 +1,10 @@
 """Load a teacher pipeline and build the trainable roles around it.
 
 Roles: ``student`` and optionally ``critic`` (trainable), ``teacher`` (frozen), plus target networks (no gradient).
-With ``student=lora`` every trainable role is a peft LoRA adapter on the one shared base UNet and the teacher is that
-UNet with adapters disabled: one copy of the base weights. With ``student=full`` each trainable role is a full copy.
+The network is the teacher family's denoiser (a UNet or a transformer; :mod:`distill_diffusion.families` knows how
+to call it) and the schedule is the family's (:mod:`distill_diffusion.schedule`). With ``student=lora`` every
+trainable role is a peft LoRA adapter on the one shared base network and the teacher is that network's base
+weights: one copy of them. With ``student=full`` each trainable role is a full copy.
 Roles are switched only through :meth:`Models.role`, which sets the active adapter on every LoRA layer directly and
 restores it on exit; it never touches ``requires_grad`` (peft's ``set_adapter`` / ``enable_adapters`` would rewrite
 it on every switch), which belongs to :meth:`Models.trainable` alone.
@@ -26,14 +28,8 @@ from torch import Tensor, nn
 from . import schedule
 from .encoders import Encoders
 from .errors import UserError
+from .families import FAMILIES, family_for, supported
 from .method import Cond, MethodSpec, TargetSpec
-
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-# LoRA targets of diffusers' LCM-LoRA reference (attention, feed-forward, resnets, resamplers, time projections).
-DEFAULT_LORA_TARGETS = [
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-]
 
 
 def embedded_teacher_path() -> Path:
@@ -47,7 +43,8 @@ def resolve_teacher(teacher: str) -> str:
 
 
 def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32) -> Any:
-    """Load a diffusers SD-family pipeline from a folder or hub id; UserError with what to do when that fails."""
+    """Load a diffusers pipeline of a supported family from a folder or hub id; UserError with what to do when that
+    fails, naming the supported families for any other class."""
     from diffusers import DiffusionPipeline
 
     path = resolve_teacher(teacher)
@@ -56,8 +53,8 @@ def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32) -> Any:
             raise UserError(f"teacher {path!r} is not a diffusers pipeline folder (no model_index.json); "
                             "give a folder written by save_pretrained or a hub id")
         cls_name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
-        if cls_name not in SUPPORTED_PIPELINES:
-            raise UserError(f"teacher {path!r} is a {cls_name}; supported: {', '.join(SUPPORTED_PIPELINES)}")
+        if cls_name not in FAMILIES:
+            raise UserError(f"teacher {path!r} is a {cls_name}; supported: {supported()}")
     elif os.path.exists(path):
         raise UserError(f"teacher {path!r} is a file, not a diffusers pipeline folder")
     elif path.startswith((".", "/", "~")) or path.count("/") != 1:
@@ -74,15 +71,15 @@ def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32) -> Any:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load teacher {path!r} ({first[:200]}); offline machines need a local folder "
                         "(set HF_HUB_OFFLINE=1 and use a downloaded pipeline)") from None
-    if type(pipe).__name__ not in SUPPORTED_PIPELINES:
-        raise UserError(f"teacher {path!r} is a {type(pipe).__name__}; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    if type(pipe).__name__ not in FAMILIES:
+        raise UserError(f"teacher {path!r} is a {type(pipe).__name__}; supported: {supported()}")
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     return pipe
 
 
-def tied_plain_unet(wrapped: nn.Module) -> nn.Module:
-    """A plain copy of a LoRA-wrapped UNet's architecture whose parameters and buffers ARE the wrapped model's base
+def tied_plain_net(wrapped: nn.Module) -> nn.Module:
+    """A plain copy of a LoRA-wrapped network's architecture whose parameters and buffers ARE the wrapped model's base
     tensors (the same objects: no extra memory, and an in-place change of one is a change of the other).
 
     The teacher's forwards of a LoRA run go through it instead of peft's wrappers with adapters disabled: the same
@@ -107,7 +104,7 @@ def tied_plain_unet(wrapped: nn.Module) -> nn.Module:
         plain.set_attn_processor(dict(wrapped.attn_processors))
     left = [n for n, t in list(plain.named_parameters()) + list(plain.named_buffers()) if t.is_meta]
     if left:
-        raise RuntimeError(f"tied_plain_unet: no base tensor for {left[:3]}")
+        raise RuntimeError(f"tied_plain_net: no base tensor for {left[:3]}")
     return plain.eval()
 
 
@@ -118,11 +115,12 @@ def _tuner_layers(module: nn.Module) -> list[nn.Module]:
 
 
 class Models:
-    """The teacher pipeline's frozen parts, and the roles built from its UNet.
+    """The teacher pipeline's frozen parts, and the roles built from its denoising network.
 
-    Attributes: ``pipe`` (the teacher pipeline; its UNet is the shared base), ``alphas_cumprod`` (T,),
-    ``prediction_type``, ``num_train_timesteps``, ``latent_shape`` (C, h, w), ``resolution`` (pixels),
-    ``is_sdxl``, ``student_kind`` ("lora" or "full").
+    Attributes: ``pipe`` (the teacher pipeline; its network ``denoiser`` is the shared base), ``family``
+    (:class:`distill_diffusion.families.Family`), ``schedule`` (VP or flow), ``prediction_type``,
+    ``num_train_timesteps``, ``latent_shape`` (C, h, w), ``resolution`` (pixels), ``student_kind`` ("lora" or
+    "full"), ``student_w_embedding`` (a full student that embeds the guidance scale, LCM's w-conditioning).
     """
 
     def __init__(
@@ -134,13 +132,13 @@ class Models:
         lora_rank: int = 16,
         lora_alpha: float = 16,
         lora_targets: list[str] | None = None,
-        unet_overrides: dict[str, Any] | None = None,
+        guidance_embedding_dim: int | None = None,
         resolution: int | None = None,
         device: torch.device | str = "cpu",
         weight_dtype: torch.dtype = torch.float32,
         headless_roles: tuple[str, ...] = (),
         channels_last: bool = False,
-        compile_unets: bool = False,
+        compile_nets: bool = False,
     ) -> None:
         self.device, self.weight_dtype = torch.device(device), weight_dtype
         self.teacher_path = resolve_teacher(teacher)
@@ -155,39 +153,31 @@ class Models:
         self.lora_config: dict[str, Any] = {}
         self._nets: dict[str, nn.Module] = {}  # full mode: role -> module
         self._lora_lists: dict[str, list[nn.Parameter]] = {}  # LoRA mode: adapter -> its tensors
-        self.unet = self.pipe.unet
+        self.denoiser = self.family.net
+        self.student_w_embedding = False
         self._teacher_net: nn.Module | None = None  # LoRA students: the base's weights without the LoRA wrappers
         if student == "lora":
             self._build_lora(lora_rank, lora_alpha, lora_targets)
         elif student == "full":
-            self._build_full(unet_overrides)
+            self._build_full(guidance_embedding_dim)
         else:
             raise UserError(f"student={student!r}: choose 'lora' or 'full'")
-        self.encoders = Encoders(self.pipe, self.device, self.resolution, self.vae_scaling)
-        self._speed_flags(channels_last, compile_unets)
+        self.encoders = Encoders(self.family)
+        self._speed_flags(channels_last, compile_nets)
 
     # ---- building ------------------------------------------------------------------------------------------------
     def _read_teacher(self, resolution: int | None) -> None:
-        """Schedule and shape facts of the teacher: ᾱ (T,), prediction type, latent shape (C, h, w), VAE scaling."""
-        from diffusers import DDPMScheduler
-
-        self.is_sdxl = type(self.pipe).__name__ == "StableDiffusionXLPipeline"
-        sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
-        self.prediction_type = sched.config.prediction_type
-        self.num_train_timesteps = sched.config.num_train_timesteps
-        unet = self.pipe.unet
-        self.vae_scale_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-        self.resolution = resolution or unet.config.sample_size * self.vae_scale_factor
-        h = self.resolution // self.vae_scale_factor
-        self.latent_shape = (unet.config.in_channels, h, h)
-        self.vae_scaling = self.pipe.vae.config.scaling_factor
+        """The teacher's family (how to call it), its schedule and its latent shape (C, h, w)."""
+        self.family = family_for(type(self.pipe).__name__)(self.pipe, resolution, self.device)
+        self.schedule = self.family.make_schedule()
+        self.prediction_type = self.schedule.prediction_type
+        self.num_train_timesteps = self.schedule.num_train_timesteps
+        self.resolution, self.latent_shape = self.family.resolution, self.family.latent_shape
 
     def _freeze_teacher(self) -> None:
         """Frozen parts: never in an optimizer. SDXL's VAE overflows in fp16, so VAEs stay fp32."""
-        for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
-            m = getattr(self.pipe, name, None)
-            if m is not None:
+        for name, m in self.pipe.components.items():
+            if isinstance(m, nn.Module):
                 m.requires_grad_(False).eval()
                 want = torch.float32 if name == "vae" else self.weight_dtype
                 m.to(self.device) if m.dtype == want else m.to(self.device, want)
@@ -200,8 +190,8 @@ class Models:
         architecture (LCM-LoRA has no guidance embedding), so student overrides do not apply."""
         from peft import LoraConfig
 
-        unet, networked = self.unet, self._networked()
-        targets_list = list(lora_targets or DEFAULT_LORA_TARGETS)
+        net, networked = self.denoiser, self._networked()
+        targets_list = list(lora_targets or self.family.lora_targets)
         self.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": targets_list}
         adapters = networked + [n for n, s in self.targets.items() if s.decay is not None]
         with warnings.catch_warnings():
@@ -209,77 +199,69 @@ class Models:
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             for name in adapters:
                 # init_lora_weights=True: B = 0, so every adapter starts exactly at the teacher.
-                unet.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=name)
-        self._tuners = _tuner_layers(unet)
+                net.add_adapter(LoraConfig(init_lora_weights=True, **self.lora_config), adapter_name=name)
+        self._tuners = _tuner_layers(net)
         if not self._tuners:
-            raise UserError(f"lora_targets {targets_list} match no module of the teacher's UNet; "
+            raise UserError(f"lora_targets {targets_list} match no module of the teacher's {type(net).__name__}; "
                             "name Linear/Conv2d modules such as to_q, to_k, to_v, to_out.0")
         # LoRA tensors train in fp32 even when the frozen base is in half precision.
-        for n, p in unet.named_parameters():
+        for n, p in net.named_parameters():
             if "lora_" in n:
                 p.data = p.data.float()
-        unet.set_adapter(networked[0])
+        net.set_adapter(networked[0])
         self._base_active, self._base_disabled = networked[0], False
         for name, spec in self.targets.items():
             if spec.decay is not None:
                 self._copy_adapter(spec.source, name)
-        self._teacher_net = tied_plain_unet(unet)
+        self._teacher_net = tied_plain_net(net)
         # Each adapter's LoRA tensors, listed once (the Parameter objects never change; loads copy into them).
-        for n, p in unet.named_parameters():
+        for n, p in net.named_parameters():
             for a in [a for a in networked + list(self.targets) if "lora_" in n and f".{a}." in n + "."]:
                 self._lora_lists.setdefault(a, []).append(p)
 
-    def _build_full(self, overrides: dict[str, Any] | None) -> None:
-        """A trainable copy per networked role (the student's with ``overrides``), a frozen copy per EMA target."""
+    def _build_full(self, guidance_embedding_dim: int | None) -> None:
+        """A trainable copy per networked role (the student's with a guidance embedding when asked and the family
+        can), a frozen copy per EMA target."""
         for role in self._networked():
-            self._nets[role] = self._full_copy(self.unet, overrides if role == "student" else None)
+            dim = guidance_embedding_dim if role == "student" else None
+            net, embeds = self.family.full_copy(self.denoiser, dim)
+            self._nets[role] = net.to(self.device, torch.float32).requires_grad_(True).train()
+            self.student_w_embedding |= embeds
         for name, spec in self.targets.items():
             if spec.decay is not None:
                 self._nets[name] = copy.deepcopy(self._nets[spec.source]).requires_grad_(False)
 
-    def _speed_flags(self, channels_last: bool, compile_unets: bool) -> None:
+    def _speed_flags(self, channels_last: bool, compile_nets: bool) -> None:
         self.channels_last = channels_last
         if channels_last:
-            for net in self.unets():
+            for net in self.denoisers():
                 net.to(memory_format=torch.channels_last)
         self._compiled = False
-        if compile_unets:
-            for net in self.unets():
+        if compile_nets:
+            for net in self.denoisers():
                 net.compile()
             self._compiled = True
-
-    def _full_copy(self, unet: nn.Module, overrides: dict[str, Any] | None) -> nn.Module:
-        from diffusers import UNet2DConditionModel
-
-        if overrides:
-            config = {**dict(unet.config), **overrides}
-            net = UNet2DConditionModel.from_config(config)
-            missing, unexpected = net.load_state_dict(unet.state_dict(), strict=False)
-            assert not unexpected, unexpected
-        else:
-            net = copy.deepcopy(unet)
-        return net.to(self.device, torch.float32).requires_grad_(True).train()
 
     def _lora_state(self, adapter: str) -> dict[str, Tensor]:
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.unet, adapter_name=adapter)
+        return get_peft_model_state_dict(self.denoiser, adapter_name=adapter)
 
     def _copy_adapter(self, src: str, dst: str) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        set_peft_model_state_dict(self.unet, {k: v.clone() for k, v in self._lora_state(src).items()},
+        set_peft_model_state_dict(self.denoiser, {k: v.clone() for k, v in self._lora_state(src).items()},
                                   adapter_name=dst)
 
     # ---- roles ---------------------------------------------------------------------------------------------------
     def _lora_params(self, adapter: str) -> list[nn.Parameter]:
         return list(self._lora_lists.get(adapter, ()))
 
-    def unets(self) -> list[nn.Module]:
-        """Every UNet a training step can run: the shared base (LoRA roles), the teacher's plain view of it (LoRA
+    def denoisers(self) -> list[nn.Module]:
+        """Every network a training step can run: the shared base (LoRA roles), the teacher's plain view of it (LoRA
         students) and full copies."""
         tied = [self._teacher_net] if self._teacher_net is not None else []
-        return [self.unet] + tied + [n for n in self._nets.values() if n is not self.unet]
+        return [self.denoiser] + tied + [n for n in self._nets.values() if n is not self.denoiser]
 
     def named_parameters(self, role: str) -> list[tuple[str, nn.Parameter]]:
         """:meth:`parameters` with their names in the network (a LoRA tensor's name includes its adapter)."""
@@ -287,7 +269,7 @@ class Models:
             return []
         if self.student_kind == "lora":
             mine = {id(p) for p in self._lora_params(role)}
-            return [(n, p) for n, p in self.unet.named_parameters() if id(p) in mine]
+            return [(n, p) for n, p in self.denoiser.named_parameters() if id(p) in mine]
         return list(self._nets[role].named_parameters())
 
     def parameters(self, role: str) -> list[nn.Parameter]:
@@ -301,9 +283,9 @@ class Models:
     def net(self, role: str) -> nn.Module:
         """The module that computes ``role``; with LoRA always the shared base (use inside :meth:`role`)."""
         if role == "teacher":
-            return self._teacher_net if self._teacher_net is not None else self.unet
+            return self._teacher_net if self._teacher_net is not None else self.denoiser
         if self.student_kind == "lora":
-            return self.unet
+            return self.denoiser
         if role in self._nets:
             return self._nets[role]
         if role in self.targets:  # decay None: the source's own weights, used without gradient
@@ -312,9 +294,9 @@ class Models:
 
     @contextlib.contextmanager
     def role(self, name: str) -> Iterator[nn.Module]:
-        """Make ``name`` the active role of the shared UNet and yield the module to call.
+        """Make ``name`` the active role of the shared network and yield the module to call.
 
-        With LoRA, the teacher is a plain network on the base's own tensors (:func:`tied_plain_unet`: no adapter
+        With LoRA, the teacher is a plain network on the base's own tensors (:func:`tied_plain_net`: no adapter
         switch at all); for other roles every adapter layer's active adapter is set directly and the previous state
         restored on exit; nothing else changes, in particular no ``requires_grad`` (peft's ``set_adapter`` /
         ``enable_adapters`` rewrite it for every adapter tensor at every switch: BENCHMARKS.md's lean section
@@ -323,7 +305,7 @@ class Models:
         A headless role has no network: its context changes nothing (its loss picks the roles it calls).
         """
         if name in self.headless:
-            yield self.unet
+            yield self.denoiser
             return
         if self.student_kind != "lora" or name == "teacher":
             yield self.net(name)
@@ -336,7 +318,7 @@ class Models:
         if want != prev:
             self._activate(*want)
         try:
-            yield self.unet
+            yield self.denoiser
         finally:
             if want != prev:
                 self._activate(*prev)
@@ -381,7 +363,7 @@ class Models:
         torch._foreach_lerp_(dst, src, 1 - spec.decay)
 
     def set_gradient_checkpointing(self, on: bool) -> None:
-        mods = [self.unet] if self.student_kind == "lora" else [
+        mods = [self.denoiser] if self.student_kind == "lora" else [
             self._nets[r] for r in self.roles if r not in self.headless]
         for m in mods:
             if on:
@@ -393,64 +375,112 @@ class Models:
         """A fresh pipeline of the teacher built from the frozen weights in memory (no disk read), or None under
         mixed precision (the frozen parts are then half precision, unlike a pipeline loaded for sampling).
 
-        Text encoders, VAE, tokenizers are shared (frozen, never modified); the UNet is a new copy of the teacher's
-        weights (adapters stripped), so loading a LoRA into it leaves the training UNet untouched.
+        Text encoders, VAE, tokenizers are shared (frozen, never modified); the network is a new copy of the
+        teacher's weights (adapters stripped), so loading a LoRA into it leaves the training network untouched.
         """
         if self.weight_dtype != torch.float32:
             return None
-        from diffusers import UNet2DConditionModel
-
-        state = {k.replace(".base_layer", ""): v for k, v in self.unet.state_dict().items() if "lora_" not in k}
-        unet = UNet2DConditionModel.from_config(self.unet.config)
-        unet.load_state_dict(state, strict=True)
-        unet.to(self.device, torch.float32).eval().requires_grad_(False)
-        comps = {**self.pipe.components, "unet": unet}
+        state = {k.replace(".base_layer", ""): v for k, v in self.denoiser.state_dict().items() if "lora_" not in k}
+        net = type(self.denoiser).from_config(self.denoiser.config)
+        net.load_state_dict(state, strict=True)
+        net.to(self.device, torch.float32).eval().requires_grad_(False)
+        comps = {**self.pipe.components, self.family.denoiser: net}
         comps["scheduler"] = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
         return type(self.pipe)(**comps)
 
     # ---- calling the networks ------------------------------------------------------------------------------------
-    def unet_out(
+    def net_out(
         self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond | None = None,
         guidance: Tensor | float | None = None, timestep_cond: Tensor | None = None,
     ) -> Tensor:
         """The raw output of ``role`` at (x_t, t), with CFG (diffusers convention) when ``guidance`` is given.
 
-        Conditional and unconditional passes run as one batched forward. xt (B, C, h, w), t (B,), guidance scalar
-        or (B,). Returns (B, C, h, w) in fp32.
+        Conditional and unconditional passes run as one batched forward; a guidance-embedded network (FLUX.1-dev)
+        takes ``guidance`` as an input instead, in one pass. xt (B, C, h, w), t (B,) integer timesteps, guidance
+        scalar or (B,). Returns (B, C, h, w) in fp32.
         """
         with self.role(role) as net:
             # Networks held in half precision take half-precision inputs; full students compute in their own fp32.
             dtype = self.weight_dtype if role == "teacher" or self.student_kind == "lora" else None
 
-            def prep(x: Tensor) -> Tensor:
-                return self._latent_format(x if dtype is None else x.to(dtype))
+            def run(x: Tensor, tt: Tensor, c: Cond, g: Tensor | None = None, tc: Tensor | None = None) -> Tensor:
+                x = self._latent_format(x if dtype is None else x.to(dtype))
+                c = c if dtype is None else c.to(dtype)
+                return self._call(self.family.forward, net, x, self.schedule.net_timestep(tt), c, g, tc).float()
 
+            if self.family.guidance_embedded(net):
+                g = self.family.default_guidance() if guidance is None else guidance
+                g = torch.as_tensor(g, dtype=torch.float32, device=xt.device).expand(xt.shape[0]).contiguous()
+                return run(xt, t, cond, g, timestep_cond)
             if guidance is None or (not isinstance(guidance, Tensor) and guidance == 1.0):
-                c = cond if dtype is None else cond.to(dtype)
-                return self._call(net, prep(xt), t, timestep_cond=timestep_cond, **c.unet_kwargs()).sample.float()
+                return run(xt, t, cond, None, timestep_cond)
             assert uncond is not None, "guidance needs the unconditional conditioning"
-            both = cond.cat(uncond) if dtype is None else cond.cat(uncond).to(dtype)
             tc = None if timestep_cond is None else torch.cat([timestep_cond, timestep_cond])
-            out = self._call(net, prep(torch.cat([xt, xt])), torch.cat([t, t]), timestep_cond=tc,
-                             **both.unet_kwargs()).sample
-            c, u = out.float().chunk(2)
+            c, u = run(torch.cat([xt, xt]), torch.cat([t, t]), cond.cat(uncond), None, tc).chunk(2)
             return schedule.cfg(u, c, guidance)
+
+    def guided(self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, w: Tensor) -> tuple[
+            Tensor, Tensor]:
+        """(x0, eps) of ``role`` guided at w (B,) (diffusers convention) in the form LCM (eq. 8) and PCM write it,
+        cond + (w − 1)(cond − uncond) on both x0 and eps (:func:`schedule.paper_cfg`); ``uncond=None``: the
+        conditional prediction alone. Both branches run as one batched forward; a guidance-embedded network gets w
+        as its input in one pass."""
+        if uncond is not None and self.family.guidance_embedded(self.net(role)):
+            return self.predict(role, xt, t, cond, guidance=w)
+        if uncond is None:
+            return self.predict(role, xt, t, cond)
+        out_c, out_u = self.net_out(role, torch.cat([xt, xt]), torch.cat([t, t]), cond.cat(uncond)).chunk(2)
+        x0, eps = self.schedule.split(out_c, xt, t)
+        x0_u, eps_u = self.schedule.split(out_u, xt, t)
+        return schedule.paper_cfg(x0_u, x0, w), schedule.paper_cfg(eps_u, eps, w)
+
+    # ---- inner features (DMD2's GAN head, PCM's discriminator) ----------------------------------------------------
+    def feature_blocks(self, all_levels: bool = True) -> list[str]:
+        """The family's feature blocks of the network (UNet: down, mid and, with ``all_levels``, up blocks)."""
+        return self.family.feature_blocks(self.denoiser if self._teacher_net is None else self._teacher_net,
+                                          all_levels)
+
+    def bottleneck_block(self) -> str:
+        """The block whose output is the network's bottleneck (UNet: the mid block)."""
+        return self.family.bottleneck_block(self.denoiser)
+
+    def feature_groups(self) -> int:
+        """GroupNorm groups that suit heads on the features (the network's own norm groups)."""
+        return self.family.norm_groups(self.denoiser)
+
+    def features(self, role: str, x: Tensor, t: Tensor, cond: Cond, names: list[str], stop: bool) -> list[Tensor]:
+        """Outputs of blocks ``names`` of ``role``'s network at (x_t, t) as feature maps (B, C_l, h_l, w_l), from one
+        ordinary forward (``stop``: cut after the last of them). Inputs are cast as :meth:`net_out` casts them."""
+        with self.role(role) as net:
+            dtype = self.weight_dtype if role == "teacher" or self.student_kind == "lora" else x.dtype
+            return self.family.features(net, x.to(dtype), self.schedule.net_timestep(t), cond.to(dtype), names,
+                                        stop)
+
+    def feature_shapes(self, names: list[str]) -> list[tuple[int, int]]:
+        """(channels, spatial side) of each feature block in ``names`` at the training resolution."""
+        return self.family.feature_shapes(self.net("teacher"), names, self.encode_uncond(1))
+
+    @contextlib.contextmanager
+    def no_checkpointing(self, role: str) -> Iterator[None]:
+        """:func:`no_checkpointing` on ``role``'s network."""
+        with no_checkpointing(self.net(role)):
+            yield
 
     def _latent_format(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _call(self, net: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        """``net(*args, **kwargs)``; with ``compile`` on, a failed compilation turns compilation off for every UNet
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``; with ``compile`` on, a failed compilation turns compilation off for every network
         with one warning line and the call runs eagerly (an error of the eager call itself is raised as usual)."""
         if not self._compiled:
-            return net(*args, **kwargs)
+            return fn(*args, **kwargs)
         try:
-            return net(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any failure of the compiled call: retry eagerly, then say so
             self._compiled = False
-            for m in self.unets():
+            for m in self.denoisers():
                 m._compiled_call_impl = None
-            out = net(*args, **kwargs)
+            out = fn(*args, **kwargs)
             first = (str(e).strip().splitlines() or [""])[0][:160]
             from tqdm.auto import tqdm  # on its own line even while the loop's progress bar is drawn
 
@@ -462,13 +492,13 @@ class Models:
         self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond | None = None,
         guidance: Tensor | float | None = None, timestep_cond: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(x0, eps) predicted by ``role`` at (x_t, t); see :meth:`unet_out`."""
-        out = self.unet_out(role, xt, t, cond, uncond, guidance, timestep_cond)
-        return schedule.split_prediction(out, xt, t, self.alphas_cumprod, self.prediction_type)
+        """(x0, eps) predicted by ``role`` at (x_t, t); see :meth:`net_out`."""
+        out = self.net_out(role, xt, t, cond, uncond, guidance, timestep_cond)
+        return self.schedule.split(out, xt, t)
 
     def denoising_target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        """The teacher's own regression target (eps, v or x0) for a denoising loss."""
-        return schedule.model_target(x0, eps, t, self.alphas_cumprod, self.prediction_type)
+        """The teacher's own regression target (eps, v, x0, or the flow velocity) for a denoising loss."""
+        return self.schedule.target(x0, eps, t)
 
     # ---- frozen encoders (distill_diffusion.encoders) -------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -491,9 +521,9 @@ def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu")
     return Models(
         cfg.teacher, student=cfg.student, roles=spec.roles, targets=spec.targets, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, lora_targets=list(cfg.lora_targets) if cfg.lora_targets else None,
-        unet_overrides=dict(spec.student_overrides) if cfg.student == "full" else None,
+        guidance_embedding_dim=spec.student_guidance_embedding if cfg.student == "full" else None,
         resolution=cfg.resolution, device=device, weight_dtype=dtype, headless_roles=spec.headless,
-        channels_last=cfg.channels_last, compile_unets=cfg.compile,
+        channels_last=cfg.channels_last, compile_nets=cfg.compile,
     )
 
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from .method import StepSampling
 
 
 def _bcast(a: Tensor, like: Tensor) -> Tensor:
@@ -218,3 +221,265 @@ def student_rollout(
         t_next = torch.full((b,), timesteps[j + 1], dtype=torch.long, device=x.device)
         x = add_noise(x0, noise, t_next, alphas_cumprod)
     return x
+
+
+# ---- flow matching (rectified flow) -------------------------------------------------------------------------------
+
+
+def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
+    """SD3's timestep shift σ' = s σ / (1 + (s − 1) σ) (Esser et al. 2024, eq. 23; ``FlowMatchEulerDiscreteScheduler``
+    with ``shift``). sigmas in [0, 1], any shape."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def time_shift(sigmas: Tensor, mu: float) -> Tensor:
+    """FLUX.1's resolution-dependent shift e^μ / (e^μ + 1/σ − 1) (``FlowMatchEulerDiscreteScheduler.time_shift``,
+    exponential type, σ-exponent 1); any shape."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+
+
+def dynamic_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                     max_shift: float = 1.15) -> float:
+    """μ of :func:`time_shift` for an image of ``image_seq_len`` latent tokens: linear between (base_seq_len,
+    base_shift) and (max_seq_len, max_shift), as diffusers' FLUX pipeline's ``calculate_shift``."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def timestep_density(u: Tensor, scheme: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
+                     mode_scale: float = 1.29) -> Tensor:
+    """Map draws to the training-time density of SD3's paper (sec. 3.1; diffusers'
+    ``compute_density_for_timestep_sampling``), as a fraction of the way from pure noise: values in (0, 1), (B,).
+
+    ``uniform``: u ~ U[0, 1) as given. ``logit_normal``: ``u`` are N(0, 1) draws, returned as
+    sigmoid(logit_mean + logit_std u). ``mode``: u ~ U[0, 1), returned as 1 − u − s (cos²(πu/2) − 1 + u).
+    Diffusers' scripts index the descending ``scheduler.timesteps`` with floor(value · T); :meth:`FlowSchedule.
+    index_of_density` turns it into our ascending index.
+    """
+    if scheme == "logit_normal":
+        return torch.sigmoid(logit_mean + logit_std * u)
+    if scheme == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    if scheme == "uniform":
+        return u
+    raise ValueError(f"unknown timestep density {scheme!r}: uniform, logit_normal or mode")
+
+
+def flow_split(v: Tensor, xt: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(x0, eps) from a velocity v = eps − x0 at x_σ = (1 − σ) x0 + σ eps: x0 = x_σ − σ v, eps = x_σ + (1 − σ) v.
+    v, xt (B, ...); sigma (B,). ``FlowMatchEulerDiscreteScheduler`` and the SD3 paper's velocity parameterisation."""
+    s = _bcast(sigma, xt)
+    return xt - s * v, xt + (1 - s) * v
+
+
+# ---- the schedule abstraction methods speak through -----------------------------------------------------------------
+#
+# Both schedules index T discrete training timesteps with integers t in [0, T), t = 0 the least noisy and t = T − 1
+# the noisiest (as diffusers' training scripts index ``scheduler.timesteps``); t < 0 is the clean sample. At each t
+# a schedule has (α_t, σ_t) with x_t = α_t x0 + σ_t ε: VP α = sqrt(ᾱ_t), σ = sqrt(1 − ᾱ_t); rectified flow
+# α = 1 − σ_t, σ = σ_t. Everything a method needs is then written once in (x0, ε, α, σ): noising, a prediction
+# turned into (x0, ε), the denoising target, the deterministic solver step (DDIM in VP is the Euler step in flow),
+# the consistency boundary scalings, what the network is fed as its timestep, and the scheduler a student exports.
+
+
+class VPSchedule:
+    """The discrete variance-preserving (DDPM) schedule of SD1.x / SD2.x / SDXL teachers.
+
+    alphas_cumprod: ᾱ (T,); prediction_type: "epsilon", "v_prediction" or "sample". Every method is the module
+    function of the same name with this ᾱ (so a VP run is exactly what it was before the abstraction).
+    """
+
+    kind = "vp"
+
+    def __init__(self, alphas_cumprod: Tensor, prediction_type: str) -> None:
+        self.alphas_cumprod, self.prediction_type = alphas_cumprod, prediction_type
+        self.num_train_timesteps = int(alphas_cumprod.shape[0])
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return alpha_sigma(t, self.alphas_cumprod)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        return add_noise(x0, eps, t, self.alphas_cumprod)
+
+    def split(self, out: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return split_prediction(out, xt, t, self.alphas_cumprod, self.prediction_type)
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        return model_target(x0, eps, t, self.alphas_cumprod, self.prediction_type)
+
+    def step(self, x0: Tensor, eps: Tensor, t_to: Tensor) -> Tensor:
+        return ddim_step(x0, eps, t_to, self.alphas_cumprod)
+
+    def renoise(self, x: Tensor, noise: Tensor, t_from: Tensor, t_to: Tensor) -> Tensor:
+        return renoise(x, noise, t_from, t_to, self.alphas_cumprod)
+
+    def snr(self, t: Tensor) -> Tensor:
+        return snr(t, self.alphas_cumprod)
+
+    def net_timestep(self, t: Tensor) -> Tensor:
+        """What the network is fed: the integer timestep itself."""
+        return t
+
+    def noise_level(self, t: int) -> float:
+        """σ_t of one timestep as a Python float, sqrt(1 − ᾱ_t): the scale of add_noise(0, z, t)."""
+        return math.sqrt(1.0 - float(self.alphas_cumprod[t]))
+
+    def start_latent(self, z: Tensor, t: Tensor) -> Tensor:
+        """A generator's first input at timestep t from unit noise z: add_noise(0, z, t) = σ_t z (SiD's
+        initialisation; the exported scheduler's ``init_noise_sigma`` scales the pipeline's noise the same way)."""
+        return add_noise(torch.zeros_like(z), z, t, self.alphas_cumprod)
+
+    def start_scale(self, t: int) -> float:
+        """The scale of :meth:`start_latent` at one timestep, sqrt(1 − ᾱ_t) (an exported ``init_noise_sigma``)."""
+        return self.noise_level(t)
+
+    def consistency_scalings(self, t: Tensor, sigma_data: float, timestep_scaling: float) -> tuple[Tensor, Tensor]:
+        """LCM's (c_skip, c_out) at t (eq. 9, ``LCMScheduler``'s discrete boundary condition), (B,) each."""
+        return boundary_scalings(t, sigma_data, timestep_scaling)
+
+    def guided_step(self, out_cond: Tensor, out_uncond: Tensor | None, xt: Tensor, t: Tensor, t_prev: Tensor,
+                    w: Tensor) -> Tensor:
+        return guided_ddim_step(out_cond, out_uncond, xt, t, t_prev, w, self.alphas_cumprod, self.prediction_type)
+
+    def rollout(self, predict_x0: Callable[[Tensor, Tensor], Tensor], x: Tensor, timesteps: Sequence[int],
+                noises: Sequence[Tensor]) -> Tensor:
+        return student_rollout(predict_x0, x, timesteps, noises, self.alphas_cumprod)
+
+    def sampler(self, kind: str, timesteps: Sequence[int], guidance_scale: float = 1.0,
+                init_noise_scale: float = 1.0, vp_kwargs: dict[str, Any] | None = None) -> StepSampling:
+        """How a student samples at these timesteps: ``kind`` "consistency" (x0, then fresh noise to the next
+        timestep: LCMScheduler) or "deterministic" (DDIM's eta = 0 jump of (x0, eps): TCDScheduler with gamma 0).
+        ``vp_kwargs``: the method's LCM/TCD scheduler settings (timestep scaling, original steps)."""
+        name = {"consistency": "LCMScheduler", "deterministic": "TCDScheduler"}[kind]
+        return StepSampling(scheduler=name, timesteps=[int(t) for t in timesteps], guidance_scale=guidance_scale,
+                            scheduler_kwargs=dict(vp_kwargs or {}), init_noise_scale=init_noise_scale)
+
+
+class FlowSchedule:
+    """Rectified flow x_σ = (1 − σ) x0 + σ ε with a velocity network v = ε − x0 (SD3, FLUX.1, SANA; Liu et al. 2022,
+    Esser et al. 2024 eq. 2–3), over the teacher's T training sigmas.
+
+    sigmas: σ_t for t = 0..T−1, ascending (FlowMatchEulerDiscreteScheduler's shifted training sigmas reversed:
+    σ_t = shift((t + 1) / T)), shape (T,). The network is fed σ_t · T (the scheduler's ``timesteps``; FLUX's
+    family divides by 1000 as its pipeline does).
+    """
+
+    kind = "flow"
+    prediction_type = "flow"
+
+    def __init__(self, sigmas: Tensor) -> None:
+        self.sigmas = sigmas.float()
+        self.num_train_timesteps = int(sigmas.shape[0])
+
+    @classmethod
+    def from_scheduler_config(cls, config: Any, image_seq_len: int | None = None) -> FlowSchedule:
+        """The training sigmas of a ``FlowMatchEulerDiscreteScheduler`` config: its static ``shift``, or FLUX's
+        dynamic shift at ``image_seq_len`` latent tokens (the training resolution)."""
+        T = int(config.get("num_train_timesteps", 1000))
+        base = torch.arange(1, T + 1, dtype=torch.float32) / T  # ascending; the scheduler's linspace(1, T) / T
+        if config.get("use_dynamic_shifting", False):
+            if image_seq_len is None:
+                raise ValueError("a dynamically shifted schedule needs the image's latent sequence length")
+            mu = dynamic_shift_mu(image_seq_len, config.get("base_image_seq_len", 256),
+                                  config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                  config.get("max_shift", 1.15))
+            return cls(time_shift(base, mu))
+        return cls(shift_sigmas(base, float(config.get("shift", 1.0))))
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(1 − σ_t, σ_t) for integer t (B,); t < 0 is the clean sample (1, 0)."""
+        s = self.sigmas.to(t.device)
+        sig = torch.where(t >= 0, s[t.clamp(min=0)], torch.zeros((), device=t.device))
+        return 1 - sig, sig
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """x_σ = (1 − σ) x0 + σ ε (``FlowMatchEulerDiscreteScheduler.scale_noise``)."""
+        a, s = self.alpha_sigma(t)
+        return _bcast(a, x0) * x0 + _bcast(s, x0) * eps
+
+    def split(self, out: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return flow_split(out, xt, self.alpha_sigma(t)[1])
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The flow-matching regression target v = ε − x0 (SD3 eq. 3 with the rectified-flow path)."""
+        return eps - x0
+
+    def step(self, x0: Tensor, eps: Tensor, t_to: Tensor) -> Tensor:
+        """(1 − σ') x0 + σ' ε: the Euler step x + (σ' − σ) v written in (x0, ε), ``FlowMatchEulerDiscreteScheduler.
+        step``'s result for the same prediction."""
+        return self.add_noise(x0, eps, t_to)
+
+    def renoise(self, x: Tensor, noise: Tensor, t_from: Tensor, t_to: Tensor) -> Tensor:
+        """Forward process from t_from to t_to >= t_from: (α'/α) x + sqrt(σ'² − (α'σ/α)²) noise, the marginal
+        x_{t_to} given x_{t_from} of x_t = α_t x0 + σ_t ε (in VP this is :func:`renoise`)."""
+        a_from, s_from = self.alpha_sigma(t_from)
+        a_to, s_to = self.alpha_sigma(t_to)
+        r = a_to / a_from
+        std = (s_to**2 - (r * s_from) ** 2).clamp(min=0).sqrt()
+        return _bcast(r, x) * x + _bcast(std, x) * noise
+
+    def snr(self, t: Tensor) -> Tensor:
+        a, s = self.alpha_sigma(t)
+        return a**2 / s**2
+
+    def net_timestep(self, t: Tensor) -> Tensor:
+        """σ_t · T as float (B,): what SD3's and SANA's pipelines feed their transformer at that sigma."""
+        return self.alpha_sigma(t)[1] * self.num_train_timesteps
+
+    def noise_level(self, t: int) -> float:
+        return float(self.sigmas[t])
+
+    def start_latent(self, z: Tensor, t: Tensor) -> Tensor:
+        """A generator's first input: unit noise z itself. Flow pipelines never scale their initial latent
+        (``prepare_latents`` has no ``init_noise_sigma``), so an exported student must start from z as trained."""
+        return z
+
+    def start_scale(self, t: int) -> float:
+        return 1.0
+
+    def consistency_scalings(self, t: Tensor, sigma_data: float, timestep_scaling: float) -> tuple[Tensor, Tensor]:
+        """(0, 1): x0 = x_σ − σ v already equals x at σ = 0, the consistency boundary condition, and
+        ``FlowMatchLCMScheduler`` samples with x0 alone (PCM's and SANA-Sprint's flow students do the same)."""
+        return torch.zeros(t.shape, device=t.device), torch.ones(t.shape, device=t.device)
+
+    def guided_step(self, out_cond: Tensor, out_uncond: Tensor | None, xt: Tensor, t: Tensor, t_prev: Tensor,
+                    w: Tensor) -> Tensor:
+        """The teacher's guided Euler step (LCM eq. 8's solver in flow form), CFG in the papers' form on x0 and ε."""
+        x0, eps = self.split(out_cond, xt, t)
+        if out_uncond is not None:
+            x0_u, eps_u = self.split(out_uncond, xt, t)
+            x0, eps = paper_cfg(x0_u, x0, w), paper_cfg(eps_u, eps, w)
+        return self.step(x0, eps, t_prev)
+
+    def rollout(self, predict_x0: Callable[[Tensor, Tensor], Tensor], x: Tensor, timesteps: Sequence[int],
+                noises: Sequence[Tensor]) -> Tensor:
+        """:func:`student_rollout` with this schedule's noising (what ``FlowMatchLCMScheduler`` does per step)."""
+        if len(timesteps) <= len(noises):
+            raise ValueError(f"{len(noises)} steps need {len(noises) + 1} timesteps, got {list(timesteps)}")
+        b = x.shape[0]
+        for j, noise in enumerate(noises):
+            x0 = predict_x0(x, torch.full((b,), timesteps[j], dtype=torch.long, device=x.device))
+            x = self.add_noise(x0, noise, torch.full((b,), timesteps[j + 1], dtype=torch.long, device=x.device))
+        return x
+
+    def sampler(self, kind: str, timesteps: Sequence[int], guidance_scale: float = 1.0,
+                init_noise_scale: float = 1.0, vp_kwargs: dict[str, Any] | None = None) -> StepSampling:
+        """FlowMatchLCMScheduler ("consistency") or FlowMatchEulerDiscreteScheduler ("deterministic") with the exact
+        sigmas of these training timesteps; shift 1 and no dynamic shift, so the scheduler uses them unchanged.
+        ``vp_kwargs`` are LCM/TCD settings and do not apply."""
+        if init_noise_scale != 1.0:
+            raise ValueError("flow pipelines start from unit noise; init_noise_scale must be 1")
+        name = {"consistency": "FlowMatchLCMScheduler", "deterministic": "FlowMatchEulerDiscreteScheduler"}[kind]
+        sig = [float(self.sigmas[int(t)]) for t in timesteps]
+        return StepSampling(scheduler=name, timesteps=[s * self.num_train_timesteps for s in sig],
+                            guidance_scale=guidance_scale, sigmas=sig,
+                            scheduler_kwargs={"shift": 1.0, "use_dynamic_shifting": False})
+
+    def index_of_density(self, u: Tensor) -> Tensor:
+        """Our ascending index of diffusers' ``timesteps[floor(u · T)]`` (descending), for u from
+        :func:`timestep_density`, (B,) int64."""
+        T = self.num_train_timesteps
+        return (T - 1 - (u * T).long().clamp(0, T - 1)).long()
+
+
+Schedule = VPSchedule | FlowSchedule

@@ -225,6 +225,11 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
         torch.set_num_threads(a.threads)
     runs, teacher = resolve_runs(a)
     ctx = build_context(a, teacher)
+    # Teacher rows at the runs' training resolution, with the teacher's own sampler family.
+    resolutions = {r["info"].get("resolution") for r in runs} - {None}
+    ctx.teacher_resolution = resolutions.pop() if len(resolutions) == 1 else None
+    if any(r["info"].get("schedule") == "flow" for r in runs):
+        ctx.teacher_sampler = "FlowMatchEulerDiscreteScheduler (the teacher's own flow schedule)"
     out = Path(a.out or f"reports/{datetime.now():%Y%m%d-%H%M%S}")
     steps = a.teacher_steps or DEFAULT_TEACHER_STEPS
     grid = a.guidance_grid or [a.teacher_guidance if a.teacher_guidance is not None else DEFAULT_GUIDANCE]

@@ -25,6 +25,7 @@ from torch import nn
 
 from distill_diffusion import artifacts
 from distill_diffusion.errors import UserError
+from distill_diffusion.families import family_of
 from distill_diffusion.hybrid import hybrid_sample
 
 from .metrics import save_json, to_uint8
@@ -133,9 +134,10 @@ class Row:
 
 
 class ComponentTimer:
-    """Forward hooks that time the UNet, the VAE decoder and the text encoder(s), and count UNet evaluations.
+    """Forward hooks that time the denoising network ("unet": a UNet or a transformer), the VAE decoder and the text
+    encoder(s), and count network evaluations.
 
-    ``unet_samples`` counts every sample the UNet processes, so a CFG step (a doubled batch) counts twice: NFE per
+    ``unet_samples`` counts every sample the network processes, so a CFG step (a doubled batch) counts twice: NFE per
     image = unet_samples / images.
     """
 
@@ -143,11 +145,11 @@ class ComponentTimer:
         self.cuda = torch.device(device).type == "cuda"
         self.parts: dict[str, list[nn.Module]] = {"unet": [], "vae_decode": [], "text_encoder": []}
         for p in pipes:
-            self.parts["unet"].append(p.unet)
+            self.parts["unet"].append(family_of(p).pipe_net(p))
             self.parts["vae_decode"] += [m for m in (p.vae.decoder, getattr(p.vae, "post_quant_conv", None))
                                          if m is not None]
-            self.parts["text_encoder"] += [m for m in (getattr(p, "text_encoder", None),
-                                                       getattr(p, "text_encoder_2", None)) if m is not None]
+            self.parts["text_encoder"] += [m for n, m in p.components.items()
+                                           if n.startswith("text_encoder") and m is not None]
         self.handles: list[Any] = []
         self.reset()
 
@@ -168,7 +170,7 @@ class ComponentTimer:
                     self._sync()
                     starts.append(time.perf_counter())
                     if part == "unet":
-                        x = args[0] if args else kwargs.get("sample")
+                        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
                         self.unet_samples += int(x.shape[0])
 
                 def post(mod: nn.Module, args: Any, kwargs: Any, out: Any, part: str = part,
@@ -294,10 +296,14 @@ class TeacherCache:
     """
 
     def __init__(self, root: Path, teacher_hash: str, es: EvalSet, row: Row, batch_size: int,
-                 image_size: int | None, device: str) -> None:
+                 image_size: int | None, device: str, sampler: str | None = None,
+                 resolution: int | None = None) -> None:
         meta = {"teacher_hash": teacher_hash, "eval_set": es.key(), "steps": row.steps, "guidance": row.guidance,
                 "batch_size": batch_size, "image_size": image_size, "device": torch.device(device).type,
-                "dtype": "float32", "n": len(es), "sampler": f"DDIM eta 0, {artifacts.TEACHER_SPACING} spacing"}
+                "dtype": "float32", "n": len(es),
+                "sampler": sampler or f"DDIM eta 0, {artifacts.TEACHER_SPACING} spacing"}
+        if resolution is not None:  # the runs' training resolution (absent: the teacher's own, as before)
+            meta["resolution"] = resolution
         self.meta = meta
         key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
         self.dir = root / "teacher" / key
@@ -387,6 +393,8 @@ class Context:
     zero_shot: Any  # metrics.ZeroShot | None (prompt accuracy)
     teacher_ref: str
     teacher_hash: str
+    teacher_resolution: int | None = None  # the runs' training resolution (None: the teacher pipeline's own)
+    teacher_sampler: str | None = None  # its reference rows' scheduler (None: DDIM, as VP teachers)
     batch_size: int = 64
     device: str = "cpu"
     image_size: int | None = None
@@ -396,7 +404,8 @@ class Context:
 
     def teacher(self) -> Any:
         if self._teacher is None:
-            self._teacher = artifacts.load_teacher(self.teacher_ref, device=self.device)
+            self._teacher = artifacts.load_teacher(self.teacher_ref, device=self.device,
+                                                   resolution=self.teacher_resolution)
         return self._teacher
 
     @property
@@ -444,7 +453,8 @@ def evaluate_row(ctx: Context, row: Row, student: Any | None = None, es: EvalSet
     cached = False
     with quiet_diffusers():
         if row.kind == "teacher" and ctx.cache_dir is not None:
-            cache = TeacherCache(ctx.cache_dir, ctx.teacher_hash, es, row, ctx.batch_size, ctx.image_size, ctx.device)
+            cache = TeacherCache(ctx.cache_dir, ctx.teacher_hash, es, row, ctx.batch_size, ctx.image_size, ctx.device,
+                                 ctx.teacher_sampler, ctx.teacher_resolution)
             feats_f, scores_f = f"feats_{_short(ctx.fm.key)}.npy", f"scores_{ctx.scoring_key}.json"
             if cache.has("speed.json", "grid.npy", feats_f, scores_f):
                 feats = np.load(cache.path(feats_f))

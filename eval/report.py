@@ -47,7 +47,7 @@ def meta(a: Any, command: str, ctx: Any, teacher: str, grid: list[float]) -> dic
         "device": ctx.device,
         "torch_threads": torch.get_num_threads(),
         "teacher": {"ref": teacher, "weights_hash": ctx.teacher_hash,
-                    "sampler": f"DDIMScheduler, eta 0, timestep_spacing={TEACHER_SPACING!r}"},
+                    "sampler": ctx.teacher_sampler or f"DDIMScheduler, eta 0, timestep_spacing={TEACHER_SPACING!r}"},
         "guidance_grid": grid,
         "prompts": {"source": es.source, "n": len(es), "distinct": len(set(es.prompts)),
                     "seeds_per_prompt": getattr(a, "seeds_per_prompt", 1)},

@@ -35,9 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill_diffusion import schedule
 from distill_diffusion.errors import UserError
-from distill_diffusion.features import tap
 from distill_diffusion.method import (
     Batch,
     Cond,
@@ -46,10 +44,9 @@ from distill_diffusion.method import (
     OptimizerSettings,
     RunContext,
     SamplingSpec,
-    StepSampling,
     masked_mean,
 )
-from distill_diffusion.models import frozen, no_checkpointing
+from distill_diffusion.models import frozen
 
 
 @dataclass
@@ -136,33 +133,13 @@ def discriminator_gan_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     return F.softplus(logits_fake) + F.softplus(-logits_real)
 
 
-def initial_latent(z: Tensor, t0: int, alphas_cumprod: Tensor, scaled: bool) -> Tensor:
-    """The generator's first input x_0 from unit noise z: z itself, or add_noise(0, z, t_0) = sqrt(1 − ᾱ_{t_0}) z."""
-    return z * math.sqrt(1.0 - float(alphas_cumprod[t0])) if scaled else z
+def initial_latent(z: Tensor, noise_level: float, scaled: bool) -> Tensor:
+    """The generator's first input x_0 from unit noise z: z itself, or add_noise(0, z, t_0) = σ_{t_0} z with
+    ``noise_level`` σ_{t_0} (VP: sqrt(1 − ᾱ_{t_0}))."""
+    return z * noise_level if scaled else z
 
 
 # ---- the critic's bottleneck and the GAN head ---------------------------------------------------------------------
-
-
-def unet_bottleneck(unet: nn.Module, xt: Tensor, t: Tensor, cond: Cond) -> Tensor:
-    """A diffusers ``UNet2DConditionModel``'s mid-block output at (x_t, t): (B, C_mid, h', w').
-
-    The UNet's own forward, tapped at its mid block and stopped there: the up blocks never run.
-    """
-    if unet.config.addition_embed_type == "image_hint":
-        raise UserError("DMD2's GAN head does not support UNets with image_hint conditioning; set method.gan=false")
-    with tap(unet, ["mid_block"], stop_after_last=True) as feats:
-        unet(xt, t, **cond.unet_kwargs())
-    return feats["mid_block"]
-
-
-def bottleneck_shape(unet: nn.Module, latent_hw: int) -> tuple[int, int]:
-    """(channels, spatial size) of the mid-block output for square latents of side ``latent_hw``."""
-    s = latent_hw
-    for block in unet.down_blocks:
-        if getattr(block, "downsamplers", None):
-            s = (s + 1) // 2  # conv k3 s2 p1
-    return unet.config.block_out_channels[-1], s
 
 
 class GANHead(nn.Module):
@@ -213,10 +190,11 @@ class DMD2(Method):
                             "training timesteps")
         self.min_step, self.max_step = int(cfg.min_step_ratio * T), min(int(cfg.max_step_ratio * T), T - 1)
         self.head: GANHead | None = None
+        if cfg.scaled_init_noise and models.schedule.kind == "flow":
+            raise UserError("method.scaled_init_noise=true: flow pipelines start from unit noise; set it to false")
         if cfg.gan:
-            unet = models.unet
-            c, s = bottleneck_shape(unet, models.latent_shape[1])
-            self.head = GANHead(c, s, unet.config.norm_num_groups or 32).to(models.device)
+            c, s = models.feature_shapes([models.bottleneck_block()])[0]
+            self.head = GANHead(c, s, models.feature_groups()).to(models.device)
 
     # ---- declarations --------------------------------------------------------------------------------------------
     def optimizer_settings(self, role: str) -> OptimizerSettings:
@@ -245,10 +223,10 @@ class DMD2(Method):
         """x_k: pure noise for k = 0, else backward simulation through steps 0..k-1 (no gradient), (B, C, h, w)."""
         m = self.models
         noises = [batch.rng.randn(m.latent_shape, f"dmd2-gen-noise-{j}") for j in range(k + 1)]
-        noises[0] = initial_latent(noises[0], self.timesteps[0], m.alphas_cumprod, self.cfg.scaled_init_noise)
+        noises[0] = initial_latent(noises[0], m.schedule.noise_level(self.timesteps[0]), self.cfg.scaled_init_noise)
         with torch.no_grad():
-            return schedule.student_rollout(lambda x, t: m.predict("student", x, t, batch.cond)[0], noises[0],
-                                            self.timesteps, noises[1:], m.alphas_cumprod)
+            return m.schedule.rollout(lambda x, t: m.predict("student", x, t, batch.cond)[0], noises[0],
+                                      self.timesteps, noises[1:])
 
     def generate(self, batch: Batch, grad: bool) -> tuple[Tensor, int]:
         """The generator's x0 at a keyed step k (with gradient when ``grad``), and k."""
@@ -274,14 +252,11 @@ class DMD2(Method):
         """
         m, head = self.models, self.head
         assert head is not None
-        with m.role("critic") as net:
-            lora = m.student_kind == "lora"
-            dtype = next(net.parameters()).dtype if lora else x.dtype
-            c = cond.to(dtype)
-            if train:
-                return head(unet_bottleneck(net, x.to(dtype), t, c))
-            with frozen(m.parameters("critic") + list(head.parameters())), no_checkpointing(net):
-                return head(unet_bottleneck(net, x.to(dtype), t, c))
+        names = [m.bottleneck_block()]
+        if train:
+            return head(m.features("critic", x, t, cond, names, stop=True)[0])
+        with frozen(m.parameters("critic") + list(head.parameters())), m.no_checkpointing("critic"):
+            return head(m.features("critic", x, t, cond, names, stop=True)[0])
 
     # ---- losses --------------------------------------------------------------------------------------------------
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
@@ -295,7 +270,7 @@ class DMD2(Method):
         m, c, rng = self.models, self.cfg, batch.rng
         x0, k = self.generate(batch, grad=True)
         t = rng.randint(self.min_step, self.max_step + 1, "dmd2-dm-t")
-        xt = schedule.add_noise(x0.detach(), rng.randn(m.latent_shape, "dmd2-dm-noise"), t, m.alphas_cumprod)
+        xt = m.schedule.add_noise(x0.detach(), rng.randn(m.latent_shape, "dmd2-dm-noise"), t)
         x0_real, x0_fake = self.scores(xt, t, batch)
         per_sample, ok = dm_loss(x0, x0_real, x0_fake)
         loss = per_sample.sum() / ok.sum().clamp(min=1)  # masked samples give 0 and count for nothing
@@ -303,7 +278,7 @@ class DMD2(Method):
                 "t": float(t.float().mean())}
         if self.head is not None and c.gan_generator_weight > 0:
             t_g = rng.randint(0, c.gan_max_timestep, "dmd2-gan-fake-t")
-            xg = schedule.add_noise(x0, rng.randn(m.latent_shape, "dmd2-gan-fake-noise"), t_g, m.alphas_cumprod)
+            xg = m.schedule.add_noise(x0, rng.randn(m.latent_shape, "dmd2-gan-fake-noise"), t_g)
             g, _ = masked_mean(generator_gan_loss(self.discriminate(xg, t_g, batch.cond, train=False)))
             loss = loss + c.gan_generator_weight * g
             logs["gan_g"] = float(g.detach())
@@ -315,8 +290,8 @@ class DMD2(Method):
             x0, _ = self.generate(batch, grad=False)
         t = rng.randint(0, m.num_train_timesteps, "dmd2-critic-t")
         eps = rng.randn(m.latent_shape, "dmd2-critic-noise")
-        xt = schedule.add_noise(x0, eps, t, m.alphas_cumprod)
-        out = m.unet_out("critic", xt, t, batch.cond)
+        xt = m.schedule.add_noise(x0, eps, t)
+        out = m.net_out("critic", xt, t, batch.cond)
         per_sample = ((out - m.denoising_target(x0, eps, t)) ** 2).flatten(1).mean(1)
         loss, dropped = masked_mean(per_sample)
         logs = {"denoise": float(loss.detach()), "nonfinite": float(dropped)}
@@ -325,10 +300,8 @@ class DMD2(Method):
                 raise UserError("method.gan=true needs real images (data.images or data.dataset)")
             t_r = rng.randint(0, c.gan_max_timestep, "dmd2-gan-real-t")
             t_f = rng.randint(0, c.gan_max_timestep, "dmd2-gan-critic-fake-t")
-            x_r = schedule.add_noise(batch.latents, rng.randn(m.latent_shape, "dmd2-gan-real-noise"), t_r,
-                                     m.alphas_cumprod)
-            x_f = schedule.add_noise(x0, rng.randn(m.latent_shape, "dmd2-gan-critic-fake-noise"), t_f,
-                                     m.alphas_cumprod)
+            x_r = m.schedule.add_noise(batch.latents, rng.randn(m.latent_shape, "dmd2-gan-real-noise"), t_r)
+            x_f = m.schedule.add_noise(x0, rng.randn(m.latent_shape, "dmd2-gan-critic-fake-noise"), t_f)
             d_real = self.discriminate(x_r, t_r, batch.cond, train=True)
             d_fake = self.discriminate(x_f, t_f, batch.cond, train=True)
             d, _ = masked_mean(discriminator_gan_loss(d_real, d_fake))
@@ -338,12 +311,13 @@ class DMD2(Method):
         return loss, logs
 
     def sampling(self) -> SamplingSpec:
-        """LCMScheduler with exactly the trained conditioning timesteps: between steps it re-noises x0 with fresh
-        noise to the next timestep, as backward simulation does in training; no CFG. Only the trained count."""
-        n = len(self.timesteps)
-        s = StepSampling(scheduler="LCMScheduler", timesteps=list(self.timesteps), guidance_scale=1.0,
-                         # every timestep is on the k = 1 grid, so LCMScheduler warns about none of them
-                         scheduler_kwargs={"original_inference_steps": self.models.num_train_timesteps},
-                         init_noise_scale=float(initial_latent(torch.ones(()), self.timesteps[0],
-                                                               self.models.alphas_cumprod, self.cfg.scaled_init_noise)))
+        """LCMScheduler (flow: FlowMatchLCMScheduler) with exactly the trained conditioning timesteps: between steps
+        it re-noises x0 with fresh noise to the next timestep, as backward simulation does in training; no CFG.
+        Only the trained count."""
+        n, m = len(self.timesteps), self.models
+        scale = float(initial_latent(torch.ones(()), m.schedule.noise_level(self.timesteps[0]),
+                                     self.cfg.scaled_init_noise))
+        # every timestep is on the k = 1 grid, so LCMScheduler warns about none of them
+        s = m.schedule.sampler("consistency", self.timesteps, init_noise_scale=scale,
+                               vp_kwargs={"original_inference_steps": m.num_train_timesteps})
         return SamplingSpec(steps={n: s}, default_steps=n)

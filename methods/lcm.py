@@ -10,8 +10,13 @@ One update per step for the student:
   teacher:  one guided DDIM step t_n -> t_n - k, x̂0 = cond + ω (cond - uncond)          (LCM eq. 8)
   target:   f_θ⁻(x̂_{t_n-k}, t_n - k) with θ⁻ = EMA(θ) (full) or θ without gradient (LoRA)
   loss:     pseudo-Huber d(f_θ, f_θ⁻) with c = 0.001                                     (LCM-LoRA recipes)
-The paper's ω (cond + ω(cond - uncond)) is ``w - 1`` of our diffusers-convention w; full students embed ω with the
-UNet's ``time_cond_proj_dim`` exactly as diffusers' pipelines feed ``guidance_scale - 1`` at inference.
+The paper's ω (cond + ω(cond - uncond)) is ``w - 1`` of our diffusers-convention w; full students embed ω (where the
+family's network can: SD-family UNets) exactly as diffusers' pipelines feed ``guidance_scale - 1`` at inference.
+
+Spaces. The paper defines everything on the discrete VP schedule: the solver step is DDIM in (x0, ε), the
+consistency function uses c_skip/c_out of the integer timestep. On a flow teacher the same update runs through the
+schedule layer: the solver step is the Euler step in (x0, ε) (= DDIM's form), c_skip = 0 and c_out = 1 (x0 = x − σv
+meets the boundary condition at σ = 0; FlowMatchLCMScheduler samples so), and t indexes the teacher's shifted sigmas.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from distill_diffusion.method import (
     MethodSpec,
     RunContext,
     SamplingSpec,
-    StepSampling,
     TargetSpec,
     masked_mean,
 )
@@ -64,9 +68,9 @@ class LCMConfig:
             raise UserError("method.sampling_steps must be positive and contain method.default_steps")
 
 
-def consistency_output(xt: Tensor, x0: Tensor, t: Tensor, sigma_data: float, timestep_scaling: float) -> Tensor:
-    """f(x, t) = c_skip(t) x + c_out(t) x̂0 (LCM eq. 9). xt, x0: (B, C, h, w); t: (B,)."""
-    c_skip, c_out = schedule.boundary_scalings(t, sigma_data, timestep_scaling)
+def consistency_output(xt: Tensor, x0: Tensor, scalings: tuple[Tensor, Tensor]) -> Tensor:
+    """f(x, t) = c_skip(t) x + c_out(t) x̂0 (LCM eq. 9). xt, x0: (B, C, h, w); scalings (c_skip, c_out), (B,) each."""
+    c_skip, c_out = scalings
     return c_skip.reshape(-1, 1, 1, 1) * xt + c_out.reshape(-1, 1, 1, 1) * x0
 
 
@@ -77,16 +81,16 @@ class LCM(Method):
     def spec(cls, cfg: LCMConfig, student: str) -> MethodSpec:
         ema = student == "full" or cfg.lora_ema_target
         # A full student gets the guidance embedding (LCM's w-conditioning); LCM-LoRA keeps the teacher's network.
-        overrides = {"time_cond_proj_dim": cfg.w_embedding_dim} if student == "full" else {}
         return MethodSpec(targets={"target": TargetSpec("student", cfg.ema_decay if ema else None)},
-                          student_overrides=overrides)
+                          student_guidance_embedding=cfg.w_embedding_dim if student == "full" else None)
 
     def __init__(self, cfg: LCMConfig, run: RunContext, models: Any) -> None:
         super().__init__(cfg, run, models)
         T = models.num_train_timesteps
         self.k = T // cfg.num_ddim_timesteps
         self.solver_t = schedule.solver_timesteps(T, cfg.num_ddim_timesteps).to(models.device)
-        self.w_embed = models.student_kind == "full"
+        # Families whose network cannot embed w (transformers) train the full student like LCM-LoRA: w unseen.
+        self.w_embed = models.student_w_embedding
 
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         m, c = self.models, self.cfg
@@ -95,7 +99,7 @@ class LCM(Method):
         t_n = self.solver_t[n]
         t_prev = (t_n - self.k).clamp(min=0)  # the first grid point steps to ᾱ[0], as diffusers' DDIMSolver
         eps = batch.rng.randn(tuple(x0.shape[1:]), "lcm-noise")
-        x_tn = schedule.add_noise(x0, eps, t_n, m.alphas_cumprod)
+        x_tn = m.schedule.add_noise(x0, eps, t_n)
         w = batch.rng.uniform(c.w_min, c.w_max, "lcm-w")
         w_cond = None
         if self.w_embed:
@@ -103,36 +107,35 @@ class LCM(Method):
 
         # Student: consistency function at t_n (with gradient).
         x0_s, _ = m.predict("student", x_tn, t_n, batch.cond, timestep_cond=w_cond)
-        pred = consistency_output(x_tn, x0_s, t_n, c.sigma_data, c.timestep_scaling)
+        pred = consistency_output(x_tn, x0_s, m.schedule.consistency_scalings(t_n, c.sigma_data, c.timestep_scaling))
 
         with torch.no_grad():
             # Teacher: one guided DDIM step, CFG in the paper's form on both x0 and eps (same forward, batched).
-            out_c, out_u = m.unet_out("teacher", torch.cat([x_tn, x_tn]), torch.cat([t_n, t_n]),
-                                      batch.cond.cat(batch.uncond)).chunk(2)
-            x_prev = schedule.guided_ddim_step(out_c, out_u, x_tn, t_n, t_prev, w, m.alphas_cumprod,
-                                               m.prediction_type)
+            x_prev = m.schedule.step(*m.guided("teacher", x_tn, t_n, batch.cond, batch.uncond, w), t_prev)
             # Target network at t_n - k on the teacher's result.
             x0_tgt, _ = m.predict("target", x_prev, t_prev, batch.cond, timestep_cond=w_cond)
-            target = consistency_output(x_prev, x0_tgt, t_prev, c.sigma_data, c.timestep_scaling)
+            target = consistency_output(x_prev, x0_tgt, m.schedule.consistency_scalings(t_prev, c.sigma_data,
+                                                                                        c.timestep_scaling))
 
         per_sample = schedule.consistency_distance(pred, target, c.loss_type, c.huber_c)
         loss, dropped = masked_mean(per_sample)
         return loss, {"nonfinite": float(dropped), "w": float(w.mean()), "t": float(t_n.float().mean())}
 
     def sampling(self) -> SamplingSpec:
+        """LCM's multistep sampler at the skipping-step grid points LCMScheduler picks for k steps (from the
+        ``num_ddim_timesteps`` grid the student was trained on); on flow teachers FlowMatchLCMScheduler at the
+        sigmas of the same grid points."""
         from diffusers import LCMScheduler
 
-        sched = LCMScheduler.from_config(self.models.pipe.scheduler.config,
-                                         original_inference_steps=self.cfg.num_ddim_timesteps,
-                                         timestep_scaling=self.cfg.timestep_scaling)
+        T = self.models.num_train_timesteps
+        grid = LCMScheduler(num_train_timesteps=T, original_inference_steps=self.cfg.num_ddim_timesteps,
+                            timestep_scaling=self.cfg.timestep_scaling)
+        kwargs = {"original_inference_steps": self.cfg.num_ddim_timesteps,
+                  "timestep_scaling": self.cfg.timestep_scaling}
         steps = {}
         for k in self.cfg.sampling_steps:
-            sched.set_timesteps(k)
-            steps[k] = StepSampling(
-                scheduler="LCMScheduler",
-                timesteps=[int(t) for t in sched.timesteps],
-                guidance_scale=self.cfg.sample_guidance if self.w_embed else 1.0,
-                scheduler_kwargs={"original_inference_steps": self.cfg.num_ddim_timesteps,
-                                  "timestep_scaling": self.cfg.timestep_scaling},
-            )
+            grid.set_timesteps(k)
+            steps[k] = self.models.schedule.sampler("consistency", [int(t) for t in grid.timesteps],
+                                                    guidance_scale=self.cfg.sample_guidance if self.w_embed else 1.0,
+                                                    vp_kwargs=kwargs)
         return SamplingSpec(steps=steps, default_steps=self.cfg.default_steps)

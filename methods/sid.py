@@ -34,14 +34,12 @@ teacher without CFG (κ4 = 1) and removes text from the critic (κ1 = κ2 = κ3 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from distill_diffusion import schedule
 from distill_diffusion.errors import UserError
 from distill_diffusion.method import (
     Batch,
@@ -51,7 +49,6 @@ from distill_diffusion.method import (
     OptimizerSettings,
     RunContext,
     SamplingSpec,
-    StepSampling,
     masked_mean,
 )
 
@@ -149,39 +146,25 @@ def sid_student_objective(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: fl
     return masked_mean(torch.where(finite, per_sample, torch.full_like(per_sample, float("nan"))))
 
 
-def critic_loss(pred: Tensor, target: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str) -> Tensor:
+def critic_loss(pred: Tensor, target: Tensor, t: Tensor, schedule: Any) -> Tensor:
     """Per-sample denoising loss of the fake score (B,), summed over pixels as the reference does.
 
     eps (or x0) targets: plain squared error; v-prediction: squared error weighted by snr/(snr+1) (= ᾱ_t), the
-    reference's weighting for v-prediction teachers. pred, target: (B, C, h, w); t: (B,).
+    reference's weighting for v-prediction teachers; flow velocity: plain squared error (the flow-matching loss of
+    SD3 and SiD-DiT). pred, target: (B, C, h, w); t: (B,); ``schedule`` the teacher's (VP or flow).
     """
     err = (pred.float() - target.float()) ** 2
-    if prediction_type == "v_prediction":
-        snr = schedule.snr(t, alphas_cumprod)
+    if schedule.prediction_type == "v_prediction":
+        snr = schedule.snr(t)
         err = err * (snr / (snr + 1)).reshape(-1, *[1] * (err.ndim - 1))
     return err.flatten(1).sum(1)
 
 
-def init_noise_scale(init_timestep: int, alphas_cumprod: Tensor) -> float:
-    """sqrt(1 − ᾱ(t_init)): the scale of the first step's input add_noise(0, z, t_init)."""
-    return math.sqrt(1.0 - float(alphas_cumprod[init_timestep]))
 
 
 def draw_mixture_step(rng: Any, num_steps: int) -> int:
     """k ~ U{1..K}, one value for the whole global batch at this step (the uniform mixture of Few-step SiD)."""
     return rng.shared_randint(1, num_steps + 1, "sid-k") if num_steps > 1 else 1
-
-
-def mix_cond(keep: Tensor, cond: Cond, uncond: Cond) -> Cond:
-    """Per sample, the prompt's conditioning where ``keep`` (B,) is True, else the empty prompt's."""
-
-    def pick(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-        if a is None:
-            return None
-        return torch.where(keep.to(a.device).reshape(-1, *[1] * (a.ndim - 1)), a, b.to(a.dtype))
-
-    return Cond(pick(cond.prompt_embeds, uncond.prompt_embeds), pick(cond.pooled, uncond.pooled),
-                pick(cond.time_ids, uncond.time_ids))
 
 
 class SiD(Method):
@@ -222,31 +205,31 @@ class SiD(Method):
         """Raw output of ``role`` at (x_t, t) with guidance κ = ``scale``: uncond + κ (cond − uncond).
 
         κ = 1 runs only the conditional forward, κ = 0 only the unconditional one; otherwise both run as one batched
-        forward (``Models.unet_out``'s CFG). xt (B, C, h, w), t (B,). Returns (B, C, h, w).
+        forward (``Models.net_out``'s CFG). xt (B, C, h, w), t (B,). Returns (B, C, h, w).
         """
         if scale == 0:
-            return self.models.unet_out(role, xt, t, uncond)
-        return self.models.unet_out(role, xt, t, cond, uncond, guidance=scale)
+            return self.models.net_out(role, xt, t, uncond)
+        return self.models.net_out(role, xt, t, cond, uncond, guidance=scale)
 
     def x0(self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float) -> Tensor:
         """x0 of ``role`` with guidance ``scale`` (CFG on the raw output; x0 is linear in it at fixed x_t, t)."""
         out = self.guided(role, xt, t, cond, uncond, scale)
-        return schedule.split_prediction(out, xt, t, self.models.alphas_cumprod, self.models.prediction_type)[0]
+        return self.models.schedule.split(out, xt, t)[0]
 
     def generate(self, batch: Batch, k: int, tag: str, grad: bool) -> tuple[Tensor, Tensor]:
         """The student's output after k of its K steps, and the input of step k.
 
         Steps 1..k-1 run without gradient; step k runs with gradient when ``grad``. Step 1's input is
-        add_noise(0, z, τ_1) = sqrt(1 − ᾱ(τ_1)) z; step i re-noises the previous x0 to τ_i with fresh keyed noise,
-        as LCMScheduler does between sampling steps. Returns (x_g, x_in), both (B, C, h, w).
+        add_noise(0, z, τ_1) = sqrt(1 − ᾱ(τ_1)) z on VP teachers (SiD-LSG) and z itself on flow teachers (their
+        pipelines start from unit noise: ``schedule.start_latent``); step i re-noises the previous x0 to τ_i with
+        fresh keyed noise, as LCMScheduler does between sampling steps. Returns (x_g, x_in), both (B, C, h, w).
         """
         m, b = self.models, len(batch)
         noises = [batch.rng.randn(m.latent_shape, f"sid-{tag}-noise-{i}") for i in range(k)]
-        x_in = schedule.add_noise(torch.zeros(b, *m.latent_shape, device=m.device), noises[0],
-                                  self._t(self.gen_t[0], b), m.alphas_cumprod)
+        x_in = m.schedule.start_latent(noises[0], self._t(self.gen_t[0], b))
         with torch.no_grad():
-            x_in = schedule.student_rollout(lambda x, t: m.predict("student", x, t, batch.cond)[0], x_in,
-                                            self.gen_t, noises[1:], m.alphas_cumprod)
+            x_in = m.schedule.rollout(lambda x, t: m.predict("student", x, t, batch.cond)[0], x_in,
+                                      self.gen_t, noises[1:])
         with torch.set_grad_enabled(grad):
             x0 = m.predict("student", x_in, self._t(self.gen_t[k - 1], b), batch.cond)[0]
         return x0, x_in
@@ -266,16 +249,16 @@ class SiD(Method):
             x_g, _ = self.generate(batch, k, "critic", grad=False)
         t = batch.rng.randint(c.t_min, c.t_max, "sid-critic-t").to(m.device)
         eps = batch.rng.randn(m.latent_shape, "sid-critic-eps")
-        xt = schedule.add_noise(x_g, eps, t, m.alphas_cumprod)
+        xt = m.schedule.add_noise(x_g, eps, t)
         cond = batch.cond
         dropped = 0.0
         if self.dropout > 0:
             keep = batch.rng.rand("sid-critic-drop") >= self.dropout  # keyed per sample (reference: 10% -> "")
-            cond = mix_cond(keep, batch.cond, batch.uncond)
+            cond = batch.cond.where(keep, batch.uncond)
             dropped = float((~keep).float().mean())
         pred = self.guided("critic", xt, t, cond, batch.uncond, self.kappa1)
         target = m.denoising_target(x_g, eps, t)
-        per_sample = critic_loss(pred, target, t, m.alphas_cumprod, m.prediction_type)
+        per_sample = critic_loss(pred, target, t, m.schedule)
         loss, bad = masked_mean(per_sample)
         return loss, {"nonfinite": float(bad), "k": float(k), "dropped_prompts": dropped}
 
@@ -284,7 +267,7 @@ class SiD(Method):
         x_g, _ = self.generate(batch, k, "student", grad=True)
         t = batch.rng.randint(c.t_min, c.t_max, "sid-student-t").to(m.device)
         eps = batch.rng.randn(m.latent_shape, "sid-student-eps")
-        xt = schedule.add_noise(x_g, eps, t, m.alphas_cumprod)
+        xt = m.schedule.add_noise(x_g, eps, t)
         # No torch.no_grad here: the loss's gradient reaches x_g through x_t in both networks; their weights are
         # frozen by the loop (trainable("student")), so only the student's tensors receive gradient.
         y_real = self.x0("teacher", xt, t, batch.cond, batch.uncond, self.kappa4)
@@ -299,14 +282,13 @@ class SiD(Method):
     def sampling(self) -> SamplingSpec:
         """k-step sampling for k = 1..K with the first k training timesteps (each is a trained mixture component).
 
-        LCMScheduler with explicit timesteps: x0 from the student's output, fresh noise to the next timestep; the
-        initial latent is sqrt(1 − ᾱ(t_init)) N(0, I) (``init_noise_scale``); no CFG at sampling.
+        LCMScheduler with explicit timesteps (flow: FlowMatchLCMScheduler with their sigmas): x0 from the student's
+        output, fresh noise to the next timestep; the initial latent is the generator's first input
+        (``schedule.start_latent``: sqrt(1 − ᾱ(t_init)) N(0, I) on VP, N(0, I) on flow); no CFG at sampling.
         """
-        scale = init_noise_scale(self.gen_t[0], self.models.alphas_cumprod)
-        steps = {
-            k: StepSampling(scheduler="LCMScheduler", timesteps=self.gen_t[:k], guidance_scale=1.0,
-                            scheduler_kwargs={"timestep_scaling": SAMPLING_TIMESTEP_SCALING, "clip_sample": False},
-                            init_noise_scale=scale)
-            for k in range(1, self.cfg.num_steps + 1)
-        }
+        m = self.models
+        scale = m.schedule.start_scale(self.gen_t[0])
+        vp = {"timestep_scaling": SAMPLING_TIMESTEP_SCALING, "clip_sample": False}
+        steps = {k: m.schedule.sampler("consistency", self.gen_t[:k], init_noise_scale=scale, vp_kwargs=vp)
+                 for k in range(1, self.cfg.num_steps + 1)}
         return SamplingSpec(steps=steps, default_steps=self.cfg.num_steps)

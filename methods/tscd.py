@@ -49,7 +49,6 @@ from torch import Tensor, nn
 
 from distill_diffusion import schedule
 from distill_diffusion.errors import UserError
-from distill_diffusion.features import tap, unet_block_names
 from distill_diffusion.method import (
     Batch,
     Cond,
@@ -62,7 +61,7 @@ from distill_diffusion.method import (
     TargetSpec,
     masked_mean,
 )
-from distill_diffusion.models import frozen, no_checkpointing
+from distill_diffusion.models import frozen
 
 
 @dataclass
@@ -173,9 +172,6 @@ def stage_index(step: int, ends: list[int]) -> int:
 # ---- the maths of one update -------------------------------------------------------------------------------------
 
 
-def jump(x0: Tensor, eps: Tensor, t_to: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """DDIM jump of a (x0, eps) prediction (B, C, h, w) to timesteps t_to (B,): sqrt(ᾱ) x0 + sqrt(1 - ᾱ) eps."""
-    return schedule.ddim_step(x0, eps, t_to, alphas_cumprod)
 
 
 def consistency_target(x_prev: Tensor, on_edge: Tensor, target_jump: Callable[[Tensor], Tensor]) -> Tensor:
@@ -204,22 +200,6 @@ def hinge_g_loss(fake_logits: list[Tensor]) -> Tensor:
 
 
 # ---- the discriminator: heads on frozen teacher features ---------------------------------------------------------
-
-
-def feature_channels(unet_config: Any, up_blocks: bool = True) -> list[int]:
-    """Channels of the features :func:`unet_features` returns: each down block, the mid block, each up block."""
-    ch = list(unet_config.block_out_channels)
-    mid = [ch[-1]] if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None else []
-    return ch + mid + (ch[::-1] if up_blocks else [])
-
-
-def unet_features(net: nn.Module, xt: Tensor, t: Tensor, cond: Cond, up_blocks: bool = True) -> list[Tensor]:
-    """Outputs of every down block, the mid block and (``up_blocks``) every up block of a UNet2DConditionModel at
-    (x_t, t), each (B, C_l, h_l, w_l). Without the up blocks the forward stops after the last tapped block."""
-    names = unet_block_names(net, up_blocks)
-    with tap(net, names, stop_after_last=not up_blocks) as feats:
-        net(xt, t, **cond.unet_kwargs())
-    return [feats[n] for n in names]
 
 
 class DiscriminatorHead(nn.Module):
@@ -287,8 +267,9 @@ class TSCD(Method):
                             f"steps (stage ends {self.ends}); raise max_steps or use fewer stages")
         self.disc: FeatureDiscriminator | None = None
         if cfg.adversarial:
-            self.disc = FeatureDiscriminator(feature_channels(models.unet.config, cfg.adv_up_blocks),
-                                             cfg.adv_heads_per_level)
+            self.feature_names = models.feature_blocks(cfg.adv_up_blocks)
+            channels = [c for c, _ in models.feature_shapes(self.feature_names)]
+            self.disc = FeatureDiscriminator(channels, cfg.adv_heads_per_level)
             self.disc.to(models.device)
 
     # ---- declarations --------------------------------------------------------------------------------------------
@@ -313,12 +294,8 @@ class TSCD(Method):
     def teacher_step(self, x_tn: Tensor, t_n: Tensor, t_prev: Tensor, batch: Batch, w: Tensor) -> Tensor:
         """One guided DDIM step of the teacher from t_n to t_prev (B,); CFG in the papers' form on x0 and eps."""
         m = self.models
-        if self.cfg.w_max == 1.0:  # no CFG: the conditional prediction alone
-            out_c, out_u = m.unet_out("teacher", x_tn, t_n, batch.cond), None
-        else:
-            out_c, out_u = m.unet_out("teacher", torch.cat([x_tn, x_tn]), torch.cat([t_n, t_n]),
-                                      batch.cond.cat(batch.uncond)).chunk(2)
-        return schedule.guided_ddim_step(out_c, out_u, x_tn, t_n, t_prev, w, m.alphas_cumprod, m.prediction_type)
+        uncond = None if self.cfg.w_max == 1.0 else batch.uncond  # w = 1: the conditional prediction alone
+        return m.schedule.step(*m.guided("teacher", x_tn, t_n, batch.cond, uncond, w), t_prev)
 
     def consistency_pair(self, batch: Batch, n: Tensor, eps: Tensor, w: Tensor,
                          segments: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -331,10 +308,10 @@ class TSCD(Method):
         t_n = self.solver_t[n]
         t_prev = (t_n - self.k).clamp(min=0)  # n = 0 steps to ᾱ[0], as PCM's ddim_timesteps_prev
         edge = edge_of(n, self.solver_t, segments)
-        x_tn = schedule.add_noise(x0, eps, t_n, m.alphas_cumprod)
+        x_tn = m.schedule.add_noise(x0, eps, t_n)
 
         x0_s, eps_s = m.predict("student", x_tn, t_n, batch.cond)
-        pred = jump(x0_s, eps_s, edge, m.alphas_cumprod)
+        pred = m.schedule.step(x0_s, eps_s, edge)  # the DDIM (flow: Euler) jump to the segment's edge
 
         with torch.no_grad():
             x_prev = self.teacher_step(x_tn, t_n, t_prev, batch, w)
@@ -342,7 +319,7 @@ class TSCD(Method):
 
             def target_jump(idx: Tensor) -> Tensor:
                 x0_t, eps_t = m.predict("target", x_prev[idx], t_prev[idx], batch.cond.index(idx))
-                return jump(x0_t, eps_t, edge[idx], m.alphas_cumprod)
+                return m.schedule.step(x0_t, eps_t, edge[idx])
 
             target = consistency_target(x_prev, on_edge, target_jump)
         return pred, target, edge, on_edge
@@ -353,16 +330,14 @@ class TSCD(Method):
         ``train_heads=False`` (the student's turn): heads frozen, gradient flows through the teacher into x.
         """
         assert self.disc is not None
-        m = self.models
-        with m.role("teacher") as net, no_checkpointing(net):
-            dtype = next(net.parameters()).dtype
-            c = cond.to(dtype)
+        m, names, stop = self.models, self.feature_names, not self.cfg.adv_up_blocks
+        with m.no_checkpointing("teacher"):
             if train_heads:
                 with torch.no_grad():
-                    feats = unet_features(net, x.detach().to(dtype), t, c, self.cfg.adv_up_blocks)
+                    feats = m.features("teacher", x.detach(), t, cond, names, stop)
                 return self.disc(feats)
             with frozen(list(self.disc.parameters())):
-                return self.disc(unet_features(net, x.to(dtype), t, c, self.cfg.adv_up_blocks))
+                return self.disc(m.features("teacher", x, t, cond, names, stop))
 
     def adversarial_timesteps(self, batch: Batch, edge: Tensor, segments: int) -> Tensor:
         """t' ~ U{edge, ..., edge + T/S - 1} per sample (B,), below T."""
@@ -382,8 +357,8 @@ class TSCD(Method):
             with torch.no_grad():
                 pred, target, edge, _ = self.consistency_pair(batch, n, eps, w, S)
             t_adv = self.adversarial_timesteps(batch, edge, S)
-            fake = schedule.renoise(pred, rng.randn(m.latent_shape, "tscd-adv-fake"), edge, t_adv, m.alphas_cumprod)
-            real = schedule.renoise(target, rng.randn(m.latent_shape, "tscd-adv-real"), edge, t_adv, m.alphas_cumprod)
+            fake = m.schedule.renoise(pred, rng.randn(m.latent_shape, "tscd-adv-fake"), edge, t_adv)
+            real = m.schedule.renoise(target, rng.randn(m.latent_shape, "tscd-adv-real"), edge, t_adv)
             per = hinge_d_loss(self.discriminate(fake, t_adv, batch.cond, True),
                                self.discriminate(real, t_adv, batch.cond, True))
             loss, dropped = masked_mean(per)
@@ -395,7 +370,7 @@ class TSCD(Method):
                     t=float(self.solver_t[n].float().mean()), w=float(w.mean()))
         if c.adversarial and c.adv_weight > 0:
             t_adv = self.adversarial_timesteps(batch, edge, S)
-            fake = schedule.renoise(pred, rng.randn(m.latent_shape, "tscd-adv-fake"), edge, t_adv, m.alphas_cumprod)
+            fake = m.schedule.renoise(pred, rng.randn(m.latent_shape, "tscd-adv-fake"), edge, t_adv)
             g = hinge_g_loss(self.discriminate(fake, t_adv, batch.cond, False))
             per = per + c.adv_weight * g
             logs["adv_g"] = float(g.detach().mean())
@@ -404,22 +379,22 @@ class TSCD(Method):
 
     # ---- export --------------------------------------------------------------------------------------------------
     def step_sampling(self, segments: int) -> StepSampling:
-        """TCDScheduler (γ = 0: the pipelines' default eta) at the S-segment student's timesteps."""
-        return StepSampling(scheduler="TCDScheduler", timesteps=sampling_timesteps(self.solver_t.cpu(), segments),
-                            guidance_scale=1.0,
-                            scheduler_kwargs={"original_inference_steps": self.cfg.num_ddim_timesteps})
+        """TCDScheduler (γ = 0: the pipelines' default eta; flow: FlowMatchEulerDiscreteScheduler, the same jump in
+        (x0, eps)) at the S-segment student's timesteps."""
+        return self.models.schedule.sampler(
+            "deterministic", sampling_timesteps(self.solver_t.cpu(), segments),
+            vp_kwargs={"original_inference_steps": self.cfg.num_ddim_timesteps})
 
     def consistency_sampling(self, k: int) -> StepSampling:
         """k-step sampling of a one-segment student (a consistency model to t = 0): its x0 re-noised with fresh noise
-        to each next timestep (LCMScheduler; TCD's γ = 1), at the k-segment timesteps.
+        to each next timestep (LCMScheduler; TCD's γ = 1; flow: FlowMatchLCMScheduler), at the k-segment timesteps.
 
         timestep_scaling 1e4 makes LCMScheduler's boundary scalings the identity (c_skip ≈ 0, c_out ≈ 1 for t >= 1):
         this student is trained on plain x0 predictions, without LCM's boundary parameterisation.
         """
-        return StepSampling(scheduler="LCMScheduler", timesteps=sampling_timesteps(self.solver_t.cpu(), k),
-                            guidance_scale=1.0, scheduler_kwargs={"timestep_scaling": 1.0e4,
-                                                                  "original_inference_steps":
-                                                                      self.cfg.num_ddim_timesteps})
+        return self.models.schedule.sampler(
+            "consistency", sampling_timesteps(self.solver_t.cpu(), k),
+            vp_kwargs={"timestep_scaling": 1.0e4, "original_inference_steps": self.cfg.num_ddim_timesteps})
 
     def sampling(self) -> SamplingSpec:
         """The final student at every ``sampling_steps`` count. After a one-segment last stage the student maps every

@@ -145,7 +145,8 @@ def test_is_export_dir_of_a_lora_student(run):
 
 def _pipe(steps: dict[int, StepSampling] | None = None, time_cond_proj_dim: int | None = None) -> SimpleNamespace:
     """A stand-in pipeline: the UNet config the CFG decision reads, and a run's settings when ``steps`` is given."""
-    p = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(time_cond_proj_dim=time_cond_proj_dim)))
+    stand_in = type("StableDiffusionPipeline", (SimpleNamespace,), {})  # the family is read from the class name
+    p = stand_in(unet=SimpleNamespace(config=SimpleNamespace(time_cond_proj_dim=time_cond_proj_dim)))
     if steps is not None:
         p.distill = artifacts.RunSampling({"steps": steps, "default_steps": max(steps)}, "run")
     return p

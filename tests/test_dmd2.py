@@ -19,13 +19,11 @@ from methods.dmd2 import (
     DMD2,
     DMD2Config,
     GANHead,
-    bottleneck_shape,
     discriminator_gan_loss,
     dm_gradient,
     dm_loss,
     generator_gan_loss,
     initial_latent,
-    unet_bottleneck,
 )
 from tests.helpers import build, fixed_batch, optimizers, update
 
@@ -146,19 +144,20 @@ def test_bottleneck_is_the_mid_block_output(teacher, tiny_teachers):
     cond = models.encode_prompts(["a red square", "a blue circle", "x"])
     xt, t = torch.randn(b, *models.latent_shape), torch.tensor([5, 500, 990])
     captured = {}
-    hook = models.unet.mid_block.register_forward_hook(lambda mod, inp, out: captured.update(mid=out))
-    with torch.no_grad(), models.role("critic") as net:
-        net(xt, t, **cond.unet_kwargs())
+    hook = models.denoiser.mid_block.register_forward_hook(lambda mod, inp, out: captured.update(mid=out))
+    names = [models.bottleneck_block()]
+    with torch.no_grad():
+        with models.role("critic") as net:
+            models.family.forward(net, xt, t, cond)
         hook.remove()
-        h = unet_bottleneck(net, xt, t, cond)
+        h = models.features("critic", xt, t, cond, names, stop=True)[0]
     torch.testing.assert_close(h, captured["mid"])
-    c, s = bottleneck_shape(models.unet, models.latent_shape[1])
-    assert h.shape == (b, c, s, s)
+    c, s = models.feature_shapes(names)[0]
+    assert h.shape == (b, c, s, s) and (c, s) == (16, 4)
     with torch.no_grad():
         assert method.discriminate(xt, t, cond, train=True).shape == (b,)
         # the critic's adapter is in use (not the teacher's weights)
-        with models.role("teacher") as net:
-            assert not torch.allclose(unet_bottleneck(net, xt, t, cond), h)
+        assert not torch.allclose(models.features("teacher", xt, t, cond, names, stop=True)[0], h)
 
 
 def test_backward_simulation_matches_manual_unroll(tiny_teachers):
@@ -169,7 +168,7 @@ def test_backward_simulation_matches_manual_unroll(tiny_teachers):
     step = next(s for s in range(100) if fixed_batch(models, b=2, step=s).rng.shared_randint(0, 4, "dmd2-k") == 3)
     batch = fixed_batch(models, b=2, step=step)
     assert method.pick_step(batch) == 3
-    ac = models.alphas_cumprod
+    ac = models.schedule.alphas_cumprod
     n = [batch.rng.randn(models.latent_shape, f"dmd2-gen-noise-{j}") for j in range(4)]
     x = n[0]
     with torch.no_grad():
@@ -283,7 +282,7 @@ def test_load_student_samples_with_the_trained_timesteps(tiny_teachers, tmp_path
     cond = models.encode_prompts([prompt])
     with torch.no_grad():
         x = schedule.student_rollout(lambda x, t: models.predict("student", x, t, cond)[0], noises[0], ts,
-                                     noises[1:3], models.alphas_cumprod)
+                                     noises[1:3], models.schedule.alphas_cumprod)
         x0, _ = models.predict("student", x, torch.tensor([ts[-1]]), cond)
     torch.testing.assert_close(lat, x0, atol=1e-4, rtol=1e-4)
 
@@ -294,11 +293,11 @@ def test_scaled_initial_noise_in_training_and_sampling(tiny_teachers, tmp_path):
     ts = [625, 312]
     models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", conditioning_timesteps=ts, gan=False,
                               scaled_init_noise=True)
-    ac = models.alphas_cumprod
+    ac = models.schedule.alphas_cumprod
     scale = (1 - ac[625]).sqrt()
     z = torch.randn(2, 1, 2, 2)
-    torch.testing.assert_close(initial_latent(z, 625, ac, True), scale * z)
-    assert torch.equal(initial_latent(z, 625, ac, False), z)
+    torch.testing.assert_close(initial_latent(z, models.schedule.noise_level(625), True), scale * z)
+    assert torch.equal(initial_latent(z, models.schedule.noise_level(625), False), z)
     step = next(s for s in range(100) if fixed_batch(models, b=2, step=s).rng.shared_randint(0, 2, "dmd2-k") == 0)
     batch = fixed_batch(models, b=2, step=step)
     n0 = batch.rng.randn(models.latent_shape, "dmd2-gen-noise-0")

@@ -246,11 +246,13 @@ def test_hybrid_teacher_step_is_guided_ddim(tiny_teachers, runs):
     from distill_diffusion import schedule
     from distill_diffusion.artifacts import load_student, load_teacher
     from distill_diffusion.hybrid import hybrid_sample, teacher_first_step
+    from distill_diffusion.method import StepSampling
     from eval.generate import ComponentTimer
 
     teacher, student = load_teacher(tiny_teachers["sd"]), load_student(runs[1])
     prompts, seeds, w, t1, t2 = ["a red square", "a blue circle"], [3, 4], 2.5, 999, 499
-    got = teacher_first_step(teacher, prompts, t1, t2, [torch.Generator().manual_seed(s) for s in seeds], w)
+    first = StepSampling("LCMScheduler", [t1, t2])
+    got = teacher_first_step(teacher, prompts, first, [torch.Generator().manual_seed(s) for s in seeds], w, 16)
     with torch.no_grad():
         x = randn_tensor((2, 4, 8, 8), generator=[torch.Generator().manual_seed(s) for s in seeds])
         cond, uncond = teacher.encode_prompt(prompts, "cpu", 1, True)

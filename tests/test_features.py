@@ -1,10 +1,11 @@
-"""Feature taps: the outputs of named UNet blocks during the UNet's own forward."""
+"""Feature taps: the outputs of named blocks during the network's own forward."""
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from distill_diffusion.features import tap, unet_block_names
+from distill_diffusion.families import StableDiffusion
+from distill_diffusion.features import tap
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,9 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def test_block_names_follow_the_forward_order(unet):
-    names = unet_block_names(unet)
+    names = StableDiffusion.feature_blocks(None, unet)
     assert names == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
-    assert unet_block_names(unet, up_blocks=False) == names[:3]
+    assert StableDiffusion.feature_blocks(None, unet, all_levels=False) == names[:3]
     x, t, ehs = inputs()
     with torch.no_grad(), tap(unet, names) as feats:
         unet(x, t, encoder_hidden_states=ehs)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distill_diffusion.schedule import FlowSchedule, VPSchedule
 from methods.lcm import LCM, consistency_output
 from tests.helpers import build, fixed_batch, update
 
@@ -16,9 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_boundary_at_zero_is_identity_and_large_t_is_x0():
     x, x0 = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
-    torch.testing.assert_close(consistency_output(x, x0, torch.tensor([0, 0]), 0.5, 10.0), x)
-    torch.testing.assert_close(consistency_output(x, x0, torch.tensor([999, 999]), 0.5, 10.0), x0, atol=1e-4,
-                               rtol=1e-3)
+    vp = VPSchedule(torch.linspace(0.99, 0.01, 1000), "epsilon")
+    at = lambda t: vp.consistency_scalings(torch.tensor([t, t]), 0.5, 10.0)  # noqa: E731
+    torch.testing.assert_close(consistency_output(x, x0, at(0)), x)
+    torch.testing.assert_close(consistency_output(x, x0, at(999)), x0, atol=1e-4, rtol=1e-3)
+    # flow schedules: x0 = x - σ v already meets the boundary, c_skip = 0 and c_out = 1 everywhere
+    flow = FlowSchedule(torch.linspace(0.001, 1, 1000)).consistency_scalings(torch.tensor([0, 999]), 0.5, 10.0)
+    torch.testing.assert_close(consistency_output(x, x0, flow), x0)
 
 
 @pytest.mark.parametrize("student", ["lora", "full"])

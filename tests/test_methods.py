@@ -15,7 +15,7 @@ def test_roles_move_only_their_tensors(name, student, tiny_teachers):
     models, method, _ = build(METHODS[name], tiny_teachers["sd"], student)
     opts = optimizers(models, method)
     batch = fixed_batch(models, with_latents=METHODS[name].spec(method.cfg, student).needs_images)
-    base = snapshot(models.unet, lora=False)
+    base = snapshot(models.denoiser, lora=False)
     for step in range(2):
         for role in method.updates(step):
             before = {r: [p.detach().clone() for p in models.parameters(r)] for r in models.roles}
@@ -23,7 +23,7 @@ def test_roles_move_only_their_tensors(name, student, tiny_teachers):
             for r in models.roles:
                 moved = any(not torch.equal(a, b) for a, b in zip(before[r], models.parameters(r)))
                 assert moved == (r == role), f"{name}/{student}: role {r} moved={moved} during {role}'s update"
-    after = snapshot(models.unet, lora=False)
+    after = snapshot(models.denoiser, lora=False)
     assert all(torch.equal(base[k], after[k]) for k in base), "the frozen base / teacher weights changed"
 
 

@@ -10,26 +10,26 @@ from distill_diffusion.models import Models, _tuner_layers
 
 
 def lora_params(m: Models, adapter: str) -> list[torch.nn.Parameter]:
-    return [p for n, p in m.unet.named_parameters() if f".{adapter}." in n]
+    return [p for n, p in m.denoiser.named_parameters() if f".{adapter}." in n]
 
 
 def test_role_context_restores_adapter_and_never_touches_requires_grad(tiny_teachers):
     """The role context switches adapters only; requires_grad belongs to ``trainable`` (peft's set_adapter would
     rewrite it at every switch)."""
     m = Models(tiny_teachers["sd"], "lora", roles=("student", "critic"), lora_rank=2, lora_alpha=4)
-    before = {n: p.requires_grad for n, p in m.unet.named_parameters()}
+    before = {n: p.requires_grad for n, p in m.denoiser.named_parameters()}
     with m.trainable("student"):
-        inside = {n: p.requires_grad for n, p in m.unet.named_parameters()}
+        inside = {n: p.requires_grad for n, p in m.denoiser.named_parameters()}
         with m.role("teacher") as teacher_net:
             # The teacher is the base's own tensors without LoRA wrappers; the shared base is left as it was.
-            assert teacher_net is not m.unet and not _tuner_layers(teacher_net)
+            assert teacher_net is not m.denoiser and not _tuner_layers(teacher_net)
             assert all(t.active_adapters == ["student"] and not t.disable_adapters for t in m._tuners)
             with m.role("critic"):
                 assert all(t.active_adapters == ["critic"] and not t.disable_adapters for t in m._tuners)
-                assert {n: p.requires_grad for n, p in m.unet.named_parameters()} == inside
+                assert {n: p.requires_grad for n, p in m.denoiser.named_parameters()} == inside
             assert all(t.active_adapters == ["student"] and not t.disable_adapters for t in m._tuners)
-            assert {n: p.requires_grad for n, p in m.unet.named_parameters()} == inside
-    assert {n: p.requires_grad for n, p in m.unet.named_parameters()} == before
+            assert {n: p.requires_grad for n, p in m.denoiser.named_parameters()} == inside
+    assert {n: p.requires_grad for n, p in m.denoiser.named_parameters()} == before
     assert all(t.active_adapters == ["student"] and not t.disable_adapters for t in m._tuners)
 
 
@@ -44,7 +44,7 @@ def test_role_outputs_match_peft_switching(tiny_teachers):
     xt, t = torch.randn(2, *m.latent_shape), torch.tensor([10, 900])
     cond = m.encode_prompts(["a cat", "a dog"])
     with torch.no_grad():
-        ours = {r: m.unet_out(r, xt, t, cond) for r in ("critic", "teacher", "student")}
+        ours = {r: m.net_out(r, xt, t, cond) for r in ("critic", "teacher", "student")}
         for r in ("critic", "teacher", "student"):
             for layer in m._tuners:
                 if r == "teacher":
@@ -52,7 +52,7 @@ def test_role_outputs_match_peft_switching(tiny_teachers):
                 else:
                     layer.enable_adapters(True)
                     layer.set_adapter(r)
-            ref = m.unet(xt, t, encoder_hidden_states=cond.prompt_embeds).sample
+            ref = m.family.forward(m.denoiser, xt, t, cond)
             assert torch.equal(ours[r], ref), r
 
 
@@ -65,21 +65,22 @@ def test_teacher_net_is_the_base_without_wrappers(tiny_teachers, kind):
         for p in m.parameters("student"):
             p.add_(0.05)
     plain = m.net("teacher")
-    base = {id(p) for n, p in m.unet.named_parameters() if "lora_" not in n}
+    base = {id(p) for n, p in m.denoiser.named_parameters() if "lora_" not in n}
     assert {id(p) for p in plain.parameters()} == base
     xt, t = torch.randn(2, *m.latent_shape), torch.tensor([10, 900])
     cond = m.encode_prompts(["a cat", "a dog"])
     with torch.no_grad():
-        ours = m.unet_out("teacher", xt, t, cond)
+        ours = m.net_out("teacher", xt, t, cond)
         for layer in m._tuners:
             layer.enable_adapters(False)
-        ref = m.unet(xt, t, **cond.unet_kwargs()).sample
+        ref = m.family.forward(m.denoiser, xt, t, cond)
         for layer in m._tuners:
             layer.enable_adapters(True)
         assert torch.equal(ours, ref)
-        w = m.unet.conv_in.weight if hasattr(m.unet.conv_in, "weight") else m.unet.conv_in.base_layer.weight
+        conv = m.denoiser.conv_in
+        w = conv.weight if hasattr(conv, "weight") else conv.base_layer.weight
         w.mul_(2)
-        assert not torch.equal(m.unet_out("teacher", xt, t, cond), ours)
+        assert not torch.equal(m.net_out("teacher", xt, t, cond), ours)
 
 
 def test_trainable_only_one_role(tiny_teachers):
@@ -87,7 +88,7 @@ def test_trainable_only_one_role(tiny_teachers):
     with m.trainable("critic"):
         assert all(p.requires_grad for p in m.parameters("critic"))
         assert not any(p.requires_grad for p in m.parameters("student"))
-    base = [p for n, p in m.unet.named_parameters() if "lora_" not in n]
+    base = [p for n, p in m.denoiser.named_parameters() if "lora_" not in n]
     assert base and not any(p.requires_grad for p in base)
 
 
@@ -96,12 +97,12 @@ def test_teacher_equals_base_and_adapters_start_at_teacher(tiny_teachers):
     xt, t = torch.randn(2, *m.latent_shape), torch.tensor([10, 900])
     cond = m.encode_prompts(["a cat", "a dog"])
     with torch.no_grad():
-        a = m.unet_out("teacher", xt, t, cond)
-        b = m.unet_out("student", xt, t, cond)
+        a = m.net_out("teacher", xt, t, cond)
+        b = m.net_out("student", xt, t, cond)
         for p in m.parameters("student"):
             p.add_(0.1)
-        c = m.unet_out("student", xt, t, cond)
-        d = m.unet_out("teacher", xt, t, cond)
+        c = m.net_out("student", xt, t, cond)
+        d = m.net_out("teacher", xt, t, cond)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, d)
     assert not torch.allclose(a, c)
@@ -114,17 +115,17 @@ def test_guided_batched_forward_equals_two_passes(tiny_teachers):
     assert cond.pooled is not None and cond.time_ids.shape == (2, 6)
     assert torch.count_nonzero(uncond.prompt_embeds) == 0  # SDXL's zero unconditional embedding
     with torch.no_grad():
-        g = m.unet_out("teacher", xt, t, cond, uncond, guidance=3.0)
-        c = m.unet_out("teacher", xt, t, cond)
-        u = m.unet_out("teacher", xt, t, uncond)
+        g = m.net_out("teacher", xt, t, cond, uncond, guidance=3.0)
+        c = m.net_out("teacher", xt, t, cond)
+        u = m.net_out("teacher", xt, t, uncond)
     torch.testing.assert_close(g, u + 3.0 * (c - u), atol=1e-5, rtol=1e-4)
 
 
 def test_full_roles_and_ema_target(tiny_teachers):
     m = Models(tiny_teachers["sd"], "full", roles=("student",), targets={"target": TargetSpec("student", 0.5)},
-               unet_overrides={"time_cond_proj_dim": 8})
-    assert m.net("student").config.time_cond_proj_dim == 8
-    assert m.net("teacher") is m.unet and not any(p.requires_grad for p in m.unet.parameters())
+               guidance_embedding_dim=8)
+    assert m.net("student").config.time_cond_proj_dim == 8 and m.student_w_embedding
+    assert m.net("teacher") is m.denoiser and not any(p.requires_grad for p in m.denoiser.parameters())
     tgt0 = [p.clone() for p in m.parameters("target")]
     with torch.no_grad():
         for p in m.parameters("student"):
@@ -153,15 +154,15 @@ def test_lora_ema_target(tiny_teachers):
     xt, t = torch.randn(1, *m.latent_shape), torch.tensor([500])
     cond = m.encode_prompts(["a"])
     with torch.no_grad():
-        out = {r: m.unet_out(r, xt, t, cond) for r in ("student", "target", "teacher")}
+        out = {r: m.net_out(r, xt, t, cond) for r in ("student", "target", "teacher")}
     assert not torch.allclose(out["student"], out["target"]) and not torch.allclose(out["target"], out["teacher"])
 
 
 def test_prompt_cache_encodes_each_prompt_once(tiny_teachers, monkeypatch):
     m = Models(tiny_teachers["sd"], "lora", roles=("student",), lora_rank=2, lora_alpha=2)
     calls = []
-    orig = m.encoders._encode_text
-    monkeypatch.setattr(m.encoders, "_encode_text", lambda ps: calls.append(list(ps)) or orig(ps))
+    orig = m.family.encode_text
+    monkeypatch.setattr(m.family, "encode_text", lambda ps: calls.append(list(ps)) or orig(ps))
     a = m.encode_prompts(["x", "y", "x"])
     b = m.encode_prompts(["y", "x"])
     assert calls == [["x"], ["y"]]

@@ -18,8 +18,6 @@ from methods.sid import (
     SiDConfig,
     critic_loss,
     draw_mixture_step,
-    init_noise_scale,
-    mix_cond,
     sid_generator_loss,
     sid_student_objective,
 )
@@ -80,17 +78,24 @@ def test_weight_is_clamped_and_nonfinite_samples_are_dropped():
 
 
 def test_critic_loss_weights_v_prediction_by_snr_over_snr_plus_one():
+    from distill_diffusion.schedule import FlowSchedule, VPSchedule
+
     ac = torch.linspace(0.99, 0.01, 1000)
     pred, target = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     t = torch.tensor([10, 900])
-    torch.testing.assert_close(critic_loss(pred, target, t, ac, "epsilon"), torch.tensor([4.0, 4.0]))
+    torch.testing.assert_close(critic_loss(pred, target, t, VPSchedule(ac, "epsilon")), torch.tensor([4.0, 4.0]))
     snr = ac[t] / (1 - ac[t])
-    torch.testing.assert_close(critic_loss(pred, target, t, ac, "v_prediction"), 4 * snr / (snr + 1))
+    torch.testing.assert_close(critic_loss(pred, target, t, VPSchedule(ac, "v_prediction")), 4 * snr / (snr + 1))
+    flow = FlowSchedule(torch.linspace(0.001, 1, 1000))  # flow matching: the plain squared velocity error
+    torch.testing.assert_close(critic_loss(pred, target, t, flow), torch.tensor([4.0, 4.0]))
 
 
 def test_init_noise_scale_and_timesteps():
+    from distill_diffusion.schedule import FlowSchedule, VPSchedule
+
     ac = torch.linspace(0.99, 0.01, 1000)
-    assert init_noise_scale(625, ac) == pytest.approx(math.sqrt(1 - float(ac[625])))
+    assert VPSchedule(ac, "epsilon").start_scale(625) == pytest.approx(math.sqrt(1 - float(ac[625])))
+    assert FlowSchedule(torch.linspace(0.001, 1, 1000)).start_scale(625) == 1.0  # flow pipelines: unit noise
     assert SiDConfig(num_steps=4).generation_timesteps() == [625, 468, 312, 156]  # t_init (1 - i/K), reference
     assert SiDConfig(num_steps=4, init_timestep=999).generation_timesteps() == [999, 749, 499, 249]
     assert SiDConfig(num_steps=2, timesteps=[625, 300]).generation_timesteps() == [625, 300]
@@ -132,12 +137,12 @@ def test_mixture_step_is_shared_and_covers_every_step():
     assert draw_mixture_step(StepRNG(0, 3, torch.arange(4)), 1) == 1
 
 
-def test_mix_cond_replaces_only_dropped_rows():
+def test_cond_where_replaces_only_dropped_rows():
     from distill_diffusion.method import Cond
 
     c = Cond(torch.ones(3, 2, 4), torch.ones(3, 5), torch.ones(3, 6))
     u = Cond(torch.zeros(1, 2, 4).expand(3, -1, -1), torch.zeros(3, 5), torch.ones(3, 6))
-    m = mix_cond(torch.tensor([True, False, True]), c, u)
+    m = c.where(torch.tensor([True, False, True]), u)
     assert m.prompt_embeds[:, 0, 0].tolist() == [1, 0, 1] and m.pooled[:, 0].tolist() == [1, 0, 1]
 
 
@@ -150,10 +155,10 @@ def test_guided_outputs_follow_the_diffusers_convention(tiny_teachers):
     xt = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([100, 700])
     with torch.no_grad():
-        cond = models.unet_out("teacher", xt, t, batch.cond)
-        unc = models.unet_out("teacher", xt, t, batch.uncond)
+        cond = models.net_out("teacher", xt, t, batch.cond)
+        unc = models.net_out("teacher", xt, t, batch.uncond)
         g1, g0, g25 = (method.guided("teacher", xt, t, batch.cond, batch.uncond, s) for s in (1.0, 0.0, 2.5))
-        ref = models.unet_out("teacher", xt, t, batch.cond, batch.uncond, guidance=2.5)
+        ref = models.net_out("teacher", xt, t, batch.cond, batch.uncond, guidance=2.5)
     torch.testing.assert_close(g1, cond, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g0, unc, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g25, unc + 2.5 * (cond - unc), atol=1e-5, rtol=1e-5)
@@ -213,7 +218,7 @@ def test_roles_move_only_their_own_tensors(teacher, kw, tiny_teachers):
     models, method, _ = build(SiD, tiny_teachers[teacher], "lora", **kw)
     opts = optimizers(models, method)
     batch = fixed_batch(models, b=2, with_latents=False)
-    base = snapshot(models.unet, lora=False)
+    base = snapshot(models.denoiser, lora=False)
     assert method.updates(0) == ("critic", "student")
     for role in method.updates(0):
         before = {r: [p.detach().clone() for p in models.parameters(r)] for r in models.roles}
@@ -222,7 +227,7 @@ def test_roles_move_only_their_own_tensors(teacher, kw, tiny_teachers):
         for r in models.roles:
             moved = any(not torch.equal(a, b) for a, b in zip(before[r], models.parameters(r)))
             assert moved == (r == role), f"{teacher}: role {r} moved={moved} during {role}'s update"
-    after = snapshot(models.unet, lora=False)
+    after = snapshot(models.denoiser, lora=False)
     assert all(torch.equal(base[k], after[k]) for k in base)
 
 
@@ -235,7 +240,7 @@ def test_few_step_unrolls_earlier_steps_without_gradient(tiny_teachers):
         x1, x1_in = method.generate(batch, 1, "student", grad=True)
     # step 1's input is the scaled noise sqrt(1 - ᾱ(t_init)) z, the same z whatever k is
     z = batch.rng.randn(models.latent_shape, "sid-student-noise-0")
-    torch.testing.assert_close(x1_in, init_noise_scale(625, models.alphas_cumprod) * z)
+    torch.testing.assert_close(x1_in, models.schedule.start_scale(625) * z)
     # the critic and the student see the same mixture component at a step
     logs = {}
     for role in ("critic", "student"):
@@ -264,7 +269,7 @@ def test_initial_latent_scale_round_trips_through_the_run_folder(num_steps, tiny
             p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     artifacts.save_run(models, "sid", method.sampling(), tmp_path)
     info = json.loads((tmp_path / "sampling.json").read_text())
-    scale = math.sqrt(1 - float(models.alphas_cumprod[625]))
+    scale = math.sqrt(1 - float(models.schedule.alphas_cumprod[625]))
     assert info["steps"][str(num_steps)]["init_noise_scale"] == pytest.approx(scale)
     assert info["steps"][str(num_steps)]["timesteps"] == method.gen_t
 

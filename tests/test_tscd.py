@@ -124,13 +124,13 @@ def test_hinge_closed_forms():
 def test_edge_target_is_the_teacher_step_without_target_call(tiny_teachers, monkeypatch):
     models, method, _ = build(TSCD, tiny_teachers["sd"], "lora")
     calls = []
-    orig = models.unet_out
+    orig = models.net_out
 
     def spy(role, xt, *a, **kw):
         calls.append((role, xt.shape[0]))
         return orig(role, xt, *a, **kw)
 
-    monkeypatch.setattr(models, "unet_out", spy)  # every network call of the method goes through unet_out
+    monkeypatch.setattr(models, "net_out", spy)  # every network call of the method goes through net_out
     batch = fixed_batch(models, b=4)
     n = torch.tensor([0, 12, 25, 37])  # the S = 4 segment starts: t_n - k is the edge
     eps, w = torch.randn(4, *models.latent_shape), torch.tensor([5.0, 5.5, 6.0, 2.0])
@@ -140,10 +140,11 @@ def test_edge_target_is_the_teacher_step_without_target_call(tiny_teachers, monk
     assert [r for r, _ in calls] == ["student", "teacher"]  # no target-network call
     # The teacher's guided DDIM step, computed the other way (diffusers-convention CFG on the raw output).
     t_n = method.solver_t[n]
-    x_tn = schedule.add_noise(batch.latents, eps, t_n, models.alphas_cumprod)
+    x_tn = schedule.add_noise(batch.latents, eps, t_n, models.schedule.alphas_cumprod)
     with torch.no_grad():
         x0, e = models.predict("teacher", x_tn, t_n, batch.cond, batch.uncond, guidance=w)
-    torch.testing.assert_close(target, schedule.ddim_step(x0, e, edge, models.alphas_cumprod), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(target, schedule.ddim_step(x0, e, edge, models.schedule.alphas_cumprod), atol=1e-5,
+                               rtol=1e-4)
 
     # One sample off its edge: the target network runs on that sample alone and jumps to the same edge.
     calls.clear()
@@ -158,17 +159,17 @@ def test_no_cfg_teacher_runs_one_conditional_forward(tiny_teachers, monkeypatch)
     """w_min = w_max = 1 (PCM's no-CFG recipe): the teacher's step is its conditional DDIM step, one forward of B."""
     models, method, _ = build(TSCD, tiny_teachers["sd"], "lora", w_min=1.0, w_max=1.0)
     calls = []
-    orig = models.unet_out
-    monkeypatch.setattr(models, "unet_out", lambda role, xt, *a, **kw: calls.append((role, xt.shape[0])) or
+    orig = models.net_out
+    monkeypatch.setattr(models, "net_out", lambda role, xt, *a, **kw: calls.append((role, xt.shape[0])) or
                         orig(role, xt, *a, **kw))
     batch = fixed_batch(models, b=2)
     x, w = torch.randn(2, *models.latent_shape), torch.ones(2)
     t, tp = torch.tensor([499, 999]), torch.tensor([479, 979])
     with torch.no_grad():
         got = method.teacher_step(x, t, tp, batch, w)
-        x0, eps = schedule.split_prediction(orig("teacher", x, t, batch.cond), x, t, models.alphas_cumprod, "epsilon")
+        x0, eps = models.schedule.split(orig("teacher", x, t, batch.cond), x, t)
     assert calls == [("teacher", 2)]
-    torch.testing.assert_close(got, schedule.ddim_step(x0, eps, tp, models.alphas_cumprod))
+    torch.testing.assert_close(got, schedule.ddim_step(x0, eps, tp, models.schedule.alphas_cumprod))
 
 
 def test_stage_schedule_switches_at_fractions(tiny_teachers):
@@ -251,7 +252,7 @@ def test_adversarial_critic_is_only_the_heads(student, teacher, kw, tiny_teacher
     assert models.roles == ("student", "critic") and models.parameters("critic") == []
     levels = 2 + 1 + (2 if kw.get("adv_up_blocks", True) else 0)  # tiny UNets: 2 down, mid, 2 up blocks
     assert sum(len(h) for h in method.disc.levels) == levels * kw.get("adv_heads_per_level", 4)
-    assert "critic" not in models.unet.peft_config if student == "lora" else "critic" not in models._nets
+    assert "critic" not in models.denoiser.peft_config if student == "lora" else "critic" not in models._nets
     assert method.updates(0) == ("critic",) and method.updates(1) == ("student",)
     heads = method.extra_modules()["critic"]
     assert method.optimizer_settings("critic").betas == (0.0, 0.999)
@@ -277,15 +278,14 @@ def test_adversarial_critic_is_only_the_heads(student, teacher, kw, tiny_teacher
 def test_teacher_features_levels(tiny_teachers):
     """Down, mid (and up) block outputs of the teacher, with the channels the heads are built for; stopping after
     the mid block gives the same leading features."""
-    from methods.tscd import feature_channels, unet_features
-
     models, _, _ = build(TSCD, tiny_teachers["sd"], "lora")
     batch = fixed_batch(models, b=2)
     x, t = torch.randn(2, *models.latent_shape), torch.tensor([10, 900])
-    with torch.no_grad(), models.role("teacher") as net:
-        full = unet_features(net, x, t, batch.cond)
-        short = unet_features(net, x, t, batch.cond, up_blocks=False)
-    assert [f.shape[1] for f in full] == feature_channels(net.config) == [8, 16, 16, 16, 8]
+    names = models.feature_blocks(True)
+    with torch.no_grad():
+        full = models.features("teacher", x, t, batch.cond, names, stop=False)
+        short = models.features("teacher", x, t, batch.cond, models.feature_blocks(False), stop=True)
+    assert [f.shape[1] for f in full] == [c for c, _ in models.feature_shapes(names)] == [8, 16, 16, 16, 8]
     assert len(short) == 3 and all(torch.equal(a, b) for a, b in zip(short, full))
 
 
