@@ -169,6 +169,7 @@ def save_run(models: Any, method_name: str, spec: SamplingSpec, out: str | Path,
     """Export the student and ``sampling.json`` (and the resolved config) into a run folder; returns it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    spec = models.exported_spec(spec)
     with atomic_dir(out / folder_name) as tmp:
         save_student(models, tmp, spec, role)
     info = {
@@ -407,7 +408,7 @@ def sample(pipe: Any, prompts: list[str], steps: int | None = None, seeds: list[
     else:
         call.update(num_inference_steps=n)
     neg = None if negative_prompt is None else [negative_prompt] * len(prompts)
-    call.update(family_of(pipe).pipe_guidance_kwargs(pipe, g, neg))
+    call.update(family_of(pipe).pipe_call_kwargs(pipe, g, neg))
     t0 = time.perf_counter()
     out = pipe(prompt=list(prompts), **call, **kwargs)
     return out.images, time.perf_counter() - t0

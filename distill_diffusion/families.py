@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import flow_families
 from . import schedule as sched
 from .errors import UserError
 from .features import tap
@@ -99,7 +100,7 @@ class Family:
         return dist.mean if noise is None else dist.mean + dist.std * noise
 
     def vae_decode(self, z: Tensor) -> Tensor:
-        return self.pipe.vae.decode(z).sample
+        return self.pipe.vae.decode(z, return_dict=False)[0]
 
     # ---- the network ---------------------------------------------------------------------------------------------
     def forward(self, net: nn.Module, x: Tensor, t_net: Tensor, cond: Cond, guidance: Tensor | None = None,
@@ -168,7 +169,7 @@ class Family:
         return guidance > 1
 
     @classmethod
-    def pipe_guidance_kwargs(cls, pipe: Any, guidance: float, negative: list[str] | None) -> dict[str, Any]:
+    def pipe_call_kwargs(cls, pipe: Any, guidance: float, negative: list[str] | None) -> dict[str, Any]:
         """The pipeline call's guidance arguments for ``guidance`` (and a negative prompt, used only with CFG)."""
         kw: dict[str, Any] = {"guidance_scale": guidance}
         if negative is not None and cls.pipe_uses_cfg(pipe, guidance):
@@ -274,7 +275,142 @@ class StableDiffusionXL(StableDiffusion):
         return Cond(cond.prompt_embeds, cond.pooled, ids, cond.mask)
 
 
-FAMILIES: dict[str, type[Family]] = {f.pipeline_class: f for f in (StableDiffusion, StableDiffusionXL)}
+# ---- flow-matching transformers: SD3 / SD3.5, FLUX.1, SANA --------------------------------------------------------
+
+
+class FlowTransformer(Family):
+    """A flow-matching transformer teacher (``distill_diffusion.flow_families`` holds the calls, each checked
+    against the pipeline's own sampling loop): rectified-flow schedule from the pipeline's
+    ``FlowMatchEulerDiscreteScheduler``, features from its transformer blocks as (B, D, h/p, w/p) maps."""
+
+    denoiser = "transformer"
+    schedule_kind = "flow"
+    flow_name = ""
+
+    def __init__(self, pipe: Any, resolution: int | None, device: torch.device) -> None:
+        super().__init__(pipe, resolution, device)
+        self.vae_scaling, self.vae_shift = flow_families.latent_norm(pipe.vae)
+
+    def _vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def lora_targets(self) -> list[str]:  # type: ignore[override]
+        return flow_families.default_lora_targets(self.flow_name)
+
+    def image_seq_len(self) -> int:
+        return flow_families.image_seq_len(self.flow_name, self.latent_shape,
+                                           getattr(self.net.config, "patch_size", None))
+
+    def make_schedule(self) -> sched.FlowSchedule:
+        """The teacher's training sigmas at this resolution (FLUX's dynamic shift from its image sequence length)."""
+        cfg = self.pipe.scheduler.config
+        mu = flow_families.dynamic_shift_mu(cfg, self.image_seq_len()) if cfg.get("use_dynamic_shifting") else None
+        return sched.FlowSchedule.from_scheduler_config(cfg, mu=mu).to(self.device)
+
+    def encode_text(self, prompts: list[str]) -> Cond:
+        return Cond(**flow_families.encode_text(self.pipe, prompts, self.device))
+
+    def encode_empty(self) -> Cond:
+        return Cond(**flow_families.encode_empty(self.pipe, self.device))
+
+    def forward(self, net: nn.Module, x: Tensor, t_net: Tensor, cond: Cond, guidance: Tensor | None = None,
+                timestep_cond: Tensor | None = None) -> Tensor:
+        c = {k: v for k, v in (("prompt_embeds", cond.prompt_embeds), ("pooled", cond.pooled), ("mask", cond.mask))
+             if v is not None}
+        return flow_families.forward(self.flow_name, net, x, t_net, c, guidance)
+
+    def _blocks(self, net: nn.Module) -> list[str]:
+        return [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))]
+
+    def feature_blocks(self, net: nn.Module, all_levels: bool = True) -> list[str]:
+        """Every transformer block's output; without ``all_levels`` the first half up to the middle block (the
+        counterpart of a UNet's down and mid blocks)."""
+        names = self._blocks(net)
+        return names if all_levels else names[: len(names) // 2 + 1]
+
+    def bottleneck_block(self, net: nn.Module) -> str:
+        names = self._blocks(net)
+        return names[len(names) // 2]
+
+    def _as_map(self, h: Any, x: Tensor) -> Tensor:
+        """Image tokens (B, N, D) of a block as a square map (B, D, √N, √N). Joint blocks return
+        (encoder_hidden_states, hidden_states); the image stream is the second."""
+        tokens = h[1] if isinstance(h, tuple) else h
+        b, n, d = tokens.shape
+        side = int(round(n**0.5))
+        return tokens.transpose(1, 2).reshape(b, d, side, side)
+
+    @classmethod
+    def pipe_resolution(cls, pipe: Any) -> int:
+        return int(cls.pipe_net(pipe).config.sample_size) * int(pipe.vae_scale_factor)
+
+
+class StableDiffusion3(FlowTransformer):
+    """SD3 / SD3.5: MMDiT with CLIP-L, CLIP-G and T5 (``pooled_projections``), 16-channel latents with shift."""
+
+    name, flow_name, pipeline_class = "sd3", "sd3", "StableDiffusion3Pipeline"
+
+
+class Flux(FlowTransformer):
+    """FLUX.1: packed 2×2 latents with position ids, resolution-dependent shift; FLUX.1-dev embeds the guidance
+    scale (``guidance_embeds``): its "CFG" is one pass with guidance as an input."""
+
+    name, flow_name, pipeline_class = "flux", "flux", "FluxPipeline"
+
+    def latent_channels(self) -> int:
+        return int(self.net.config.in_channels) // 4  # packed 2×2 patches
+
+    def default_resolution(self) -> int:
+        return int(self.pipe.default_sample_size) * self.vae_scale_factor
+
+    def guidance_embedded(self, net: nn.Module) -> bool:
+        return bool(getattr(getattr(net, "config", None), "guidance_embeds", False))
+
+    def default_guidance(self) -> float:
+        return 3.5  # FluxPipeline's default guidance_scale
+
+    def _blocks(self, net: nn.Module) -> list[str]:
+        return [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))] + [
+            f"single_transformer_blocks.{i}" for i in range(len(net.single_transformer_blocks))]
+
+    @classmethod
+    def pipe_resolution(cls, pipe: Any) -> int:
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
+    @classmethod
+    def pipe_uses_cfg(cls, pipe: Any, guidance: float) -> bool:
+        """FLUX.1-dev feeds guidance to its network (one pass); other FLUX.1 models get true CFG above 1."""
+        return guidance > 1 and not getattr(cls.pipe_net(pipe).config, "guidance_embeds", False)
+
+    @classmethod
+    def pipe_call_kwargs(cls, pipe: Any, guidance: float, negative: list[str] | None) -> dict[str, Any]:
+        if getattr(cls.pipe_net(pipe).config, "guidance_embeds", False):
+            return {"guidance_scale": guidance}
+        if guidance > 1:  # FluxPipeline's true CFG needs a negative prompt; the empty one is our uncond branch
+            return {"true_cfg_scale": guidance, "negative_prompt": negative if negative is not None else ""}
+        return {}
+
+
+class Sana(FlowTransformer):
+    """SANA: linear-attention DiT on a Gemma text encoder (attention mask) and a DC-AE (scaling, no shift)."""
+
+    name, flow_name, pipeline_class = "sana", "sana", "SanaPipeline"
+
+    def vae_encode(self, images: Tensor, noise: Tensor | None) -> Tensor:
+        return self.pipe.vae.encode(images).latent  # DC-AE: deterministic, no posterior to sample
+
+    def vae_decode(self, z: Tensor) -> Tensor:
+        return self.pipe.vae.decode(z, return_dict=False)[0]
+
+    @classmethod
+    def pipe_call_kwargs(cls, pipe: Any, guidance: float, negative: list[str] | None) -> dict[str, Any]:
+        # Resolution binning would snap our size to its 512-1024 px bins; sizes must be multiples of 32.
+        return {**super().pipe_call_kwargs(pipe, guidance, negative), "use_resolution_binning": False}
+
+
+FAMILIES: dict[str, type[Family]] = {f.pipeline_class: f for f in (
+    StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Sana)}
 
 
 def family_of(pipe: Any) -> type[Family]:

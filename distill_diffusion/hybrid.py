@@ -111,7 +111,7 @@ def teacher_first_step(teacher: Any, prompts: list[str], first: StepSampling, ge
         teacher.scheduler = _ddim_first_step_scheduler(saved.config, int(first.timesteps[1]))
         where = {"timesteps": [int(first.timesteps[0])]}
     try:
-        call = family_of(teacher).pipe_guidance_kwargs(teacher, teacher_guidance, None)
+        call = family_of(teacher).pipe_call_kwargs(teacher, teacher_guidance, None)
         out = teacher(prompt=list(prompts), **where, **call, generator=generators, height=res, width=res,
                       output_type="latent")
     finally:
@@ -159,7 +159,7 @@ def hybrid_sample(teacher: Any, student: Any, prompts: list[str], steps: int, se
         rest: dict[str, Any] = {"timesteps": [int(t) for t in s.timesteps[1:]]}
     else:
         rest = {"sigmas": list(s.sigmas[1:])}
-    call = family_of(student).pipe_guidance_kwargs(student, s.guidance_scale, None)
+    call = family_of(student).pipe_call_kwargs(student, s.guidance_scale, None)
     out = student(prompt=list(prompts), **rest, **call, latents=latents, generator=gens, height=res, width=res,
                   output_type=output_type)
     return out.images, time.perf_counter() - t0

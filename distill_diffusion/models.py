@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -387,6 +388,17 @@ class Models:
         comps = {**self.pipe.components, self.family.denoiser: net}
         comps["scheduler"] = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
         return type(self.pipe)(**comps)
+
+    def exported_spec(self, spec: Any) -> Any:
+        """``spec`` as the exported student samples it: a guidance-embedded network (FLUX.1-dev) was trained with
+        the family's default guidance as its input wherever a method asked for none, so its pipeline must feed the
+        same value (its ``guidance_scale``)."""
+        if not self.family.guidance_embedded(self.denoiser):
+            return spec
+        g = self.family.default_guidance()
+        steps = {k: dataclasses.replace(s, guidance_scale=g) if s.guidance_scale == 1.0 else s
+                 for k, s in spec.steps.items()}
+        return dataclasses.replace(spec, steps=steps)
 
     # ---- calling the networks ------------------------------------------------------------------------------------
     def net_out(

@@ -372,19 +372,21 @@ class FlowSchedule:
         self.num_train_timesteps = int(sigmas.shape[0])
 
     @classmethod
-    def from_scheduler_config(cls, config: Any, image_seq_len: int | None = None) -> FlowSchedule:
-        """The training sigmas of a ``FlowMatchEulerDiscreteScheduler`` config: its static ``shift``, or FLUX's
-        dynamic shift at ``image_seq_len`` latent tokens (the training resolution)."""
+    def from_scheduler_config(cls, config: Any, mu: float | None = None) -> FlowSchedule:
+        """The training sigmas of a ``FlowMatchEulerDiscreteScheduler`` config: its static ``shift``, or with
+        ``use_dynamic_shifting`` the resolution-dependent shift μ (FLUX.1: :func:`dynamic_shift_mu` of the training
+        resolution's latent sequence length)."""
         T = int(config.get("num_train_timesteps", 1000))
         base = torch.arange(1, T + 1, dtype=torch.float32) / T  # ascending; the scheduler's linspace(1, T) / T
         if config.get("use_dynamic_shifting", False):
-            if image_seq_len is None:
-                raise ValueError("a dynamically shifted schedule needs the image's latent sequence length")
-            mu = dynamic_shift_mu(image_seq_len, config.get("base_image_seq_len", 256),
-                                  config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                  config.get("max_shift", 1.15))
+            if mu is None:
+                raise ValueError("a dynamically shifted schedule needs mu (the image's latent sequence length)")
             return cls(time_shift(base, mu))
         return cls(shift_sigmas(base, float(config.get("shift", 1.0))))
+
+    def to(self, device: torch.device | str) -> FlowSchedule:
+        self.sigmas = self.sigmas.to(device)
+        return self
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(1 − σ_t, σ_t) for integer t (B,); t < 0 is the clean sample (1, 0)."""
