@@ -5,7 +5,7 @@ Synthesis", NeurIPS 2024 (arXiv:2405.14867); DMD: Yin et al., CVPR 2024 (arXiv:2
 the authors' code (tianweiy/DMD2: main/sd_guidance.py, main/sd_unified_model.py, main/train_sd.py).
 
 Roles: the generator G_θ ("student"), the fake score μ_fake^φ ("critic", with a GAN classification head D on its
-bottleneck), the frozen real score μ_real (the teacher; with LoRA the base UNet with adapters disabled).
+bottleneck), the frozen real score μ_real (the teacher; with LoRA the base network's own weights).
 
 Generator. Input: pure noise z at the conditioning timestep t_k of step k (few-step: t = 999, 749, 499, 249); output
 x = G_θ(x_k, t_k), the teacher's parameterisation turned into x0. Optionally (``scaled_init_noise``, not in the paper)

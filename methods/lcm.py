@@ -11,7 +11,7 @@ One update per step for the student:
   target:   f_θ⁻(x̂_{t_n-k}, t_n - k) with θ⁻ = EMA(θ) (full) or θ without gradient (LoRA)
   loss:     pseudo-Huber d(f_θ, f_θ⁻) with c = 0.001                                     (LCM-LoRA recipes)
 The paper's ω (cond + ω(cond - uncond)) is ``w - 1`` of our diffusers-convention w; full students embed ω (where the
-family's network can: SD-family UNets) exactly as diffusers' pipelines feed ``guidance_scale - 1`` at inference.
+family's network can: the SD families) exactly as diffusers' pipelines feed ``guidance_scale - 1`` at inference.
 
 Spaces. The paper defines everything on the discrete VP schedule: the solver step is DDIM in (x0, ε), the
 consistency function uses c_skip/c_out of the integer timestep. On a flow teacher the same update runs through the

@@ -33,7 +33,7 @@ Optional adversarial term (PCM sec. 4.3, its ``_adv`` scripts): discriminator he
 f_θ and the consistency target are both re-noised from the edge e to t' ~ U[e, e + T/S), the target playing the
 "real" sample; hinge loss (D: relu(1 + D(fake)) + relu(1 - D(real)); G: λ relu(1 - D(fake)), λ = 0.1); D and G
 alternate on even/odd steps; D's Adam has betas (0, 0.999), lr 1e-5. The heads are a headless "critic" role (no LoRA
-adapter or UNet copy of its own).
+adapter or network copy of its own).
 """
 
 from __future__ import annotations

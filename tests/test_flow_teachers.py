@@ -20,8 +20,8 @@ from methods import METHODS
 
 RESOLUTION = {"sd3": 16, "flux": 16, "flux_dev": 16, "sana": 32}  # SanaPipeline wants multiples of 32
 # Short-run settings per method (two steps must reach every stage / role).
-SHORT = {"tscd": ["method.segments=[2,1]", "method.stage_fractions=[0.5,0.5]"], "dmd2": ["method.gan=true", "method.student_update_every=1"],
-         "lcm": [], "sid": []}
+SHORT = {"tscd": ["method.segments=[2,1]", "method.stage_fractions=[0.5,0.5]"],
+         "dmd2": ["method.gan=true", "method.student_update_every=1"], "lcm": [], "sid": []}
 
 
 def _run(method: str, kind: str, student: str, teacher: str, images: str, out, *extra: str):
