@@ -194,3 +194,100 @@ def test_student_rollout_is_lcm_scheduler_between_steps(ac):
 
     torch.testing.assert_close(schedule.student_rollout(predict_x0, x_init, ts, noises, ac), sample,
                                atol=1e-5, rtol=1e-5)
+
+
+# ---- rectified flow against FlowMatchEulerDiscreteScheduler -------------------------------------------------------
+
+FLUX_SHIFT = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                  max_image_seq_len=4096)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_training_sigmas_are_the_schedulers_shifted_ones(shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = FlowMatchEulerDiscreteScheduler(shift=shift)
+    flow = schedule.FlowSchedule.from_scheduler_config(s.config)
+    torch.testing.assert_close(flow.sigmas, s.sigmas.flip(0))  # ours ascending, the scheduler's descending
+    t = torch.tensor([0, 499, 999])
+    torch.testing.assert_close(flow.net_timestep(t), s.timesteps.flip(0)[t])  # σ · 1000, what SD3's pipeline feeds
+    torch.testing.assert_close(schedule.shift_sigmas(torch.tensor([0.5]), shift), torch.tensor([shift / (1 + shift)]))
+
+
+def test_flow_dynamic_shift_is_fluxs_resolution_dependent_shift():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    s = FlowMatchEulerDiscreteScheduler(shift=3.0, **FLUX_SHIFT)
+    for seq in (256, 1024, 4096):
+        mu = schedule.dynamic_shift_mu(seq)
+        assert mu == pytest.approx(calculate_shift(seq, 256, 4096, 0.5, 1.15))
+        flow = schedule.FlowSchedule.from_scheduler_config(s.config, mu=mu)
+        base = torch.arange(1000, 0, -1, dtype=torch.float32) / 1000
+        s.set_timesteps(sigmas=base.numpy(), mu=mu)
+        torch.testing.assert_close(flow.sigmas, s.sigmas[:-1].flip(0), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs mu"):
+        schedule.FlowSchedule.from_scheduler_config(s.config)
+
+
+def test_flow_noising_split_and_target_match_the_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flow = schedule.FlowSchedule.from_scheduler_config(s.config)
+    x0, eps = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    t = torch.tensor([0, 600, 999])
+    xt = flow.add_noise(x0, eps, t)
+    torch.testing.assert_close(xt, s.scale_noise(x0, flow.net_timestep(t), eps))
+    v = flow.target(x0, eps, t)
+    torch.testing.assert_close(v, eps - x0)
+    x0_hat, eps_hat = flow.split(v, xt, t)
+    torch.testing.assert_close(x0_hat, x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps_hat, eps, atol=1e-5, rtol=1e-5)
+    a, sg = flow.alpha_sigma(torch.tensor([-1, 999]))  # before the first step: the clean sample
+    assert a.tolist() == [1.0, 0.0] and sg.tolist() == [0.0, 1.0]
+
+
+def test_flow_step_is_the_euler_step_of_the_scheduler():
+    """The (x0, eps) jump (DDIM's form) equals FlowMatchEulerDiscreteScheduler.step's x + (σ' − σ) v."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    base = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flow = schedule.FlowSchedule.from_scheduler_config(base.config)
+    t, t_to = 899, 449
+    s = FlowMatchEulerDiscreteScheduler.from_config(base.config, shift=1.0)
+    s.set_timesteps(sigmas=[float(flow.sigmas[t]), float(flow.sigmas[t_to])])
+    xt, v = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    want = s.step(v, s.timesteps[0], xt).prev_sample
+    x0, eps = flow.split(v, xt, torch.full((2,), t))
+    torch.testing.assert_close(flow.step(x0, eps, torch.full((2,), t_to)), want, atol=1e-5, rtol=1e-5)
+
+
+def test_flow_renoise_has_the_forward_marginal():
+    """x_{t'} from x_t: mean coefficient α_{t'} on x0 and variance σ_{t'}² (the closed form of the forward process)."""
+    flow = schedule.FlowSchedule(schedule.shift_sigmas(torch.arange(1, 1001) / 1000, 3.0))
+    t_from, t_to = torch.tensor([100, 400]), torch.tensor([700, 400])
+    x0 = torch.ones(2, 1, 1, 1)
+    a_f, s_f = flow.alpha_sigma(t_from)
+    a_t, s_t = flow.alpha_sigma(t_to)
+    # x_t = α x0 + σ e1 and renoise = r x_t + std e2: coefficient of x0 = r α_from, variance (r σ_from)² + std²
+    on_x0 = flow.renoise(a_f.reshape(-1, 1, 1, 1) * x0, torch.zeros_like(x0), t_from, t_to)
+    on_e1 = flow.renoise(s_f.reshape(-1, 1, 1, 1) * x0, torch.zeros_like(x0), t_from, t_to)
+    on_e2 = flow.renoise(torch.zeros_like(x0), x0, t_from, t_to)
+    torch.testing.assert_close(on_x0.flatten(), a_t)
+    torch.testing.assert_close((on_e1**2 + on_e2**2).flatten(), s_t**2)
+    assert on_e2.flatten()[1] == 0  # t_to = t_from: nothing added
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "mode"])
+def test_timestep_density_matches_diffusers(scheme):
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    want = compute_density_for_timestep_sampling(scheme, 64, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                                                 generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(64, generator=g) if scheme == "logit_normal" else torch.rand(64, generator=g)
+    torch.testing.assert_close(schedule.timestep_density(u, scheme), want)
+    flow = schedule.FlowSchedule(torch.arange(1, 1001) / 1000)
+    idx = flow.index_of_density(want)  # diffusers indexes its descending timesteps with floor(u T)
+    torch.testing.assert_close(flow.sigmas[idx], (1000 - (want * 1000).long()).float() / 1000)
