@@ -4,7 +4,7 @@ Models on the page: the teacher (DDIM, any step count, CFG) plus every run folde
 runs folder (a folder with ``sampling.json``; extra students exported next to it as ``sampling_<name>.json`` are
 listed as models of their own). Everything is loaded through :mod:`distill_diffusion.artifacts`, once, on first use.
 
-NFE (UNet evaluations per image) is :func:`distill_diffusion.artifacts.nfe`'s, the figure eval reports too: steps x 2
+NFE (network evaluations per image) is :func:`distill_diffusion.artifacts.nfe`'s, the figure eval reports too: steps x 2
 when the model samples with classifier-free guidance, else steps x 1. Hybrid mode (Gandikota & Bau, "Distilling
 Diversity and Control in Diffusion Models", 2025): the teacher takes the first step and the student the remaining
 ones (:func:`distill_diffusion.artifacts.hybrid_nfe`).
@@ -47,6 +47,7 @@ class ModelEntry:
     steps: tuple[int, ...] = ()
     default_steps: int = 25
     note: str = ""
+    resolution: int | None = None  # the run's training resolution
 
 
 def find_runs(root: str | Path, max_depth: int = 2, teacher_hash: str | None = None
@@ -91,17 +92,22 @@ def find_runs(root: str | Path, max_depth: int = 2, teacher_hash: str | None = N
             note = f"distilled from another teacher ({info.get('teacher')})"
         entries.append(ModelEntry(key=f"s{i}", label=f"{label} ({method})", run_dir=d, sampling_file=fname,
                                   method=method, steps=tuple(sorted(info["steps"])),
-                                  default_steps=int(info["default_steps"]), note=note))
+                                  default_steps=int(info["default_steps"]), note=note,
+                                  resolution=info.get("resolution")))
     return entries, problems
 
 
 class ModelCache:
     """Pipelines loaded once, on first use, and kept. One lock: loading and sampling are serialised (CPU-bound)."""
 
-    def __init__(self, teacher: str, device: str = "cpu") -> None:
-        self.teacher_name, self.device = teacher, device
+    def __init__(self, teacher: str, device: str = "cpu", resolution: int | None = None) -> None:
+        self.teacher_name, self.device, self.resolution = teacher, device, resolution
         self._pipes: dict[str, Any] = {}
         self.lock = threading.RLock()
+
+    def loaded(self, key: str) -> Any | None:
+        """The pipeline under ``key`` if it is loaded already, else None (never loads)."""
+        return self._pipes.get(key)
 
     def get(self, entry: ModelEntry | None) -> Any:
         """The teacher (``entry`` None) or a student's pipeline."""
@@ -109,7 +115,8 @@ class ModelCache:
         with self.lock:
             if key not in self._pipes:
                 if entry is None:
-                    pipe = artifacts.load_teacher(self.teacher_name, device=self.device)
+                    pipe = artifacts.load_teacher(self.teacher_name, device=self.device,
+                                                  resolution=self.resolution)
                     # One throw-away step: first calls pay one-off set-up (kernel selection, allocations) that
                     # would otherwise be timed as the model's latency. Guidance 2 so the CFG batch shape is warm.
                     artifacts.sample(pipe, ["warm-up"], 1, [0], 2.0)
@@ -185,7 +192,11 @@ class Comparison:
                  runs_note: str = "", cache: ModelCache | None = None,
                  hybrid: tuple[Callable[..., Any] | None, str] | None = None) -> None:
         name = Path(teacher).name if Path(teacher).exists() else teacher
-        self.teacher = ModelEntry(key=TEACHER, label=f"teacher ({name}, DDIM)")
+        sampler = "DDIM"
+        loaded = cache.loaded(TEACHER) if cache is not None else None
+        if loaded is not None:  # the teacher's own reference scheduler (flow teachers keep theirs)
+            sampler = type(loaded.scheduler).__name__.removesuffix("Scheduler")
+        self.teacher = ModelEntry(key=TEACHER, label=f"teacher ({name}, {sampler})")
         self.students = students
         self.by_key = {e.key: e for e in [self.teacher, *students]}
         self.problems = problems or []
@@ -326,7 +337,7 @@ def build_app(comp: Comparison, default_guidance: float = 2.5, default_teacher_s
     selected = [m.key for m in models[:max_selected]]
     with gr.Blocks(title="distill-diffusion: teacher vs students") as demo:
         gr.Markdown("## Teacher vs distilled students\nOne prompt, the same seeds (seed … seed + n − 1) for every "
-                    "model; time is wall-clock sampling time on this machine, NFE = UNet evaluations per image.")
+                    "model; time is wall-clock sampling time on this machine, NFE = network evaluations per image.")
         intro = comp.intro()
         gr.Markdown(intro, visible=bool(intro), elem_id="intro")
         with gr.Row():
@@ -404,12 +415,14 @@ def create_comparison(runs: str | None, teacher: str = "embedded", device: str =
         raise UserError(f"runs folder {runs!r} does not exist; give the folder holding your run folders (the "
                         "output_dir of train.py or its parent)")
     artifacts.check_teacher(teacher)  # before loading diffusers (seconds)
-    cache = ModelCache(teacher, device)
-    cache.get(None)
     root = runs if runs is not None else "runs"
     if Path(root).is_dir():
         students, problems = find_runs(root, teacher_hash=artifacts.weights_hash(teacher))
         note = "" if students else f"No run folders found under {root}/ (one or two levels deep)."
     else:
         students, problems, note = [], [], "No runs/ folder here (pass --runs FOLDER)."
+    # The teacher samples at its students' training resolution (when they agree; else its own default).
+    resolutions = {e.resolution for e in students if not e.note} - {None}
+    cache = ModelCache(teacher, device, resolutions.pop() if len(resolutions) == 1 else None)
+    cache.get(None)
     return Comparison(teacher, students, problems, note, cache)

@@ -64,7 +64,8 @@ def meta(a: Any, command: str, ctx: Any, teacher: str, grid: list[float]) -> dic
         "batch_size": ctx.batch_size,
         "image_size": ctx.image_size,
         "latency": "median over full batches of (batch seconds / batch size) after one warm-up batch",
-        "nfe": "UNet evaluations per image (a CFG step counts twice), as the app states them; a hook checks them",
+        "nfe": "denoising-network evaluations per image (a CFG step counts twice, a guidance-embedded step once), "
+               "as the app states them; a hook checks them",
         "grid_indices": es.grid,
         "grid_prompts": [es.prompts[i] for i in es.grid],
         "grid_seeds": [es.seeds[i] for i in es.grid],
@@ -97,7 +98,7 @@ def table(rows: list[dict[str, Any]], m: dict[str, Any]) -> str:
 
 
 def shares_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | steps | UNet ms | VAE decode ms | text encoder ms | other ms |", "|---|---|---|---|---|---|"]
+    lines = ["| model | steps | network ms | VAE decode ms | text encoder ms | other ms |", "|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms_per_image"]
         lines.append(f"| {r['label']} | {r['steps']} | {ms['unet']:.2f} | {ms['vae_decode']:.2f} | "
