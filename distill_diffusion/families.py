@@ -370,6 +370,14 @@ class Flux(FlowTransformer):
     def default_guidance(self) -> float:
         return 3.5  # FluxPipeline's default guidance_scale
 
+    def forward(self, net: nn.Module, x: Tensor, t_net: Tensor, cond: Cond, guidance: Tensor | None = None,
+                timestep_cond: Tensor | None = None) -> Tensor:
+        """FLUX.1-dev's network always takes a guidance input: the pipeline's default when a caller gives none
+        (feature taps, for instance)."""
+        if guidance is None and self.guidance_embedded(net):
+            guidance = torch.full((x.shape[0],), self.default_guidance(), device=x.device)
+        return super().forward(net, x, t_net, cond, guidance, timestep_cond)
+
     def _blocks(self, net: nn.Module) -> list[str]:
         return [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))] + [
             f"single_transformer_blocks.{i}" for i in range(len(net.single_transformer_blocks))]

@@ -9,6 +9,7 @@ in sampling.json.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,17 +19,39 @@ from distill_diffusion.config import parse_config
 from distill_diffusion.loop import train
 from methods import METHODS
 
+ROOT = Path(__file__).resolve().parent.parent
+
 RESOLUTION = {"sd3": 16, "flux": 16, "flux_dev": 16, "sana": 32}  # SanaPipeline wants multiples of 32
-# Short-run settings per method (two steps must reach every stage / role).
+# Short-run settings per method (two steps must update the student, and reach every stage).
 SHORT = {"tscd": ["method.segments=[2,1]", "method.stage_fractions=[0.5,0.5]"],
-         "dmd2": ["method.gan=true", "method.student_update_every=1"], "lcm": [], "sid": []}
+         "dmd2": ["method.gan=true", "method.student_update_every=1", "method.student_lr=1e-3"], "lcm": [], "sid": []}
+# The shipped configs for real flow models, run on the tiny pipeline of the same class (their step counts, stages and
+# method settings; sizes, precision and learning rates overridden to fit a CPU test).
+CONFIGS = {"sd3": ("sd35_medium", "lora"), "flux_dev": ("flux1_dev", "lora"), "sana": ("sana_1600m", "full")}
+CASES = [(m, kind, student, CONFIGS.get(kind, (None, None))[1] == student) for m in sorted(METHODS)
+         for kind, student in [("sd3", "lora"), ("sd3", "full"), ("flux", "lora"), ("flux", "full"),
+                               ("flux_dev", "lora"), ("sana", "lora"), ("sana", "full")]]
 
 
-def _run(method: str, kind: str, student: str, teacher: str, images: str, out, *extra: str):
-    args = ["--method", method, f"teacher={teacher}", f"student={student}", f"resolution={RESOLUTION[kind]}",
-            f"data.images={images}", "max_steps=2", "batch_size=2", "lora_rank=2", "lora_alpha=2",
-            "learning_rate=1e-3", f"output_dir={out}", "report_to=none", "validation_seeds=0", "logging_steps=1",
-            *SHORT.get(method, []), *extra]
+def config_file(method: str, kind: str) -> Path:
+    return next((ROOT / "configs" / method).glob(f"{CONFIGS[kind][0]}*.yaml"))
+
+
+def _run(method: str, kind: str, student: str, teacher: str, images: str, out, use_config: bool = False):
+    args = ["--method", method]
+    if use_config:
+        args += ["--config", str(config_file(method, kind)), "mixed_precision=no", "gradient_accumulation_steps=1"]
+        if method == "tscd":
+            args += ["max_steps=4" if "[8, 4, 2, 1]" in config_file(method, kind).read_text() else "max_steps=2"]
+    else:
+        args += SHORT[method] + ["max_steps=2"]
+    args += [f"teacher={teacher}", f"student={student}", f"resolution={RESOLUTION[kind]}", f"data.images={images}",
+             "batch_size=2", "lora_rank=2", "lora_alpha=2", "learning_rate=1e-3", f"output_dir={out}",
+             "report_to=none", "validation_seeds=0", "logging_steps=1"]
+    if use_config and method == "dmd2":
+        args += ["method.student_update_every=1", "method.student_lr=1e-3"]
+    if "max_steps" not in " ".join(args):
+        args.append("max_steps=2")
     cfg, _ = parse_config(args, METHODS)
     train(cfg, METHODS[method])
     return json.loads((out / "sampling.json").read_text())
@@ -41,15 +64,15 @@ def _latents(pipe, res: int, **kw):
                 **fam.pipe_call_kwargs(pipe, 1.0, None), **kw).images
 
 
-@pytest.mark.parametrize("student", ["lora", "full"])
-@pytest.mark.parametrize("kind", ["sd3", "flux", "sana"])
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_flow_teacher_trains_and_exports_to_vanilla_pipelines(method, kind, student, flow_teachers, image_folder,
-                                                             tmp_path):
+@pytest.mark.parametrize("method,kind,student,use_config", CASES)
+def test_flow_teacher_trains_and_exports_to_vanilla_pipelines(method, kind, student, use_config, flow_teachers,
+                                                             image_folder, tmp_path):
+    """Every method x {lora, full} x {SD3, FLUX.1, SANA}, and FLUX.1-dev; the shipped sd35 / flux1_dev / sana
+    configs where they exist."""
     from diffusers import DiffusionPipeline
 
-    info = _run(method, kind, student, flow_teachers[kind], image_folder, tmp_path)
-    assert info["schedule"] == "flow" and info["family"] == kind
+    info = _run(method, kind, student, flow_teachers[kind], image_folder, tmp_path, use_config)
+    assert info["schedule"] == "flow" and info["family"] == kind.removesuffix("_dev")
     res = RESOLUTION[kind]
     for k, s in info["steps"].items():
         assert s["scheduler"].startswith("FlowMatch") and len(s["sigmas"]) == int(k) == len(s["timesteps"])
@@ -70,7 +93,7 @@ def test_flow_teacher_trains_and_exports_to_vanilla_pipelines(method, kind, stud
 def test_guidance_distilled_flux_counts_one_evaluation_per_step(flow_teachers, image_folder, tmp_path):
     """FLUX.1-dev's guidance is an input: the teacher's CFG is one pass (NFE counts it once), and its student
     samples with the guidance it was trained with."""
-    info = _run("lcm", "flux_dev", "lora", flow_teachers["flux_dev"], image_folder, tmp_path)
+    info = _run("lcm", "flux_dev", "lora", flow_teachers["flux_dev"], image_folder, tmp_path, use_config=True)
     teacher = artifacts.load_teacher(flow_teachers["flux_dev"], resolution=16)
     assert artifacts.nfe(teacher, 4, 3.5) == 4 and not artifacts.uses_cfg(teacher, 3.5)
     student = artifacts.load_student(tmp_path)
