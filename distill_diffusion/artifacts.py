@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -282,6 +283,25 @@ def list_students(run_dir: str | Path) -> list[str]:
     return sorted(f.name for f in files if f.name == SAMPLING_FILE or f.name.startswith("sampling_"))
 
 
+_SEEDED: dict[type, type] = {}
+
+
+def _seeded(cls: type) -> type:
+    """``cls`` whose ``step`` draws its fresh noise from ``self.generator`` (one generator per image) when the
+    pipeline passes none: SD3's and FLUX's pipelines call ``scheduler.step`` without their generator, so a
+    re-noising scheduler (FlowMatchLCMScheduler) would draw from torch's global RNG and an image would depend on its
+    batch. Same class name and config, so a saved pipeline reloads as the plain class."""
+    if cls not in _SEEDED:
+        @functools.wraps(cls.step)  # the same signature: pipelines inspect it to decide whether to pass a generator
+        def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("generator") is None and getattr(self, "generator", None) is not None:
+                kwargs["generator"] = self.generator
+            return cls.step(self, *args, **kwargs)
+
+        _SEEDED[cls] = type(cls.__name__, (cls,), {"step": step, "generator": None, "__module__": cls.__module__})
+    return _SEEDED[cls]
+
+
 def make_scheduler(base_config: Any, s: StepSampling) -> Any:
     """The diffusers scheduler of a step count, built from the teacher's schedule config."""
     import diffusers
@@ -289,7 +309,7 @@ def make_scheduler(base_config: Any, s: StepSampling) -> Any:
     cls = getattr(diffusers, s.scheduler, None)
     if cls is None:
         raise UserError(f"unknown scheduler {s.scheduler!r} in sampling.json")
-    sched = cls.from_config(base_config, **s.scheduler_kwargs)
+    sched = _seeded(cls).from_config(base_config, **s.scheduler_kwargs)
     # The pipelines multiply the initial latent by init_noise_sigma: a method that starts from scaled noise
     # (SiD's sqrt(1 - ᾱ(t_init)) z) records that scale here.
     sched.init_noise_sigma = s.init_noise_scale
@@ -404,6 +424,7 @@ def sample(pipe: Any, prompts: list[str], steps: int | None = None, seeds: list[
     s, n, g = _plan(pipe, steps, guidance_scale)
     if s is not None:
         pipe.scheduler = make_scheduler(pipe.scheduler.config, s)
+        pipe.scheduler.generator = gens  # per-image fresh noise, whether or not the pipeline passes its generator
         call.update(s.call_kwargs())
     else:
         call.update(num_inference_steps=n)

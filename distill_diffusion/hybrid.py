@@ -160,6 +160,7 @@ def hybrid_sample(teacher: Any, student: Any, prompts: list[str], steps: int, se
     else:
         rest = {"sigmas": list(s.sigmas[1:])}
     call = family_of(student).pipe_call_kwargs(student, s.guidance_scale, None)
+    student.scheduler.generator = gens  # see artifacts._seeded: flow pipelines do not pass it to step()
     out = student(prompt=list(prompts), **rest, **call, latents=latents, generator=gens, height=res, width=res,
                   output_type=output_type)
     return out.images, time.perf_counter() - t0

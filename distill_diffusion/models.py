@@ -233,6 +233,11 @@ class Models:
                 self._nets[name] = copy.deepcopy(self._nets[spec.source]).requires_grad_(False)
 
     def _speed_flags(self, channels_last: bool, compile_nets: bool) -> None:
+        if channels_last and self.family.denoiser != "unet":
+            # A transformer's inputs are token sequences (FLUX packs latents with views): nothing to gain.
+            print(f"note: channels_last=true applies to UNets; the {self.family.name} transformer runs without it",
+                  file=sys.stderr)
+            channels_last = False
         self.channels_last = channels_last
         if channels_last:
             for net in self.denoisers():
