@@ -28,14 +28,16 @@ SHORT = {"tscd": ["method.segments=[2,1]", "method.stage_fractions=[0.5,0.5]"],
 # The shipped configs for real flow models, run on the tiny pipeline of the same class (their step counts, stages and
 # method settings; sizes, precision and learning rates overridden to fit a CPU test).
 CONFIGS = {"sd3": ("sd35_medium", "lora"), "flux_dev": ("flux1_dev", "lora"), "sana": ("sana_1600m", "full")}
-# Every method x {lora, full} x {SD3, FLUX.1, SANA} and FLUX.1-dev. The default test set runs each method's three
-# shipped configs and one more combination (together every family and both student kinds); the rest are ``slow``
-# (CI runs them), to keep the test command's time.
+# Every method x {lora, full} x {SD3, FLUX.1, SANA} and FLUX.1-dev. The default test set runs, per method, one shipped
+# config (each family's config by some method) and one more combination (together every family and both student
+# kinds); the rest are ``slow`` (CI runs them), to keep the test command's time.
+DEFAULT_SHIPPED = {"lcm": "sd3", "dmd2": "flux_dev", "sid": "sana", "tscd": "sd3"}
 DEFAULT_EXTRA = {"lcm": ("flux", "full"), "dmd2": ("sana", "lora"), "sid": ("sd3", "full"), "tscd": ("flux", "lora")}
+
 
 def _case(method: str, kind: str, student: str) -> object:
     shipped = CONFIGS.get(kind, (None, None))[1] == student
-    default = shipped or DEFAULT_EXTRA.get(method) == (kind, student)
+    default = (shipped and DEFAULT_SHIPPED.get(method) == kind) or DEFAULT_EXTRA.get(method) == (kind, student)
     return pytest.param(method, kind, student, shipped, marks=() if default else pytest.mark.slow)
 
 
