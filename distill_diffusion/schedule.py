@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .method import StepSampling
+from .method import StepRNG, StepSampling
 
 
 def _bcast(a: Tensor, like: Tensor) -> Tensor:
@@ -253,8 +253,8 @@ def timestep_density(u: Tensor, scheme: str = "uniform", logit_mean: float = 0.0
 
     ``uniform``: u ~ U[0, 1) as given. ``logit_normal``: ``u`` are N(0, 1) draws, returned as
     sigmoid(logit_mean + logit_std u). ``mode``: u ~ U[0, 1), returned as 1 − u − s (cos²(πu/2) − 1 + u).
-    Diffusers' scripts index the descending ``scheduler.timesteps`` with floor(value · T); :meth:`FlowSchedule.
-    index_of_density` turns it into our ascending index.
+    Diffusers' scripts index the descending ``scheduler.timesteps`` with floor(value · T); :func:`index_of_density`
+    turns it into our ascending index.
     """
     if scheme == "logit_normal":
         return torch.sigmoid(logit_mean + logit_std * u)
@@ -263,6 +263,27 @@ def timestep_density(u: Tensor, scheme: str = "uniform", logit_mean: float = 0.0
     if scheme == "uniform":
         return u
     raise ValueError(f"unknown timestep density {scheme!r}: uniform, logit_normal or mode")
+
+
+def index_of_density(u: Tensor, num_train_timesteps: int) -> Tensor:
+    """Our ascending timestep index of diffusers' ``timesteps[floor(u · T)]`` (descending, ``u = 0`` the noisiest),
+    for u from :func:`timestep_density`, (B,) int64. The same for VP and flow schedules."""
+    T = num_train_timesteps
+    return (T - 1 - (u * T).long().clamp(0, T - 1)).long()
+
+
+def density_timesteps(rng: StepRNG, tag: str, num_train_timesteps: int, scheme: str = "uniform",
+                      logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> Tensor:
+    """Training timestep indices (B,) int64 drawn per sample from one of SD3's densities (:func:`timestep_density`).
+
+    ``uniform`` is the integer draw ``randint(0, T)`` the VP methods always made (so a uniform run is unchanged);
+    ``logit_normal`` draws N(0, 1) and ``mode`` U[0, 1) under the same tag.
+    """
+    if scheme == "uniform":
+        return rng.randint(0, num_train_timesteps, tag)
+    u = rng.randn((), tag) if scheme == "logit_normal" else rng.rand(tag)
+    density = timestep_density(u, scheme, logit_mean, logit_std, mode_scale)
+    return index_of_density(density, num_train_timesteps).to(u.device)
 
 
 def flow_split(v: Tensor, xt: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -476,12 +497,6 @@ class FlowSchedule:
         return StepSampling(scheduler=name, timesteps=[s * self.num_train_timesteps for s in sig],
                             guidance_scale=guidance_scale, sigmas=sig,
                             scheduler_kwargs={"shift": 1.0, "use_dynamic_shifting": False})
-
-    def index_of_density(self, u: Tensor) -> Tensor:
-        """Our ascending index of diffusers' ``timesteps[floor(u · T)]`` (descending), for u from
-        :func:`timestep_density`, (B,) int64."""
-        T = self.num_train_timesteps
-        return (T - 1 - (u * T).long().clamp(0, T - 1)).long()
 
 
 Schedule = VPSchedule | FlowSchedule

@@ -47,6 +47,7 @@ from distill_diffusion.method import (
     masked_mean,
 )
 from distill_diffusion.models import frozen
+from distill_diffusion.schedule import density_timesteps
 
 
 @dataclass
@@ -71,6 +72,12 @@ class DMD2Config:
     gan_generator_weight: float = 1e-3  # λ_G (SDXL 5e-3)
     gan_discriminator_weight: float = 1e-2  # λ_D
     gan_max_timestep: int = 1000  # real and fake inputs of D are noised at t ~ U[0, gan_max_timestep)
+    # The critic's denoising-loss timesteps: "uniform" as in the paper and its code, or SD3's "logit_normal" / "mode"
+    # training densities (SD3 paper sec. 3.1; ours to offer, not a DMD2 setting).
+    critic_t_density: str = "uniform"
+    critic_t_logit_mean: float = 0.0
+    critic_t_logit_std: float = 1.0
+    critic_t_mode_scale: float = 1.29
     # Start the critic (and the GAN head, when the earlier run had one) from the last checkpoint of the run that
     # ``init_from`` names, as the paper's second stage resumes both networks.
     init_critic: bool = False
@@ -95,6 +102,10 @@ class DMD2Config:
             raise UserError("method.gan_generator_weight and method.gan_discriminator_weight must be >= 0")
         if self.gan_max_timestep < 1:
             raise UserError(f"method.gan_max_timestep={self.gan_max_timestep}: must be at least 1")
+        if self.critic_t_density not in ("uniform", "logit_normal", "mode"):
+            raise UserError(f"method.critic_t_density={self.critic_t_density!r}: uniform, logit_normal or mode")
+        if self.critic_t_logit_std <= 0:
+            raise UserError(f"method.critic_t_logit_std={self.critic_t_logit_std}: must be positive")
 
 
 # ---- pure maths ---------------------------------------------------------------------------------------------------
@@ -288,7 +299,8 @@ class DMD2(Method):
         m, c, rng = self.models, self.cfg, batch.rng
         with torch.no_grad():
             x0, _ = self.generate(batch, grad=False)
-        t = rng.randint(0, m.num_train_timesteps, "dmd2-critic-t")
+        t = density_timesteps(rng, "dmd2-critic-t", m.num_train_timesteps, c.critic_t_density,
+                              c.critic_t_logit_mean, c.critic_t_logit_std, c.critic_t_mode_scale)
         eps = rng.randn(m.latent_shape, "dmd2-critic-noise")
         xt = m.schedule.add_noise(x0, eps, t)
         out = m.net_out("critic", xt, t, batch.cond)

@@ -245,6 +245,28 @@ def test_critic_loss_falls_on_fixed_batch(tiny_teachers):
     assert last < 0.85 * first, (first, last)
 
 
+def test_critic_timesteps_follow_the_configured_density(tiny_teachers):
+    """The critic's denoising loss draws t from the configured density (uniform keeps the old integer draw)."""
+    seen = {}
+    for density in ("uniform", "logit_normal"):
+        models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", gan=False, critic_t_density=density)
+        batch = fixed_batch(models, b=2)
+        calls = []
+
+        def recording(role, xt, t, *a, _net_out=models.net_out, _calls=calls, **k):
+            _calls.append((role, t.clone()))
+            return _net_out(role, xt, t, *a, **k)
+
+        models.net_out = recording
+        loss, _ = method.loss("critic", batch, step=0)
+        assert torch.isfinite(loss)
+        seen[density] = next(t for role, t in calls if role == "critic")
+    want = schedule.density_timesteps(batch.rng, "dmd2-critic-t", 1000, "logit_normal")
+    assert torch.equal(seen["logit_normal"], want) and not torch.equal(seen["uniform"], want)
+    with pytest.raises(UserError, match="critic_t_density"):
+        DMD2Config(critic_t_density="lognormal").check()
+
+
 def test_frozen_generator_cannot_pass(tiny_teachers):
     """The same check fails for a generator that never trains: the tests above can fail."""
     models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", real_guidance_scale=3.0, gan=False)

@@ -289,5 +289,22 @@ def test_timestep_density_matches_diffusers(scheme):
     u = torch.randn(64, generator=g) if scheme == "logit_normal" else torch.rand(64, generator=g)
     torch.testing.assert_close(schedule.timestep_density(u, scheme), want)
     flow = schedule.FlowSchedule(torch.arange(1, 1001) / 1000)
-    idx = flow.index_of_density(want)  # diffusers indexes its descending timesteps with floor(u T)
+    idx = schedule.index_of_density(want, 1000)  # diffusers indexes its descending timesteps with floor(u T)
     torch.testing.assert_close(flow.sigmas[idx], (1000 - (want * 1000).long()).float() / 1000)
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "mode"])
+def test_density_timesteps_draws_each_density(scheme):
+    from distill_diffusion.method import StepRNG
+
+    rng = StepRNG(seed=3, step=7, sample_ids=torch.arange(4000))
+    t = schedule.density_timesteps(rng, "tag", 1000, scheme)
+    assert t.dtype == torch.int64 and t.shape == (4000,) and 0 <= int(t.min()) and int(t.max()) < 1000
+    if scheme == "uniform":  # the plain integer draw every VP method made before densities existed
+        assert torch.equal(t, rng.randint(0, 1000, "tag"))
+    elif scheme == "logit_normal":  # sigmoid(N(0, 1)) of the way from noise: the same per-sample draws, mapped
+        u = rng.randn((), "tag")
+        assert torch.equal(t, 999 - (torch.sigmoid(u) * 1000).long())
+        assert abs(float(t.float().mean()) - 499.5) < 15 and float(t.float().std()) < 240  # centred, no uniform
+    else:  # mode_scale 1.29 leans towards the middle too, less than logit-normal
+        assert float(t.float().std()) < 288
