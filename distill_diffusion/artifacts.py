@@ -25,7 +25,7 @@ import torch
 from .errors import UserError
 from .families import family_of
 from .method import SamplingSpec, StepSampling
-from .models import embedded_teacher_path, load_pipeline, resolve_teacher
+from .models import embedded_teacher_name, load_pipeline, resolve_teacher
 
 SAMPLING_FILE = "sampling.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -82,12 +82,13 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
 
 
 def is_embedded_teacher(teacher: str | Path | None) -> bool:
-    """Whether ``teacher`` (a name, a folder or a hub id) is the shipped Fashion-MNIST teacher.
+    """Whether ``teacher`` (a name, a folder or a hub id) is one of the shipped Fashion-MNIST teachers.
 
-    The one test, so "embedded", "" and the folder's own path (relative or absolute) all count: the embedded
-    teacher gets its own defaults (validation prompts and guidance, Fashion-MNIST data and captions) everywhere.
+    The one test, so "embedded", "embedded-flow", "" and the folders' own paths (relative or absolute) all count:
+    the embedded teachers get their own defaults (validation prompts and guidance, Fashion-MNIST data and captions,
+    the shipped evaluator) everywhere.
     """
-    return Path(resolve_teacher(str(teacher or ""))).resolve() == embedded_teacher_path().resolve()
+    return embedded_teacher_name(teacher) is not None
 
 
 def check_teacher(teacher: str | None) -> None:
@@ -96,9 +97,11 @@ def check_teacher(teacher: str | None) -> None:
     Hub ids (``org/name``) pass: they are checked when loading, which may need the network.
     """
     path = resolve_teacher(teacher)
-    if is_embedded_teacher(path) and not (Path(path) / PIPELINE_INDEX).is_file():
-        raise UserError(f"the embedded teacher is missing ({path}); build it with "
-                        "`python -m distill_diffusion.toy.train_teacher` or pass --teacher PATH_OR_HUB_ID")
+    name = embedded_teacher_name(path)
+    if name is not None and not (Path(path) / PIPELINE_INDEX).is_file():
+        script = "train_flow_teacher" if name == "embedded-flow" else "train_teacher"
+        raise UserError(f"the embedded teacher {name!r} is missing ({path}); build it with "
+                        f"`python -m distill_diffusion.toy.{script}` or pass teacher=PATH_OR_HUB_ID")
     if Path(path).is_dir():
         if not (Path(path) / PIPELINE_INDEX).is_file():
             raise UserError(f"teacher {teacher!r} is not a diffusers pipeline folder (no model_index.json)")
@@ -109,10 +112,11 @@ def check_teacher(teacher: str | None) -> None:
 
 
 def teacher_ref(path: str) -> str:
-    """How a run names its teacher: "embedded" for the shipped one (so runs move between clones), else the path/id."""
+    """How a run names its teacher: "embedded" / "embedded-flow" for the shipped ones (so runs move between clones),
+    else the path/id."""
     p = Path(path)
-    if p.exists() and is_embedded_teacher(p.resolve()):
-        return "embedded"
+    if p.exists() and embedded_teacher_name(p.resolve()) is not None:
+        return embedded_teacher_name(p.resolve())
     return str(p.resolve()) if p.exists() else path
 
 
@@ -186,6 +190,8 @@ def save_run(models: Any, method_name: str, spec: SamplingSpec, out: str | Path,
         "resolution": models.resolution,
         "prediction_type": models.prediction_type,
         "schedule": models.schedule.kind,
+        # the text length the student was trained with (a vanilla pipeline call needs it); None = pipeline default
+        "max_sequence_length": getattr(models.pipe, "distill_max_sequence_length", None),
         **spec_to_json(spec),
         **(extra or {}),
     }
@@ -357,6 +363,8 @@ def load_student(run_dir: str | Path, steps: int | None = None, device: str | to
         pipe = load_pipeline(str(folder), dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if info.get("max_sequence_length") is not None:
+        pipe.distill_max_sequence_length = int(info["max_sequence_length"])
     pipe.distill = RunSampling(info, run_dir)
     configure(pipe, steps)
     return pipe
@@ -430,6 +438,7 @@ def sample(pipe: Any, prompts: list[str], steps: int | None = None, seeds: list[
         call.update(num_inference_steps=n)
     neg = None if negative_prompt is None else [negative_prompt] * len(prompts)
     call.update(family_of(pipe).pipe_call_kwargs(pipe, g, neg))
+    call.update(family_of(pipe).pipe_text_kwargs(pipe))
     t0 = time.perf_counter()
     out = pipe(prompt=list(prompts), **call, **kwargs)
     return out.images, time.perf_counter() - t0

@@ -38,6 +38,10 @@ class TrainConfig:
     lora_targets: list[str] | None = None  # None: diffusers' LCM-LoRA reference list
     init_from: str | None = None  # an earlier run folder whose student starts this one (staged recipes)
     resolution: int | None = None  # None: the teacher's native size
+    # Text tokens of a flow teacher's T5 / Gemma slot (SD3, FLUX, SANA): None = the pipeline's default (SD3 256,
+    # FLUX 512, SANA 300) or what the teacher folder records (the embedded flow teacher: 0). Exported students
+    # record it in sampling.json; a plain pipeline call then passes it as max_sequence_length.
+    max_sequence_length: int | None = None
     max_steps: int = 1000
     batch_size: int = 8  # per process
     gradient_accumulation_steps: int = 1
@@ -152,17 +156,18 @@ def _default_files(args: argparse.Namespace, file_values: dict[str, Any], name: 
     """The teacher's own values (configs/teachers/<name>.yaml: validation prompts and guidance), then, with no
     --config, the method's values tuned for the embedded teacher (configs/<method>/default.yaml). The dataclass
     defaults stay the paper's."""
-    from .models import embedded_teacher_path
+    from .models import embedded_teacher_name
 
     teacher = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("teacher=")), None)
     teacher = teacher or file_values.get("teacher") or "embedded"
+    embedded = embedded_teacher_name(teacher)  # also a shipped teacher's folder given as a path
     files = []
-    if Path(teacher).expanduser().resolve() == embedded_teacher_path().resolve():  # its folder, given as a path
-        files.append(CONFIG_DIR / "teachers" / "embedded.yaml")
-    elif teacher.replace("-", "_").isidentifier():  # a name such as "embedded", never a path or hub id
+    if embedded is not None:
+        files.append(CONFIG_DIR / "teachers" / f"{embedded}.yaml")
+    elif teacher.replace("-", "_").isidentifier():  # a name, never a path or hub id
         files.append(CONFIG_DIR / "teachers" / f"{teacher}.yaml")
-    if not args.config and teacher == "embedded":
-        files.append(CONFIG_DIR / name / "default.yaml")
+    if not args.config and embedded is not None:
+        files.append(CONFIG_DIR / name / ("default.yaml" if embedded == "embedded" else "flow_default.yaml"))
     return [f for f in files if f.is_file()]
 
 

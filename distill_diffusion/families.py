@@ -44,6 +44,7 @@ class Family:
     lora_targets: list[str] = UNET_LORA_TARGETS
     schedule_kind = "vp"
     text_modules: tuple[str, ...] = ("text_encoder",)
+    takes_max_sequence_length = False  # a T5 / Gemma slot whose length the pipeline call sets
 
     def __init__(self, pipe: Any, resolution: int | None, device: torch.device) -> None:
         self.pipe, self.device = pipe, device
@@ -177,6 +178,12 @@ class Family:
         return kw
 
     @classmethod
+    def pipe_text_kwargs(cls, pipe: Any) -> dict[str, Any]:
+        """The pipeline call's text-length argument when a run or teacher folder fixed one (flow families only)."""
+        msl = getattr(pipe, "distill_max_sequence_length", None)
+        return {"max_sequence_length": msl} if cls.takes_max_sequence_length and msl is not None else {}
+
+    @classmethod
     def pipe_teacher_scheduler(cls, pipe: Any) -> Any:
         """The scheduler of the teacher's reference rows in eval and the app."""
         return type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -286,6 +293,7 @@ class FlowTransformer(Family):
     denoiser = "transformer"
     schedule_kind = "flow"
     flow_name = ""
+    takes_max_sequence_length = True
 
     def __init__(self, pipe: Any, resolution: int | None, device: torch.device) -> None:
         super().__init__(pipe, resolution, device)
@@ -309,10 +317,10 @@ class FlowTransformer(Family):
         return sched.FlowSchedule.from_scheduler_config(cfg, mu=mu).to(self.device)
 
     def encode_text(self, prompts: list[str]) -> Cond:
-        return Cond(**flow_families.encode_text(self.pipe, prompts, self.device))
+        return Cond(**flow_families.encode_text(self.pipe, prompts, self.device, **self.pipe_text_kwargs(self.pipe)))
 
     def encode_empty(self) -> Cond:
-        return Cond(**flow_families.encode_empty(self.pipe, self.device))
+        return Cond(**flow_families.encode_empty(self.pipe, self.device, **self.pipe_text_kwargs(self.pipe)))
 
     def forward(self, net: nn.Module, x: Tensor, t_net: Tensor, cond: Cond, guidance: Tensor | None = None,
                 timestep_cond: Tensor | None = None) -> Tensor:

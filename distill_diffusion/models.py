@@ -32,15 +32,34 @@ from .errors import UserError
 from .families import FAMILIES, family_for, supported
 from .method import Cond, MethodSpec, TargetSpec
 
+# The small Fashion-MNIST teachers shipped inside the package, by the name ``teacher=`` takes: a UNet
+# StableDiffusionPipeline (the default) and an MMDiT StableDiffusion3Pipeline (rectified flow).
+EMBEDDED_TEACHERS = {"embedded": "fmnist_teacher", "embedded-flow": "fmnist_flow_teacher"}
 
-def embedded_teacher_path() -> Path:
-    """The small Fashion-MNIST teacher shipped inside the package."""
-    return Path(__file__).parent / "assets" / "fmnist_teacher"
+
+def embedded_teacher_path(name: str = "embedded") -> Path:
+    """The folder of a shipped Fashion-MNIST teacher (``"embedded"`` or ``"embedded-flow"``)."""
+    return Path(__file__).parent / "assets" / EMBEDDED_TEACHERS[name]
+
+
+def embedded_teacher_name(teacher: str | Path | None) -> str | None:
+    """``"embedded"`` / ``"embedded-flow"`` when ``teacher`` (a name or a folder path) is a shipped teacher, else
+    None."""
+    if teacher in EMBEDDED_TEACHERS or teacher in ("", None):
+        return str(teacher or "embedded")
+    try:
+        p = Path(str(teacher)).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+    return next((n for n in EMBEDDED_TEACHERS if p == embedded_teacher_path(n).resolve()), None)
 
 
 def resolve_teacher(teacher: str) -> str:
-    """``"embedded"`` -> the shipped teacher's folder; otherwise a local folder or hub id, unchanged."""
-    return str(embedded_teacher_path()) if teacher in ("embedded", "", None) else teacher
+    """A shipped teacher's name (``"embedded"``, ``"embedded-flow"``) -> its folder; otherwise a local folder or
+    hub id, unchanged."""
+    if teacher in ("", None):
+        teacher = "embedded"
+    return str(embedded_teacher_path(teacher)) if teacher in EMBEDDED_TEACHERS else teacher
 
 
 def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32) -> Any:
@@ -67,7 +86,7 @@ def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32) -> Any:
     tlog.disable_progress_bar()
     dlog.set_verbosity_error()
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **absent_components(path))
     except OSError as e:  # hub id while offline, missing files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load teacher {path!r} ({first[:200]}); offline machines need a local folder "
@@ -76,7 +95,34 @@ def load_pipeline(teacher: str, dtype: torch.dtype = torch.float32) -> Any:
         raise UserError(f"teacher {path!r} is a {type(pipe).__name__}; supported: {supported()}")
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
+    pipe.distill_max_sequence_length = recorded_max_sequence_length(path)
     return pipe
+
+
+def absent_components(folder: str) -> dict[str, None]:
+    """Components a pipeline folder records as absent (``[null, null]`` in model_index.json, e.g. SD3 saved
+    without T5), to pass as None: ``from_pretrained`` refuses such a folder otherwise (diffusers' documented way
+    to drop SD3's T5 is ``from_pretrained(..., text_encoder_3=None, tokenizer_3=None)``)."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    return {k: None for k, v in entries.items()
+            if not k.startswith("_") and isinstance(v, list) and v == [None, None]
+            and k not in ("safety_checker", "feature_extractor", "image_encoder")}
+
+
+def recorded_max_sequence_length(folder: str) -> int | None:
+    """The text length a teacher folder says it was trained and is sampled with (``max_sequence_length`` in its
+    ``training.json``: the embedded flow teacher's 0, SD3 without T5 padding), else None (the pipeline's default)."""
+    f = Path(folder) / "training.json"
+    if not f.is_file():
+        return None
+    try:
+        value = json.loads(f.read_text()).get("max_sequence_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) else None
 
 
 def tied_plain_net(wrapped: nn.Module) -> nn.Module:
@@ -140,10 +186,16 @@ class Models:
         headless_roles: tuple[str, ...] = (),
         channels_last: bool = False,
         compile_nets: bool = False,
+        max_sequence_length: int | None = None,
     ) -> None:
         self.device, self.weight_dtype = torch.device(device), weight_dtype
         self.teacher_path = resolve_teacher(teacher)
         self.pipe = load_pipeline(teacher)
+        if max_sequence_length is not None:
+            if not family_for(type(self.pipe).__name__).takes_max_sequence_length:
+                raise UserError(f"max_sequence_length={max_sequence_length}: only flow-transformer teachers (SD3, "
+                                f"FLUX, SANA) have a T5 / Gemma text length; {type(self.pipe).__name__} has none")
+            self.pipe.distill_max_sequence_length = max_sequence_length
         self._read_teacher(resolution)
         self._freeze_teacher()
         self.student_kind = student
@@ -392,7 +444,9 @@ class Models:
         net.to(self.device, torch.float32).eval().requires_grad_(False)
         comps = {**self.pipe.components, self.family.denoiser: net}
         comps["scheduler"] = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        return type(self.pipe)(**comps)
+        pipe = type(self.pipe)(**comps)
+        pipe.distill_max_sequence_length = getattr(self.pipe, "distill_max_sequence_length", None)
+        return pipe
 
     def exported_spec(self, spec: Any) -> Any:
         """``spec`` as the exported student samples it: a guidance-embedded network (FLUX.1-dev) was trained with
@@ -540,7 +594,7 @@ def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu")
         lora_alpha=cfg.lora_alpha, lora_targets=list(cfg.lora_targets) if cfg.lora_targets else None,
         guidance_embedding_dim=spec.student_guidance_embedding if cfg.student == "full" else None,
         resolution=cfg.resolution, device=device, weight_dtype=dtype, headless_roles=spec.headless,
-        channels_last=cfg.channels_last, compile_nets=cfg.compile,
+        channels_last=cfg.channels_last, compile_nets=cfg.compile, max_sequence_length=cfg.max_sequence_length,
     )
 
 

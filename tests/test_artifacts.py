@@ -68,10 +68,13 @@ def test_check_teacher_messages(tmp_path):
 def test_check_teacher_says_how_to_build_a_missing_embedded_teacher(monkeypatch, tmp_path):
     import distill_diffusion.models
 
-    for module in (distill_diffusion.models, artifacts):  # a clone whose shipped teacher was not built
-        monkeypatch.setattr(module, "embedded_teacher_path", lambda: tmp_path / "fmnist_teacher")
-    with pytest.raises(UserError, match="embedded teacher is missing.*toy.train_teacher"):
+    folders = distill_diffusion.models.EMBEDDED_TEACHERS  # a clone whose shipped teachers were not built
+    monkeypatch.setattr(distill_diffusion.models, "embedded_teacher_path",
+                        lambda name="embedded": tmp_path / folders[name])
+    with pytest.raises(UserError, match="embedded teacher 'embedded' is missing.*toy.train_teacher`"):
         artifacts.check_teacher("embedded")
+    with pytest.raises(UserError, match="embedded teacher 'embedded-flow' is missing.*toy.train_flow_teacher`"):
+        artifacts.check_teacher("embedded-flow")
 
 
 # ---- run folders ---------------------------------------------------------------------------------------------

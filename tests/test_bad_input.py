@@ -92,6 +92,7 @@ TRAIN_CASES = [
     ("output_dir holds a run", lambda b: _t(b, f"output_dir={b['run']}"), "already holds a run"),
     ("resume path not a checkpoint", lambda b: _t(b, f"resume={b['root']}"), "not a checkpoint folder"),
     ("mixed precision typo", lambda b: _t(b, "mixed_precision=fp32"), "mixed_precision='fp32'"),
+    ("text length on a UNet teacher", lambda b: _t(b, "max_sequence_length=8"), "only flow-transformer teachers"),
     ("gradient checkpointing through other roles", lambda b: _t(b, "gradient_checkpointing=true", method="sid"),
      "gradient_checkpointing"),
 ]

@@ -78,6 +78,24 @@ def log(work: Path, **kw) -> None:
         f.write(json.dumps({"time": time.time(), **kw}) + "\n")
 
 
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Latents (B, 4, 16, 16) drawn from the cached posteriors ``mean``/``std`` (N, 4, 16, 16) of images ``idx``."""
+    return mean[idx].float() + std[idx].float() * torch.randn(len(idx), *mean.shape[1:], generator=g)
+
+
+def lr_at(step: int, steps: int, base: float) -> float:
+    """Cosine decay to 10% of ``base`` over the planned steps, after a 200-step linear warm-up."""
+    frac = step / steps
+    return base * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], step: int) -> None:
+    """EMA with a warm-up (decay (1+n)/(10+n), capped at 0.999), so early averages are not dominated by init."""
+    decay = min(0.999, (1 + step) / (10 + step))
+    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+
+
 class Deadline:
     """A wall-clock budget for this invocation (``--minutes``); ``None`` minutes means no limit."""
 
@@ -192,7 +210,7 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, scale: float, labels: torc
     while state["step"] < steps and not deadline.passed():
         g.manual_seed(seed * 1_000_003 + state["step"] + 7)
         idx = torch.randint(0, len(mean), (batch,), generator=g)
-        z = (mean[idx].float() + std[idx].float() * torch.randn(batch, *mean.shape[1:], generator=g)) * scale
+        z = sample_latents(mean, std, idx, g) * scale
         # caption index: 0 = "" (10% of samples, for classifier-free guidance), else class × template
         cap = 1 + labels[idx] * n_t + torch.randint(0, n_t, (batch,), generator=g)
         cap = torch.where(torch.rand(batch, generator=g) < 0.1, torch.zeros_like(cap), cap)
@@ -205,18 +223,13 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, scale: float, labels: torc
         s = (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
         pred = unet(a * z + s * eps, t, encoder_hidden_states=emb).sample
         loss = F.mse_loss(pred, eps)
-        # cosine decay to 10% over the planned steps, after a 200-step warm-up
-        frac = state["step"] / steps
         for gr in opt.param_groups:
-            gr["lr"] = 4e-4 * min(1.0, (state["step"] + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            gr["lr"] = lr_at(state["step"], steps, 4e-4)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            # EMA with a warm-up (decay (1+n)/(10+n), capped at 0.999), so early averages are not dominated by init
-            decay = min(0.999, (1 + state["step"]) / (10 + state["step"]))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        ema_update(ema, params, state["step"])
         state["step"] += 1
         bar.update(1)
         if state["step"] % 25 == 0:
@@ -249,33 +262,42 @@ def build_pipeline(work: Path, scale: float):
                                    requires_safety_checker=False)
 
 
-def export(work: Path, out: Path, scale: float, summary: dict) -> int:
-    """Save the pipeline to ``out``; returns its size in bytes.
+def save_fp16(pipe, out: Path, summary: dict, work: Path) -> int:
+    """Save ``pipe`` to ``out`` with its weights in fp16, plus ``summary`` as training.json; returns the size in bytes.
 
-    Weights are stored in fp16 to keep the package small (about 19 MB instead of 34 MB). diffusers loads its models
-    in float32 unless told otherwise, but transformers' default dtype "auto" reads the text encoder's config, so
-    that config records float32: a plain ``StableDiffusionPipeline.from_pretrained(out)`` is then float32 throughout.
+    fp16 keeps the package small (the UNet teacher: about 19 MB instead of 34 MB). diffusers loads its models in
+    float32 unless told otherwise, but transformers' default dtype "auto" reads a text encoder's config, so those
+    configs record float32: a plain ``from_pretrained(out)`` is then float32 throughout.
     """
     from diffusers.utils import logging as diffusers_logging
 
-    pipe = build_pipeline(work, scale)
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # casting with .to() warns about fp32-only modules; these models have none
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.to(torch.float16)
+    text_encoders = [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                     if getattr(pipe, name, None) is not None]
+    for name in ["unet", "transformer", "vae", *text_encoders]:
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(torch.float16)
     diffusers_logging.set_verbosity(level)
     pipe.save_pretrained(out, safe_serialization=True)
-    cfg_f = out / "text_encoder" / "config.json"
-    cfg = json.loads(cfg_f.read_text())
-    for key in ("dtype", "torch_dtype"):
-        if key in cfg:
-            cfg[key] = "float32"
-    cfg_f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for name in text_encoders:
+        cfg_f = out / name / "config.json"
+        cfg = json.loads(cfg_f.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg:
+                cfg[key] = "float32"
+        cfg_f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    log(work, phase="export", out=str(out), bytes=size, unet_params=sum(p.numel() for p in pipe.unet.parameters()))
+    net = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    log(work, phase="export", out=str(out), bytes=size, network_params=sum(p.numel() for p in net.parameters()))
     print(f"teacher written to {out} ({size / 2**20:.1f} MiB)")
     return size
+
+
+def export(work: Path, out: Path, scale: float, summary: dict) -> int:
+    """Save the UNet teacher's pipeline to ``out`` in fp16 (:func:`save_fp16`); returns its size in bytes."""
+    return save_fp16(build_pipeline(work, scale), out, summary, work)
 
 
 def _summary(work: Path, args: argparse.Namespace, scale: float) -> dict:
