@@ -2,7 +2,7 @@
 Fashion-MNIST, on a 2-core CPU.
 
     python -m distill_diffusion.toy.train_flow_teacher --out distill_diffusion/assets/fmnist_flow_teacher \
-        [--minutes N] [--seed 0] [--resume] [--work runs/_flow_teacher_work] [--steps 2000] [--shift 1.0]
+        [--minutes N] [--seed 0] [--resume] [--work runs/_flow_teacher_work] [--steps 1600] [--shift 3.0]
 
 What it reuses and what it trains:
 1. the embedded UNet teacher's VAE (32×32×3 -> 4×16×16), unchanged; SD3 normalises latents as
@@ -232,9 +232,10 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
     ap.add_argument("--export-only", action="store_true",
                     help="export the EMA weights of the latest checkpoint in --work as they are, without training")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1600)  # the shipped teacher
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--shift", type=float, default=1.0, help="the exported scheduler's shift (sampling only)")
+    # 3.0 (SD3's value) measured better than 1.0 at 4 Euler steps and level at 25 on the shipped teacher (README)
+    ap.add_argument("--shift", type=float, default=3.0, help="the exported scheduler's shift (sampling only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
