@@ -36,9 +36,9 @@ from .train_teacher import (
     MAX_TOKENS,
     Deadline,
     all_captions,
-    ema_update,
     log,
-    lr_at,
+    optimizer_step,
+    report_step,
     sample_latents,
     save_fp16,
 )
@@ -173,22 +173,8 @@ def train_transformer(mean, std, shift: float, scale: float, labels: torch.Tenso
         sigma = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal(0, 1)
         eps = torch.randn(x0.shape, generator=g)
         loss = flow_loss(transformer, x0, sigma, eps, pe[inv], pooled[inv])
-        for gr in opt.param_groups:
-            gr["lr"] = lr_at(state["step"], steps, 3e-4)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_update(ema, params, state["step"])
-        state["step"] += 1
-        bar.update(1)
-        if state["step"] % 25 == 0:
-            state["elapsed"] = time.time() - t0
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log(work, phase="transformer", step=state["step"], loss=loss.item(), lr=opt.param_groups[0]["lr"],
-                elapsed=state["elapsed"])
-        if state["step"] % 250 == 0:
-            save()
+        optimizer_step(loss, opt, params, ema, state, 3e-4, steps)
+        report_step(work, "transformer", state, loss, opt, bar, t0, save)
     state["elapsed"] = time.time() - t0
     save()
     bar.close()

@@ -21,6 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,32 @@ def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], step: int) -
     """EMA with a warm-up (decay (1+n)/(10+n), capped at 0.999), so early averages are not dominated by init."""
     decay = min(0.999, (1 + step) / (10 + step))
     torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                   ema: list[torch.Tensor], state: dict, base_lr: float, steps: int) -> None:
+    """One update: the :func:`lr_at` schedule, backward, gradient norm clipped at 1, the step, the EMA."""
+    for gr in opt.param_groups:
+        gr["lr"] = lr_at(state["step"], steps, base_lr)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema_update(ema, params, state["step"])
+    state["step"] += 1
+
+
+def report_step(work: Path, phase: str, state: dict, loss: torch.Tensor, opt: torch.optim.Optimizer, bar: Any,
+                t0: float, save: Any) -> None:
+    """Progress bar every step, a log.jsonl row every 25 steps, a checkpoint (``save()``) every 250."""
+    bar.update(1)
+    if state["step"] % 25 == 0:
+        state["elapsed"] = time.time() - t0
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log(work, phase=phase, step=state["step"], loss=loss.item(), lr=opt.param_groups[0]["lr"],
+            elapsed=state["elapsed"])
+    if state["step"] % 250 == 0:
+        save()
 
 
 class Deadline:
@@ -223,22 +250,8 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, scale: float, labels: torc
         s = (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
         pred = unet(a * z + s * eps, t, encoder_hidden_states=emb).sample
         loss = F.mse_loss(pred, eps)
-        for gr in opt.param_groups:
-            gr["lr"] = lr_at(state["step"], steps, 4e-4)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_update(ema, params, state["step"])
-        state["step"] += 1
-        bar.update(1)
-        if state["step"] % 25 == 0:
-            state["elapsed"] = time.time() - t0
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log(work, phase="unet", step=state["step"], loss=loss.item(), lr=opt.param_groups[0]["lr"],
-                elapsed=state["elapsed"])
-        if state["step"] % 250 == 0:
-            save()
+        optimizer_step(loss, opt, params, ema, state, 4e-4, steps)
+        report_step(work, "unet", state, loss, opt, bar, t0, save)
     state["elapsed"] = time.time() - t0
     save()
     bar.close()
