@@ -115,9 +115,9 @@ def teacher_ref(path: str) -> str:
     """How a run names its teacher: "embedded" / "embedded-flow" for the shipped ones (so runs move between clones),
     else the path/id."""
     p = Path(path)
-    if p.exists() and embedded_teacher_name(p.resolve()) is not None:
-        return embedded_teacher_name(p.resolve())
-    return str(p.resolve()) if p.exists() else path
+    if not p.exists():
+        return path
+    return embedded_teacher_name(p.resolve()) or str(p.resolve())
 
 
 def weights_hash(folder: str | Path) -> str:

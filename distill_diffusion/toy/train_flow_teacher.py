@@ -22,7 +22,6 @@ Phases are checkpointed in --work (``--resume`` continues; ``--minutes`` stops w
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -36,11 +35,19 @@ from .train_teacher import (
     MAX_TOKENS,
     Deadline,
     all_captions,
+    encode_posteriors,
     log,
+    log_rows,
+    measurement_latents,
+    open_work,
     optimizer_step,
+    phase_summary,
     report_step,
+    run_args,
     sample_latents,
     save_fp16,
+    start,
+    teacher_parser,
 )
 
 # SD3 feeds its absent T5 slot as this many zero tokens; the teacher is trained and sampled with it.
@@ -107,15 +114,8 @@ def encode_all(data: torch.Tensor, work: Path, seed: int) -> tuple[torch.Tensor,
     if ck.exists():
         s = torch.load(ck, weights_only=True)
         return s["mean"], s["std"], s["shift"], s["scale"]
-    vae = load_vae().eval()
-    means, stds = [], []
-    for i in tqdm(range(0, len(data), 500), desc="encode"):
-        post = vae.encode(data[i : i + 500]).latent_dist
-        means.append(post.mean.half())
-        stds.append(post.std.half())
-    mean, std = torch.cat(means), torch.cat(stds)
-    g, n = torch.Generator().manual_seed(seed), min(5000, len(mean))
-    z = mean[:n].float() + std[:n].float() * torch.randn(n, *mean.shape[1:], generator=g)
+    mean, std = encode_posteriors(load_vae().eval(), data)
+    z = measurement_latents(mean, std, seed)
     shift = float(z.mean())
     scale = float(1.0 / (z - shift).std())
     torch.save({"mean": mean, "std": std, "shift": shift, "scale": scale}, ck)
@@ -197,37 +197,20 @@ def build_pipeline(work: Path, shift: float, scale: float, sched_shift: float):
 
 def _summary(work: Path, args: argparse.Namespace, shift: float, scale: float) -> dict:
     step = torch.load(work / "transformer.pt", weights_only=True, map_location="cpu")["state"]["step"]
-    rows = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("phase") == "transformer" and r["step"] <= step]
-    losses = [r["loss"] for r in rows[-8:]]
-    return {"args": {k: v for k, v in vars(args).items() if k not in ("out", "work", "export_only")},
+    rows = [r for r in log_rows(work) if r.get("phase") == "transformer" and r["step"] <= step]
+    return {"args": run_args(args),
             "exported_step": step, "vae": "the UNet teacher's (fmnist_teacher/vae)",
             "shift_factor": shift, "scaling_factor": scale, "max_sequence_length": MAX_SEQUENCE_LENGTH,
-            "transformer": {"steps": rows[-1]["step"] if rows else None,
-                            "seconds": round(rows[-1]["elapsed"]) if rows else None,
-                            "loss_mean_of_last_8_logs": round(sum(losses) / len(losses), 5) if losses else None}}
+            "transformer": phase_summary(rows, "transformer")}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="distill_diffusion/assets/fmnist_flow_teacher")
-    ap.add_argument("--work", default="runs/_flow_teacher_work", help="checkpoints and log.jsonl")
-    ap.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's or torchvision's)")
-    ap.add_argument("--minutes", type=float, default=None,
-                    help="stop this run after N minutes with a checkpoint (continue with --resume)")
-    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
-    ap.add_argument("--export-only", action="store_true",
-                    help="export the EMA weights of the latest checkpoint in --work as they are, without training")
+    ap = teacher_parser(__doc__, "distill_diffusion/assets/fmnist_flow_teacher", "runs/_flow_teacher_work")
     ap.add_argument("--steps", type=int, default=1600)  # the shipped teacher
-    ap.add_argument("--batch-size", type=int, default=128)
     # 3.0 (SD3's value) measured better than 1.0 at 4 Euler steps and level at 25 on the shipped teacher (README)
     ap.add_argument("--shift", type=float, default=3.0, help="the exported scheduler's shift (sampling only)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)  # model initialisation
-    work = Path(args.work)
+    work = start(args)
     if args.export_only:
         if not all((work / f).is_file() for f in ("latents.pt", "transformer.pt")):
             raise SystemExit(f"{work} has no complete checkpoint (latents.pt, transformer.pt) to export")
@@ -235,10 +218,7 @@ def main() -> None:
         pipe = build_pipeline(work, s["shift"], s["scale"], args.shift)
         save_fp16(pipe, Path(args.out), _summary(work, args, s["shift"], s["scale"]), work)
         return
-    if not args.resume and any(work.glob("*.pt")):
-        raise SystemExit(f"{work} holds checkpoints of an earlier run: pass --resume to continue it, "
-                         "or another --work to start over")
-    work.mkdir(parents=True, exist_ok=True)
+    open_work(work, args.resume)
     ds = FashionMNIST(args.data, "train")
     mean, std, shift, scale = encode_all(ds.all_images(), work, args.seed)
     if not train_transformer(mean, std, shift, scale, ds.labels, work, args.steps, args.seed, args.batch_size,

@@ -178,6 +178,23 @@ def train_vae(data: torch.Tensor, work: Path, steps: int, seed: int, deadline: D
 
 
 @torch.no_grad()
+def encode_posteriors(vae, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (N, 4, 16, 16) in fp16 of ``data`` (N, 3, 32, 32), 500 images at a time."""
+    means, stds = [], []
+    for i in tqdm(range(0, len(data), 500), desc="encode"):
+        post = vae.encode(data[i : i + 500]).latent_dist
+        means.append(post.mean.half())
+        stds.append(post.std.half())
+    return torch.cat(means), torch.cat(stds)
+
+
+def measurement_latents(mean: torch.Tensor, std: torch.Tensor, seed: int, n: int = 5000) -> torch.Tensor:
+    """Sampled latents of the first ``n`` images, seeded: what the latent normalisation is measured on."""
+    g, n = torch.Generator().manual_seed(seed), min(n, len(mean))
+    return mean[:n].float() + std[:n].float() * torch.randn(n, *mean.shape[1:], generator=g)
+
+
+@torch.no_grad()
 def encode_all(data: torch.Tensor, work: Path, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Encode ``data`` (N, 3, 32, 32) once: posterior mean and std (N, 4, 16, 16) in fp16, and the scaling factor
     1 / std of sampled latents (measured on 5000 images), cached in ``work``/latents.pt."""
@@ -187,16 +204,8 @@ def encode_all(data: torch.Tensor, work: Path, seed: int) -> tuple[torch.Tensor,
         return s["mean"], s["std"], s["scale"]
     vae = make_vae()
     vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["model"])
-    vae.eval()
-    means, stds = [], []
-    for i in tqdm(range(0, len(data), 500), desc="encode"):
-        post = vae.encode(data[i : i + 500]).latent_dist
-        means.append(post.mean.half())
-        stds.append(post.std.half())
-    mean, std = torch.cat(means), torch.cat(stds)
-    g, n = torch.Generator().manual_seed(seed), min(5000, len(mean))
-    z = mean[:n].float() + std[:n].float() * torch.randn(n, *mean.shape[1:], generator=g)
-    scale = float(1.0 / z.std())
+    mean, std = encode_posteriors(vae.eval(), data)
+    scale = float(1.0 / measurement_latents(mean, std, seed).std())
     torch.save({"mean": mean, "std": std, "scale": scale}, ck)
     log(work, phase="encode", scale=scale)
     return mean, std, scale
@@ -317,48 +326,75 @@ def _summary(work: Path, args: argparse.Namespace, scale: float) -> dict:
     """Provenance for the exported folder: arguments, measured scale, and the losses and times from the log up to
     the exported checkpoint (the log runs ahead of the last checkpoint when a run is exported mid-way)."""
     step = torch.load(work / "unet.pt", weights_only=True, map_location="cpu")["state"]["step"]
-    rows = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("phase") == "vae" or (r.get("phase") == "unet" and r["step"] <= step)]
+    rows = [r for r in log_rows(work) if r.get("phase") == "vae" or (r.get("phase") == "unet" and r["step"] <= step)]
 
-    def phase(name: str, n: int = 8) -> dict:
-        rs = [r for r in rows if r["phase"] == name]
-        losses = [r["loss"] for r in rs[-n:]]
-        return {"steps": rs[-1]["step"] if rs else None, "seconds": round(rs[-1].get("elapsed", 0)) if rs else None,
-                "loss_mean_of_last_8_logs": round(sum(losses) / len(losses), 5) if losses else None}
-
-    return {"args": {k: v for k, v in vars(args).items() if k not in ("out", "work", "export_only")},
-            "exported_unet_step": step, "scaling_factor": scale, "vae": phase("vae"), "unet": phase("unet")}
+    return {"args": run_args(args), "exported_unet_step": step, "scaling_factor": scale,
+            "vae": phase_summary(rows, "vae"), "unet": phase_summary(rows, "unet")}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="distill_diffusion/assets/fmnist_teacher")
-    ap.add_argument("--work", default="runs/_teacher_work", help="checkpoints and log.jsonl")
+def log_rows(work: Path) -> list[dict]:
+    return [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def phase_summary(rows: list[dict], name: str, n: int = 8) -> dict:
+    """Steps, seconds and the mean loss of the last ``n`` log rows of one phase, for training.json."""
+    rs = [r for r in rows if r["phase"] == name]
+    losses = [r["loss"] for r in rs[-n:]]
+    return {"steps": rs[-1]["step"] if rs else None, "seconds": round(rs[-1].get("elapsed", 0)) if rs else None,
+            "loss_mean_of_last_8_logs": round(sum(losses) / len(losses), 5) if losses else None}
+
+
+def run_args(args: argparse.Namespace) -> dict:
+    """The command's arguments as training.json records them (paths and the export switch left out)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "work", "export_only")}
+
+
+def teacher_parser(doc: str, out: str, work: str) -> argparse.ArgumentParser:
+    """The options both teacher scripts take (output, work folder, data, time budget, resume, export, batch, seed,
+    threads)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--work", default=work, help="checkpoints and log.jsonl")
     ap.add_argument("--data", default=None, help="Fashion-MNIST folder (default: Debian's or torchvision's)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="stop this run after N minutes with a checkpoint (continue with --resume)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
     ap.add_argument("--export-only", action="store_true",
                     help="export the EMA weights of the latest checkpoint in --work as they are, without training")
-    ap.add_argument("--vae-steps", type=int, default=1000)  # batch 32
-    ap.add_argument("--unet-steps", type=int, default=1800)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    return ap
+
+
+def start(args: argparse.Namespace) -> Path:
+    """Threads and the seed of model initialisation; returns the work folder."""
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)  # model initialisation
-    work = Path(args.work)
+    torch.manual_seed(args.seed)
+    return Path(args.work)
+
+
+def open_work(work: Path, resume: bool) -> None:
+    """Refuse to start over a work folder of an earlier run unless resuming; create it."""
+    if not resume and any(work.glob("*.pt")):
+        raise SystemExit(f"{work} holds checkpoints of an earlier run: pass --resume to continue it, "
+                         "or another --work to start over")
+    work.mkdir(parents=True, exist_ok=True)
+
+
+def main() -> None:
+    ap = teacher_parser(__doc__, "distill_diffusion/assets/fmnist_teacher", "runs/_teacher_work")
+    ap.add_argument("--vae-steps", type=int, default=1000)  # batch 32
+    ap.add_argument("--unet-steps", type=int, default=1800)
+    args = ap.parse_args()
+    work = start(args)
     if args.export_only:
         if not all((work / f).is_file() for f in ("vae.pt", "latents.pt", "unet.pt")):
             raise SystemExit(f"{work} has no complete checkpoint (vae.pt, latents.pt, unet.pt) to export")
         scale = torch.load(work / "latents.pt", weights_only=True)["scale"]
         export(work, Path(args.out), scale, _summary(work, args, scale))
         return
-    if not args.resume and any(work.glob("*.pt")):
-        raise SystemExit(f"{work} holds checkpoints of an earlier run: pass --resume to continue it, "
-                         "or another --work to start over")
-    work.mkdir(parents=True, exist_ok=True)
+    open_work(work, args.resume)
     deadline = Deadline(args.minutes)
     ds = FashionMNIST(args.data, "train")
     data = ds.all_images()
