@@ -272,6 +272,9 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
     for r in rows:
         r["speedup"] = ref_teacher["latency_ms"] / r["latency_ms"] if r["latency_ms"] else None
     meta["reference_teacher_row"] = {"steps": ref_teacher["steps"], "guidance": ref_teacher["guidance"]}
+    # Which runs this report scored, and how far each was trained (0: an untrained export_initial baseline).
+    meta["runs"] = [{"dir": r["dir"], "method": r["info"].get("method"), "trained_steps": r["info"].get("step"),
+                     "teacher_hash": r["info"].get("teacher_hash")} for r in runs]
     meta["notes"] = skipped
     report.write(out, rows, every, meta)
     print(f"report written to {out}/report.md", file=sys.stderr)

@@ -123,3 +123,40 @@ def test_quality_reports_newer_first_and_kept(tmp_path):
     both = tmp_path / "both.json"
     both.write_text(json.dumps({"quality": quality}))
     assert [q["meta"]["command"] for q in load_quality([str(new), str(both)], both)] == ["new", "old"]
+
+
+def test_bars_judge_ratios_against_the_same_report(tmp_path):
+    """Each bar's ratio, by hand, on a synthetic report; untrained runs are not judged; bad input exits 2."""
+    from benchmarks import bars
+
+    def t(steps, fid, acc):
+        return {"kind": "teacher", "steps": steps, "nfe": 2.0 * steps, "fid": fid, "accuracy": acc}
+
+    def s(run, method, steps, fid, acc):
+        return {"kind": "student", "label": run, "run": run, "method": method, "steps": steps, "nfe": float(steps),
+                "fid": fid, "accuracy": acc}
+
+    rows = [t(1, 20.0, 0.6), t(2, 6.0, 0.8), t(25, 4.0, 0.86),
+            s("runs/sid", "sid", 1, 5.9, 0.82), s("runs/sid0", "sid", 1, 50.0, 0.1),
+            s("runs/lcm", "lcm", 1, 30.0, 0.4), s("runs/lcm", "lcm", 2, 5.0, 0.7), s("runs/lcm", "lcm", 4, 4.9, 0.8)]
+    meta = {"runs": [{"dir": "runs/sid", "trained_steps": 300}, {"dir": "runs/sid0", "trained_steps": 0},
+                     {"dir": "runs/lcm", "trained_steps": 800}]}
+    p = tmp_path / "report.json"
+    p.write_text(json.dumps({"meta": meta, "rows": rows}))
+    res = {(x["student"], x["steps"], x["bar"]): x for x in bars.judge(*bars.load(p), bars.BARS["embedded-flow"])}
+    assert not any(k[0] == "runs/sid0" for k in res), "an untrained baseline was judged"
+    one = res[("runs/sid", 1, "1-step FID vs teacher 25 steps")]
+    assert abs(one["value"] - 5.9 / 4.0) < 1e-12 and one["pass"]  # 1.475 <= 1.5
+    assert abs(res[("runs/sid", 1, "1-step FID vs teacher 1 step")]["value"] - 0.295) < 1e-12
+    acc = res[("runs/sid", 1, "1-step accuracy")]
+    assert abs(acc["value"] - 4.0) < 1e-9 and acc["pass"]  # 86% - 82% = 4 points
+    assert not any(k[0] == "runs/lcm" and k[1] == 1 for k in res), "LCM has no one-step bar"
+    two = res[("runs/lcm", 2, "2/4-step FID vs teacher 25 steps")]
+    assert abs(two["value"] - 1.25) < 1e-12 and not two["pass"]
+    same = res[("runs/lcm", 2, "2/4-step FID vs teacher at the same NFE")]  # NFE 2: the teacher's 1 step
+    assert abs(same["value"] - 0.25) < 1e-12 and same["pass"]
+    assert res[("runs/lcm", 4, "2/4-step FID vs teacher at the same NFE")]["text"].startswith("FID 4.90 vs teacher 2")
+    assert bars.main([str(tmp_path / "missing.json")]) == 2
+    only = tmp_path / "teacher_only.json"
+    only.write_text(json.dumps({"meta": {}, "teacher_table": []}))
+    assert bars.main([str(only)]) == 2

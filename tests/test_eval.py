@@ -114,7 +114,7 @@ def runs(tiny_teachers, tmp_path_factory) -> list[str]:
     for name, steps, default in (("lcm_a", (1, 2), 2), ("lcm_b", (2, 4), 4)):
         models, method, _ = build(LCM, tiny_teachers["sd"], "lora", w_min=2.0, w_max=3.0, sampling_steps=steps,
                                   default_steps=default)
-        out.append(str(save_run(models, "lcm", method.sampling(), root / name)))
+        out.append(str(save_run(models, "lcm", method.sampling(), root / name, extra={"step": 5 * len(out)})))
     return out
 
 
@@ -320,6 +320,7 @@ def test_report_for_two_runs_and_teacher_cache(runs, prompt_file, ref_folder, ev
     m = rep["meta"]
     assert m["command"].startswith("python -m eval --runs") and m["features"]["name"].startswith("evaluator:")
     assert m["versions"]["clean-fid"] and m["seeds"]["first"] == 0 and len(m["grid_prompts"]) == 4
+    assert [(r["dir"], r["method"], r["trained_steps"]) for r in m["runs"]] == [(runs[0], "lcm", 0), (runs[1], "lcm", 5)]
     md = (out / "report.md").read_text()
     assert "| lcm_b | 4 |" in md and "note: lcm_a at 1 step" in md
     assert not any(r["cached"] for r in rep["rows"])

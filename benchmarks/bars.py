@@ -1,0 +1,171 @@
+"""The quality bars of the issues, judged on a report that ``python -m eval`` wrote.
+
+    python -m benchmarks.bars reports/flow_methods_2k/report.json [--bars embedded-flow] [--out FILE.md]
+
+Every ratio divides a student's FID by a teacher row of the *same report* (same prompts, same seeds, the teacher at
+its FID-minimising guidance of the report's grid), so a bar compares like with like. Untrained students (run folders
+exported at step 0 with ``export_initial=true``) are listed beside the trained ones as the baseline, never judged.
+Prints one line per (student row, bar) with PASS / MISS and writes the same table as markdown with ``--out``.
+The exit code is 0 whether bars pass or not (a miss is a finding, not an error); 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar: which student rows it judges, and how (``check`` returns (value, limit, passed, text))."""
+
+    name: str
+    applies: Callable[[Row], bool]
+    check: Callable[[Row, dict[int, Row]], tuple[float, float, bool, str] | None]
+
+
+def _fid_ratio(row: Row, teacher: Row | None, limit: float, what: str) -> tuple[float, float, bool, str] | None:
+    if teacher is None:
+        return None
+    r = row["fid"] / teacher["fid"]
+    return r, limit, r <= limit, f"FID {row['fid']:.2f} / {what} {teacher['fid']:.2f} = {r:.2f}x (bar <= {limit}x)"
+
+
+def _accuracy_gap(row: Row, teacher: Row | None, points: float) -> tuple[float, float, bool, str] | None:
+    if teacher is None or row.get("accuracy") is None or teacher.get("accuracy") is None:
+        return None
+    gap = 100 * (teacher["accuracy"] - row["accuracy"])
+    return (gap, points, gap <= points, f"accuracy {100 * row['accuracy']:.1f}% vs teacher 25 steps "
+            f"{100 * teacher['accuracy']:.1f}%: {gap:+.1f} points below (bar <= {points})")
+
+
+def _same_nfe(row: Row, teachers: dict[int, Row]) -> tuple[float, float, bool, str] | None:
+    """Better than the teacher at the same cost: the teacher row whose NFE equals the student's."""
+    same = [t for t in teachers.values() if t["nfe"] == row["nfe"]]
+    if not same:
+        return None
+    t = same[0]
+    r = row["fid"] / t["fid"]
+    return (r, 1.0, r < 1.0, f"FID {row['fid']:.2f} vs teacher {t['steps']} step(s) at NFE {t['nfe']:g}: "
+            f"{t['fid']:.2f} ({r:.2f}x, bar < 1x)")
+
+
+def one_step_bars(methods: tuple[str, ...]) -> list[Bar]:
+    """One-step students: FID <= 1.5x the teacher's 25 steps and <= 0.7x its own 1 step; accuracy within 5 points."""
+    def one(r: Row) -> bool:
+        return r["method"] in methods and r["steps"] == 1
+
+    return [
+        Bar("1-step FID vs teacher 25 steps", one, lambda r, t: _fid_ratio(r, t.get(25), 1.5, "teacher 25 steps")),
+        Bar("1-step FID vs teacher 1 step", one, lambda r, t: _fid_ratio(r, t.get(1), 0.7, "teacher 1 step")),
+        Bar("1-step accuracy", one, lambda r, t: _accuracy_gap(r, t.get(25), 5.0)),
+    ]
+
+
+def few_step_bars() -> list[Bar]:
+    """Issue 18's few-step bars: at 2 and 4 steps FID <= 1.2x the 25-step teacher and below the teacher at the
+    same NFE (a k-step student costs k evaluations, the teacher two per step with CFG)."""
+    def few(r: Row) -> bool:
+        return r["steps"] in (2, 4)
+
+    return [
+        Bar("2/4-step FID vs teacher 25 steps", few, lambda r, t: _fid_ratio(r, t.get(25), 1.2, "teacher 25 steps")),
+        Bar("2/4-step FID vs teacher at the same NFE", few, _same_nfe),
+    ]
+
+
+def tscd_bars() -> list[Bar]:
+    """The TSCD issue's bars on the UNet teacher: 8 / 4 / 1 steps <= 1.1 / 1.2 / 2x the 25-step teacher, and
+    <= 0.7x the teacher's DDIM at the same step count."""
+    limit = {8: 1.1, 4: 1.2, 1: 2.0}
+
+    def tscd(r: Row) -> bool:
+        return r["method"] == "tscd" and r["steps"] in limit
+
+    return [
+        Bar("TSCD FID vs teacher 25 steps", tscd,
+            lambda r, t: _fid_ratio(r, t.get(25), limit[r["steps"]], "teacher 25 steps")),
+        Bar("TSCD FID vs teacher, same steps", tscd,
+            lambda r, t: _fid_ratio(r, t.get(r["steps"]), 0.7, f"teacher {r['steps']} steps")),
+    ]
+
+
+BARS: dict[str, list[Bar]] = {
+    "embedded-flow": one_step_bars(("dmd2", "sid")) + few_step_bars(),
+    "embedded": one_step_bars(("dmd2", "sid")) + tscd_bars(),
+}
+
+
+def load(path: Path) -> tuple[dict[int, Row], list[Row], dict[str, int | None]]:
+    """(teacher rows by step count, student rows, trained steps by run folder) of a ``python -m eval`` report."""
+    from distill_diffusion.errors import UserError
+
+    try:
+        rep = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if "rows" not in rep:
+        raise UserError(f"{path} has no student rows (a --teacher-only report?): give a report of "
+                        f"`python -m eval --runs ...`")
+    teachers = {r["steps"]: r for r in rep["rows"] if r["kind"] == "teacher"}
+    students = [r for r in rep["rows"] if r["kind"] == "student"]
+    trained = {r["dir"]: r.get("trained_steps") for r in rep["meta"].get("runs", [])}
+    return teachers, students, trained
+
+
+def judge(teachers: dict[int, Row], students: list[Row], trained: dict[str, int | None], bars: list[Bar]
+          ) -> list[dict[str, Any]]:
+    """One result per (trained student row, bar that applies); untrained rows (trained steps 0) are skipped."""
+    out = []
+    for r in students:
+        if trained.get(r["run"]) == 0:
+            continue
+        for b in bars:
+            if not b.applies(r):
+                continue
+            res = b.check(r, teachers)
+            if res is not None:
+                value, limit, ok, text = res
+                out.append({"student": r["label"], "steps": r["steps"], "bar": b.name, "value": value,
+                            "limit": limit, "pass": ok, "text": text})
+    return out
+
+
+def markdown(results: list[dict[str, Any]], report: Path, bars_name: str) -> str:
+    lines = [f"Bars `{bars_name}` judged on `{report}` (`python -m benchmarks.bars {report} --bars {bars_name}`):",
+             "", "| student | steps | bar | result | |", "|---|---|---|---|---|"]
+    for x in results:
+        lines.append(f"| {x['student']} | {x['steps']} | {x['bar']} | {x['text']} | "
+                     f"{'PASS' if x['pass'] else 'MISS'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distill_diffusion.errors import UserError
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bars", description=__doc__.split("\n\n")[0])
+    ap.add_argument("report", type=Path, help="report.json of python -m eval --runs ...")
+    ap.add_argument("--bars", default="embedded-flow", choices=sorted(BARS))
+    ap.add_argument("--out", type=Path, default=None, help="also write the table as markdown here")
+    a = ap.parse_args(argv)
+    try:
+        teachers, students, trained = load(a.report)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = judge(teachers, students, trained, BARS[a.bars])
+    text = markdown(results, a.report, a.bars)
+    print(text, end="")
+    if a.out:
+        a.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
