@@ -470,6 +470,14 @@ class Models:
         takes ``guidance`` as an input instead, in one pass. xt (B, C, h, w), t (B,) integer timesteps, guidance
         scalar or (B,). Returns (B, C, h, w) in fp32.
         """
+        return self.net_out_at(role, xt, self.schedule.net_timestep(t), cond, uncond, guidance, timestep_cond)
+
+    def net_out_at(
+        self, role: str, xt: Tensor, net_t: Tensor, cond: Cond, uncond: Cond | None = None,
+        guidance: Tensor | float | None = None, timestep_cond: Tensor | None = None,
+    ) -> Tensor:
+        """:meth:`net_out` with the network's own timestep input ``net_t`` (B,) instead of a training timestep: a
+        float between training timesteps for continuous-time methods (``distill_diffusion.trigflow``)."""
         with self.role(role) as net:
             # Networks held in half precision take half-precision inputs; full students compute in their own fp32.
             dtype = self.weight_dtype if role == "teacher" or self.student_kind == "lora" else None
@@ -477,17 +485,17 @@ class Models:
             def run(x: Tensor, tt: Tensor, c: Cond, g: Tensor | None = None, tc: Tensor | None = None) -> Tensor:
                 x = self._latent_format(x if dtype is None else x.to(dtype))
                 c = c if dtype is None else c.to(dtype)
-                return self._call(self.family.forward, net, x, self.schedule.net_timestep(tt), c, g, tc).float()
+                return self._call(self.family.forward, net, x, tt, c, g, tc).float()
 
             if self.family.guidance_embedded(net):
                 g = self.family.default_guidance() if guidance is None else guidance
                 g = torch.as_tensor(g, dtype=torch.float32, device=xt.device).expand(xt.shape[0]).contiguous()
-                return run(xt, t, cond, g, timestep_cond)
+                return run(xt, net_t, cond, g, timestep_cond)
             if guidance is None or (not isinstance(guidance, Tensor) and guidance == 1.0):
-                return run(xt, t, cond, None, timestep_cond)
+                return run(xt, net_t, cond, None, timestep_cond)
             assert uncond is not None, "guidance needs the unconditional conditioning"
             tc = None if timestep_cond is None else torch.cat([timestep_cond, timestep_cond])
-            c, u = run(torch.cat([xt, xt]), torch.cat([t, t]), cond.cat(uncond), None, tc).chunk(2)
+            c, u = run(torch.cat([xt, xt]), torch.cat([net_t, net_t]), cond.cat(uncond), None, tc).chunk(2)
             return schedule.cfg(u, c, guidance)
 
     def guided(self, role: str, xt: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, w: Tensor) -> tuple[

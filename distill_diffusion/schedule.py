@@ -109,6 +109,12 @@ def ddim_step(x0: Tensor, eps: Tensor, t_prev: Tensor, alphas_cumprod: Tensor) -
     return add_noise(x0, eps, t_prev, alphas_cumprod)
 
 
+# LCMScheduler's boundary condition c_skip x_t + c_out x0 with this timestep scaling has c_skip < 3e-9 for t >= 1: an
+# exported VP student then samples with its x0 prediction alone, re-noised with fresh noise between steps (SiD's and
+# sCM's generators).
+X0_TIMESTEP_SCALING = 1.0e4
+
+
 def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
     """Consistency-model boundary conditions at timestep t (LCM eq. 9 with diffusers' timestep scaling).
 

@@ -2,6 +2,7 @@
 
 from .dmd2 import DMD2
 from .lcm import LCM
+from .scm import SCM
 from .sid import SiD
 from .tscd import TSCD
 
@@ -10,4 +11,5 @@ METHODS = {
     "tscd": TSCD,
     "sid": SiD,
     "dmd2": DMD2,
+    "scm": SCM,
 }

@@ -51,11 +51,9 @@ from distill_diffusion.method import (
     SamplingSpec,
     masked_mean,
 )
+from distill_diffusion.schedule import X0_TIMESTEP_SCALING
 
 GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
-# LCMScheduler's boundary condition c_skip x_t + c_out x0 with this timestep scaling has c_skip < 3e-9 for t >= 1:
-# sampling then applies exactly SiD's generator (x0 prediction, re-noised with fresh noise between steps).
-SAMPLING_TIMESTEP_SCALING = 1.0e4
 
 
 @dataclass
@@ -288,7 +286,7 @@ class SiD(Method):
         """
         m = self.models
         scale = m.schedule.start_scale(self.gen_t[0])
-        vp = {"timestep_scaling": SAMPLING_TIMESTEP_SCALING, "clip_sample": False}
+        vp = {"timestep_scaling": X0_TIMESTEP_SCALING, "clip_sample": False}
         steps = {k: m.schedule.sampler("consistency", self.gen_t[:k], init_noise_scale=scale, vp_kwargs=vp)
                  for k in range(1, self.cfg.num_steps + 1)}
         return SamplingSpec(steps=steps, default_steps=self.cfg.num_steps)

@@ -14,14 +14,13 @@ import torch
 from distill_diffusion import artifacts, schedule
 from distill_diffusion.config import method_object, parse_config
 from distill_diffusion.errors import UserError
+from distill_diffusion.matching import dm_gradient, dm_loss
 from methods import METHODS
 from methods.dmd2 import (
     DMD2,
     DMD2Config,
     GANHead,
     discriminator_gan_loss,
-    dm_gradient,
-    dm_loss,
     generator_gan_loss,
     initial_latent,
 )

@@ -1,0 +1,272 @@
+"""sCM: continuous-time consistency distillation in TrigFlow, with rCM's score regulariser as an option.
+
+Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", 2024 (arXiv:2410.11081);
+Chen et al., "SANA-Sprint: One-Step Diffusion with Continuous-Time Consistency Distillation", 2025
+(arXiv:2503.09641); Zheng et al., "Large Scale Diffusion Distillation via Score-Regularized Continuous-Time
+Consistency" (rCM), 2025 (arXiv:2510.08431). Checked against diffusers' research script
+examples/research_projects/sana/train_sana_sprint_diffusers.py and NVlabs/rcm (rcm/models/t2v_model_distill_rcm.py).
+
+The teacher and the student are read as TrigFlow velocities F(x̂, t) (``distill_diffusion.trigflow``: from
+rectified-flow and VP teachers alike, without retraining). Per step, with data latents x0:
+
+  t = arctan(e^τ / σ_d), τ ~ N(P_mean, P_std²) (clamped to the teacher's range), x̂ = cos t x0 + sin t ε;
+  F_T = the teacher's velocity with CFG w folded into the ODE (uncond + w (cond − uncond)), no gradient;
+  J = cos t sin t dF_θ⁻/dt along d x̂/dt = F_T: one forward-mode JVP of the student (``torch.func.jvp``, tangents
+      (cos t sin t F_T, cos t sin t): sCM sec. 5.1's rearrangement), or a central finite difference;
+  g = −cos² t σ_d (F⁻ − F_T) − r (cos t sin t σ_d x̂ + σ_d J), r = min(1, step / warm-up) (eq. 8, sec. 4.2);
+  g ← g / (‖g‖ + c) (tangent normalisation, c = 0.1) or clip(g, −1, 1);
+  L = (1/(σ_d tan t)) e^{−w(t)} mean (F_θ − F⁻ − g)² + w(t), w the adaptive weighting network (eq. 9).
+
+F⁻ is the student's own output without gradient (sCM has no EMA target). The student samples as any consistency
+model: x0 = cos t x̂ − sin t F is the network's own x0 prediction, so the export is the teacher pipeline with
+``FlowMatchLCMScheduler`` (flow) or ``LCMScheduler`` (VP) at the training timesteps nearest to the trig times
+(1 step: π/2; 2 steps: π/2, 1.3 as SANA-Sprint; more: SCMScheduler's linspace(π/2, 0, k + 1)).
+
+rCM (``dmd_weight > 0``): a second role, the fake score ("critic"), learns the student's samples by denoising, and
+the student's loss adds ``dmd_weight`` × DMD's reverse-divergence loss (DMD eq. 7 with DMD2's normaliser,
+``distill_diffusion.matching``) on a sample it generates from noise in 1..``dmd_max_steps`` steps (backward
+simulation); the critic updates every step, the student every ``student_update_every`` steps (rCM: 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill_diffusion import trigflow
+from distill_diffusion.errors import UserError
+from distill_diffusion.matching import dm_loss
+from distill_diffusion.method import Batch, Method, MethodSpec, RunContext, SamplingSpec, masked_mean
+from distill_diffusion.schedule import X0_TIMESTEP_SCALING
+
+TANGENT_MODES = ("normalize", "clip", "none")
+JVP_MODES = ("autograd", "finite_difference")
+
+
+@dataclass
+class SCMConfig:
+    """Paper defaults (sCM's sCD and SANA-Sprint); the rCM term is off unless ``dmd_weight`` > 0."""
+
+    sigma_data: float = 0.5  # σ_d: SANA-Sprint 0.5 (latents ~ unit std); rCM 1.0
+    p_mean: float = -0.8  # time proposal τ ~ N(P_mean, P_std²) (sCD and rCM: -0.8, 1.6)
+    p_std: float = 1.6
+    guidance_scale: float = 4.5  # teacher CFG folded into the ODE, diffusers convention (SANA-Sprint 4-5; 1: none)
+    tangent: str = "normalize"  # normalize | clip | none (sec. 4.2)
+    tangent_c: float = 0.1  # c of the normalisation g / (‖g‖ + c)
+    tangent_warmup_steps: int = 10000  # r ramps 0 -> 1 over these steps (sCM 10k, SANA-Sprint 4k)
+    adaptive_weight: bool = True  # the learned w(t) of eq. 9; False: w = 0
+    jvp: str = "autograd"  # autograd (torch.func.jvp, math attention) | finite_difference
+    fd_step: float = 1e-4  # the central difference's step in trig time (rCM's fd_size; 1e-3 is too coarse on a
+    #                        UNet, whose time embedding turns 1e-3 into most of a training timestep)
+    sampling_steps: list[int] | None = None  # exported step counts (None: [1, 2, 4])
+    default_steps: int = 2
+    intermediate_time: float = 1.3  # the 2-step sampler's middle trig time (SANA-Sprint 1.3; sCM 1.1)
+    # rCM's score regulariser
+    dmd_weight: float = 0.0  # 0: sCM alone; rCM scales its sCM loss by 100 with this at 1
+    dmd_max_steps: int = 4  # the student's sample for DMD comes from 1..N steps of its own sampler
+    student_update_every: int = 1  # with the critic: critic updates per student update (rCM 5)
+    dmd_guidance_scale: float | None = None  # the teacher's CFG inside the DMD term (None: guidance_scale)
+    min_step_ratio: float = 0.02  # DMD's t ~ U[0.02 T, 0.98 T] on the teacher's own timesteps
+    max_step_ratio: float = 0.98
+
+    def check(self) -> None:
+        if self.sigma_data <= 0 or self.p_std <= 0:
+            raise UserError("method.sigma_data and method.p_std must be positive")
+        if self.guidance_scale < 0:
+            raise UserError(f"method.guidance_scale={self.guidance_scale}: must be >= 0 (diffusers convention)")
+        if self.tangent not in TANGENT_MODES:
+            raise UserError(f"method.tangent={self.tangent!r}: choose one of {', '.join(TANGENT_MODES)}")
+        if self.jvp not in JVP_MODES:
+            raise UserError(f"method.jvp={self.jvp!r}: choose one of {', '.join(JVP_MODES)}")
+        if self.tangent_warmup_steps < 0 or self.fd_step <= 0 or self.tangent_c <= 0:
+            raise UserError("method.tangent_warmup_steps must be >= 0, method.fd_step and method.tangent_c > 0")
+        steps = self.steps()
+        if min(steps) < 1 or self.default_steps not in steps:
+            raise UserError(f"method.sampling_steps={steps}, method.default_steps={self.default_steps}: steps must "
+                            "be >= 1 and include the default")
+        if not 0 < self.intermediate_time < math.pi / 2:
+            raise UserError(f"method.intermediate_time={self.intermediate_time}: must be in (0, π/2)")
+        if self.dmd_weight < 0 or self.dmd_max_steps < 1 or self.student_update_every < 1:
+            raise UserError("method.dmd_weight must be >= 0, method.dmd_max_steps and student_update_every >= 1")
+
+    def steps(self) -> list[int]:
+        return sorted(self.sampling_steps) if self.sampling_steps is not None else [1, 2, 4]
+
+
+# ---- the paper's choices as pure functions --------------------------------------------------------------------------
+
+
+def trig_sampling_times(k: int, intermediate: float) -> list[float]:
+    """The k trig times a k-step student visits: π/2, then SANA-Sprint's middle time at k = 2, else SCMScheduler's
+    ``linspace(π/2, 0, k + 1)`` without the final 0."""
+    if k == 2:
+        return [math.pi / 2, intermediate]
+    return [math.pi / 2 * (1 - i / k) for i in range(k)]
+
+
+def warmup_ratio(step: int, warmup_steps: int) -> float:
+    """r = min(1, step / H): the tangent warm-up factor (sCM sec. 4.2); H = 0 means r = 1 from the start."""
+    return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
+
+
+@contextlib.contextmanager
+def forward_ad_attention() -> Any:
+    """Attention kernels with forward-mode AD: on CPU the fused SDPA kernel has none, the math backend has."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+class SCM(Method):
+    Config = SCMConfig
+
+    @classmethod
+    def spec(cls, cfg: SCMConfig, student: str) -> MethodSpec:
+        # Data latents feed x̂; the JVP and the rCM critic need no gradient through another role's forward, but the
+        # JVP cannot run under gradient checkpointing, which the student's own call turns off around it.
+        roles = ("student", "critic") if cfg.dmd_weight > 0 else ("student",)
+        return MethodSpec(roles=roles, needs_images=True)
+
+    def __init__(self, cfg: SCMConfig, run: RunContext, models: Any) -> None:
+        super().__init__(cfg, run, models)
+        self.t_lo, self.t_hi = trigflow.trig_range(models.schedule)
+        self.weight = trigflow.AdaptiveWeight(cfg.sigma_data).to(models.device) if cfg.adaptive_weight else None
+        T = models.num_train_timesteps
+        self.min_step, self.max_step = int(cfg.min_step_ratio * T), min(int(cfg.max_step_ratio * T), T - 1)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"student": self.weight} if self.weight is not None else {}
+
+    def updates(self, step: int) -> tuple[str, ...]:
+        if self.cfg.dmd_weight == 0:
+            return ("student",)
+        r = self.cfg.student_update_every
+        return ("student", "critic") if (step + 1) % r == 0 else ("critic",)
+
+    # ---- TrigFlow velocities ---------------------------------------------------------------------------------------
+    def velocity(self, role: str, x_hat: Tensor, t: Tensor, batch: Batch, guidance: float | None = None) -> Tensor:
+        """F of ``role`` at the unit state x̂ (B, C, h, w) and trig time t (B,), with CFG ``guidance`` (diffusers
+        convention) on the raw output, which is the CFG of F (F is affine in it at fixed x̂, t)."""
+        m = self.models
+        c_in, net_t, a, s = trigflow.native_time(m.schedule, t)
+        x_n = x_hat * c_in.reshape(-1, 1, 1, 1)
+        out = m.net_out_at(role, x_n, net_t, batch.cond, batch.uncond if guidance is not None else None, guidance)
+        x0, eps = trigflow.split_native(out, x_n, a, s, m.schedule.prediction_type)
+        return trigflow.velocity(x0, eps, t)
+
+    def tangent_jvp(self, x_hat: Tensor, t: Tensor, F_teacher: Tensor, batch: Batch) -> Tensor:
+        """J = cos t sin t · dF⁻/dt along d x̂/dt = F_teacher, without gradient: forward-mode AD or a central finite
+        difference in trig time (clamped to the teacher's range). (B, C, h, w)."""
+        cs = (torch.cos(t) * torch.sin(t)).reshape(-1, 1, 1, 1)
+        with torch.no_grad(), self.models.no_checkpointing("student"):
+            if self.cfg.jvp == "autograd":
+                with forward_ad_attention():
+                    _, dF = torch.func.jvp(lambda x, tt: self.velocity("student", x, tt, batch), (x_hat, t),
+                                           (F_teacher, torch.ones_like(t)))
+                return cs * dF
+            h = self.cfg.fd_step
+            t2, t1 = (t + h).clamp(max=self.t_hi), (t - h).clamp(min=self.t_lo)
+            f2 = self.velocity("student", x_hat + (t2 - t).reshape(-1, 1, 1, 1) * F_teacher, t2, batch)
+            f1 = self.velocity("student", x_hat + (t1 - t).reshape(-1, 1, 1, 1) * F_teacher, t1, batch)
+            return cs * (f2 - f1) / (t2 - t1).reshape(-1, 1, 1, 1)
+
+    def draw_time(self, batch: Batch) -> Tensor:
+        """t = arctan(e^τ / σ_d), τ ~ N(P_mean, P_std²) per sample (keyed), inside the teacher's trig range (B,)."""
+        tau = self.cfg.p_mean + self.cfg.p_std * batch.rng.randn((), "scm-tau")
+        return trigflow.time_proposal(tau, self.cfg.sigma_data).clamp(self.t_lo, self.t_hi)
+
+    # ---- losses ----------------------------------------------------------------------------------------------------
+    def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if role == "student":
+            loss, logs = self._scm_loss(batch, step)
+            if self.cfg.dmd_weight > 0:
+                dmd, dlogs = self._dmd_loss(batch)
+                loss = loss + self.cfg.dmd_weight * dmd
+                logs.update(dlogs)
+            return loss, logs
+        if role == "critic":
+            return self._critic_loss(batch)
+        raise KeyError(role)
+
+    def _scm_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        m, c = self.models, self.cfg
+        if batch.latents is None:
+            raise UserError("sCM distils on data latents: give data.images or data.dataset")
+        t = self.draw_time(batch)
+        eps = batch.rng.randn(m.latent_shape, "scm-eps")
+        x_hat = trigflow.add_noise(batch.latents, eps, t)
+        with torch.no_grad():
+            F_teacher = self.velocity("teacher", x_hat, t, batch, c.guidance_scale if c.guidance_scale != 1 else None)
+        J = self.tangent_jvp(x_hat, t, F_teacher, batch)
+        F_theta = self.velocity("student", x_hat, t, batch)
+        F_minus = F_theta.detach()
+        g = trigflow.scm_tangent(F_minus, F_teacher, J, x_hat, t, warmup_ratio(step, c.tangent_warmup_steps),
+                                 c.sigma_data)
+        g_norm = float(g.flatten(1).norm(dim=1).mean())
+        if c.tangent == "normalize":
+            g = trigflow.normalize_tangent(g, c.tangent_c)
+        elif c.tangent == "clip":
+            g = trigflow.clip_tangent(g)
+        logvar = self.weight(t) if self.weight is not None else torch.zeros_like(t)
+        loss, bad = masked_mean(trigflow.scm_loss(F_theta, F_minus, g, t, logvar, c.sigma_data))
+        return loss, {"nonfinite": float(bad), "g_norm": g_norm, "t": float(t.mean()),
+                      "logvar": float(logvar.detach().mean())}
+
+    # ---- rCM: the score regulariser ---------------------------------------------------------------------------------
+    def generate(self, batch: Batch, grad: bool) -> Tensor:
+        """The student's x0 after k ~ U{1..dmd_max_steps} steps (shared by the global batch) of its own consistency
+        sampler at the nearest training timesteps; only the last step with gradient when ``grad``. (B, C, h, w)."""
+        m, c = self.models, self.cfg
+        k = batch.rng.shared_randint(1, c.dmd_max_steps + 1, "scm-dmd-k") if c.dmd_max_steps > 1 else 1
+        ts = [trigflow.nearest_timestep(m.schedule, x) for x in trig_sampling_times(k, c.intermediate_time)]
+        noises = [batch.rng.randn(m.latent_shape, f"scm-dmd-noise-{j}") for j in range(k)]
+        b = len(batch)
+        x = m.schedule.start_latent(noises[0], torch.full((b,), ts[0], dtype=torch.long, device=m.device))
+        with torch.no_grad():
+            x = m.schedule.rollout(lambda xx, tt: m.predict("student", xx, tt, batch.cond)[0], x, ts, noises[1:])
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return m.predict("student", x, torch.full((b,), ts[k - 1], dtype=torch.long, device=m.device),
+                             batch.cond)[0]
+
+    def _dmd_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        m, c, rng = self.models, self.cfg, batch.rng
+        x0 = self.generate(batch, grad=True)
+        t = rng.randint(self.min_step, self.max_step + 1, "scm-dmd-t")
+        xt = m.schedule.add_noise(x0.detach(), rng.randn(m.latent_shape, "scm-dmd-noise"), t)
+        w = c.guidance_scale if c.dmd_guidance_scale is None else c.dmd_guidance_scale
+        with torch.no_grad():
+            x0_real, _ = m.predict("teacher", xt, t, batch.cond, batch.uncond, guidance=w)
+            x0_fake, _ = m.predict("critic", xt, t, batch.cond)
+        per_sample, ok = dm_loss(x0, x0_real, x0_fake)
+        loss = per_sample.sum() / ok.sum().clamp(min=1)
+        return loss, {"dm": float(loss.detach()), "dm_nonfinite": float((~ok).sum())}
+
+    def _critic_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """The fake score's denoising loss on the student's samples, the teacher's own target (DMD eq. 6)."""
+        m, rng = self.models, batch.rng
+        with torch.no_grad():
+            x0 = self.generate(batch, grad=False)
+        t = rng.randint(0, m.num_train_timesteps, "scm-critic-t")
+        eps = rng.randn(m.latent_shape, "scm-critic-noise")
+        out = m.net_out("critic", m.schedule.add_noise(x0, eps, t), t, batch.cond)
+        loss, bad = masked_mean(((out - m.denoising_target(x0, eps, t)) ** 2).flatten(1).mean(1))
+        return loss, {"denoise": float(loss.detach()), "nonfinite": float(bad)}
+
+    # ---- export ----------------------------------------------------------------------------------------------------
+    def sampling(self) -> SamplingSpec:
+        """Per step count, the consistency sampler at the training timesteps nearest to its trig times; the first
+        latent is the teacher's start at that timestep (flow: unit noise; VP: sqrt(1 − ᾱ) N(0, I)); no CFG."""
+        m, c = self.models, self.cfg
+        steps = {}
+        for k in c.steps():
+            ts = [trigflow.nearest_timestep(m.schedule, x) for x in trig_sampling_times(k, c.intermediate_time)]
+            scale = m.schedule.start_scale(ts[0])
+            vp = {"timestep_scaling": X0_TIMESTEP_SCALING, "clip_sample": False}  # the x0 prediction alone
+            steps[k] = m.schedule.sampler("consistency", ts, init_noise_scale=scale, vp_kwargs=vp)
+        return SamplingSpec(steps=steps, default_steps=c.default_steps)
