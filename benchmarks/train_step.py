@@ -4,7 +4,8 @@
 
 Runs the real loop (``distill_diffusion.loop.train``) for ``--steps`` steps with the method's embedded-default
 config, and times, for the steps after ``--warmup``:
-  teacher / student / critic / target forward: ``Models.net_out`` by the role it runs (with or without autograd),
+  teacher / student / critic / target forward: ``Models.net_out_at`` (``net_out`` calls it) by the role it runs
+  (with or without autograd; sCM's JVP counts as a student forward),
   encoders: prompt, unconditional and image encoding (``Models.encode_*``),
   optimizer: ``torch.optim.AdamW.step``,
   backward and the rest: the step's wall time minus the above (autograd, the method's own arithmetic, the loop).
@@ -70,7 +71,7 @@ def instrument(clock: PhaseClock, method_cls: type, warmup: int) -> Any:
     from distill_diffusion.models import Models
 
     saved = [(owner, name, owner.__dict__.get(name)) for owner, name in (
-        (Models, "net_out"), (Models, "encode_prompts"), (Models, "encode_uncond"), (Models, "encode_images"),
+        (Models, "net_out_at"), (Models, "encode_prompts"), (Models, "encode_uncond"), (Models, "encode_images"),
         (torch.optim.AdamW, "step"), (loop.Stream, "get"))]
     saved.append((method_cls, "loss", method_cls.__dict__.get("loss")))
 
@@ -83,7 +84,7 @@ def instrument(clock: PhaseClock, method_cls: type, warmup: int) -> Any:
 
         setattr(owner, name, timed)
 
-    wrap(Models, "net_out", lambda a, k: _phase_of(a[1] if len(a) > 1 else k["role"]))
+    wrap(Models, "net_out_at", lambda a, k: _phase_of(a[1] if len(a) > 1 else k["role"]))
     for name in ("encode_prompts", "encode_uncond", "encode_images"):
         wrap(Models, name, lambda a, k: "encoders")
     wrap(torch.optim.AdamW, "step", lambda a, k: "optimizer")

@@ -10,11 +10,11 @@ from distill_diffusion.models import Models
 
 
 def test_train_step_phases_and_markdown(tiny_teachers, image_folder, tmp_path):
-    before = (Models.net_out, torch.optim.AdamW.step)
+    before = (Models.net_out_at, torch.optim.AdamW.step)
     res = run("dmd2", "lora", steps=4, warmup=1, out_dir=tmp_path / "r",
               overrides=[f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}", "batch_size=2",
                          "method.student_update_every=1"])
-    assert (Models.net_out, torch.optim.AdamW.step) == before, "the instrumentation was not undone"
+    assert (Models.net_out_at, torch.optim.AdamW.step) == before, "the instrumentation was not undone"
     p = res["phase_sec_per_step"]
     assert set(PHASES) <= set(p) and res["timed_steps"] == 3
     assert p["teacher forward"] > 0 and p["student forward"] > 0 and p["critic forward"] > 0 and p["optimizer"] > 0
