@@ -11,23 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
+from distill_diffusion.provenance import cpu_name
+
 REFERENCE_GFLOPS = 13.5  # AMD EPYC, AVX2, no AVX-512; 12-15 GFLOP/s on one thread
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:

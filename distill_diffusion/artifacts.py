@@ -111,6 +111,24 @@ def check_teacher(teacher: str | None) -> None:
         raise UserError(f"teacher {teacher!r} does not exist; give a diffusers pipeline folder or a hub id (org/name)")
 
 
+RUN_INFO_FILE = "run_info.json"
+
+
+def write_run_info(out: Path, processes: int = 1) -> None:
+    """``run_info.json``: the CPU, the torch threads, the number of processes and the library versions of the run
+    (written when it starts, again on every resume: the last machine to train it)."""
+    from . import provenance
+
+    info = {**provenance.machine(), "processes": processes, "versions": provenance.versions()}
+    atomic_write(out / RUN_INFO_FILE, json.dumps(info, indent=2))
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's ``run_info.json``, or None for runs written before it existed."""
+    p = Path(run_dir) / RUN_INFO_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
 def teacher_ref(path: str) -> str:
     """How a run names its teacher: "embedded" / "embedded-flow" for the shipped ones (so runs move between clones),
     else the path/id."""

@@ -194,6 +194,7 @@ def resume(tr: Trainer, candidates: list[Path], out: Path) -> int:
 def start_run_folder(cfg: Any, out: Path, accelerator: Any, trackers: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     artifacts.atomic_write(out / "config.yaml", to_yaml(cfg))
+    artifacts.write_run_info(out, processes=accelerator.num_processes)
     if trackers:
         accelerator.init_trackers("distill", config=_flat(cfg))
 

@@ -245,7 +245,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
     rows = list(best)
     ref_teacher = max(best, key=lambda r: r["steps"])
     hybrid_g = a.teacher_guidance if a.teacher_guidance is not None else ref_teacher["guidance"]
-    from distill_diffusion.artifacts import SAMPLING_FILE, list_students, load_student
+    from distill_diffusion.artifacts import SAMPLING_FILE, list_students, load_student, read_run_info
 
     skipped = []
     for r, name in zip(runs, unique_names([r["dir"] for r in runs])):
@@ -274,7 +274,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
     meta["reference_teacher_row"] = {"steps": ref_teacher["steps"], "guidance": ref_teacher["guidance"]}
     # Which runs this report scored, and how far each was trained (0: an untrained export_initial baseline).
     meta["runs"] = [{"dir": r["dir"], "method": r["info"].get("method"), "trained_steps": r["info"].get("step"),
-                     "teacher_hash": r["info"].get("teacher_hash")} for r in runs]
+                     "teacher_hash": r["info"].get("teacher_hash"), "run_info": read_run_info(r["dir"])}
+                    for r in runs]
     meta["notes"] = skipped
     report.write(out, rows, every, meta)
     print(f"report written to {out}/report.md", file=sys.stderr)

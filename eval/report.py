@@ -5,27 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import textwrap
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from distill_diffusion import provenance
 from distill_diffusion.artifacts import TEACHER_SPACING
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("torch", "diffusers", "transformers", "peft", "clean-fid", "torchmetrics", "numpy", "scipy",
-                "distill-diffusion"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
+    out = provenance.versions()
     try:
         import distill_diffusion
 
@@ -46,6 +39,7 @@ def meta(a: Any, command: str, ctx: Any, teacher: str, grid: list[float]) -> dic
         "versions": versions(),
         "device": ctx.device,
         "torch_threads": torch.get_num_threads(),
+        "cpu": provenance.cpu_name(),
         "teacher": {"ref": teacher, "weights_hash": ctx.teacher_hash,
                     "sampler": ctx.teacher_sampler or f"DDIMScheduler, eta 0, timestep_spacing={TEACHER_SPACING!r}"},
         "guidance_grid": grid,

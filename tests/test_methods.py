@@ -56,6 +56,8 @@ def test_export_initial_writes_the_untrained_student(name, tiny_teachers, image_
     imgs, _ = artifacts.sample(pipe, ["a red square"], steps=k, seeds=[0], output_type="np")
     assert imgs.shape == (1, 16, 16, 3)
     assert (tmp_path / "validation" / "step_000000.png").exists()
+    info = artifacts.read_run_info(tmp_path)  # where the run was made: CPU, threads, versions
+    assert info["cpu"] and info["torch_threads"] == 1 and info["processes"] == 1 and info["versions"]["torch"]
 
 
 @pytest.mark.parametrize("name", ["dmd2", "sid"])

@@ -1,0 +1,42 @@
+"""Where a figure was made: the CPU, the thread count and the library versions, recorded in every run folder
+(``run_info.json``) and every eval report, so a number can be traced to its machine (CPUs here differ by 6x)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "clean-fid", "torchmetrics", "numpy", "scipy",
+            "distill-diffusion")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def versions() -> dict[str, str]:
+    """Python, the platform and each package's installed version ("not installed" when absent)."""
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, its logical CPU count and the torch threads of this process."""
+    import torch
+
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
