@@ -160,3 +160,36 @@ def test_bars_judge_ratios_against_the_same_report(tmp_path):
     only = tmp_path / "teacher_only.json"
     only.write_text(json.dumps({"meta": {}, "teacher_table": []}))
     assert bars.main([str(only)]) == 2
+
+
+def test_quality_spread_over_seed_runs_and_bars_on_the_mean(tmp_path):
+    """Mean ± sample std, min and max per step count over the seed runs; stage students and the untrained run stay
+    out of the spread; the bars judge the mean; a run counts as finished only at its last step."""
+    from benchmarks import bars, quality
+
+    def s(run, steps, fid, acc, label=None):
+        return {"kind": "student", "label": label or run.split("/")[-1], "run": run, "method": "sid", "steps": steps,
+                "nfe": float(steps), "fid": fid, "accuracy": acc, "diversity": 0.1}
+
+    rows = [{"kind": "teacher", "label": "teacher (w=3)", "steps": 1, "nfe": 2.0, "fid": 20.0, "accuracy": 0.6},
+            {"kind": "teacher", "label": "teacher (w=3)", "steps": 25, "nfe": 50.0, "fid": 4.0, "accuracy": 0.86},
+            s("runs/a_seed0", 1, 5.0, 0.90), s("runs/a_seed1", 1, 6.0, 0.84), s("runs/a_seed2", 1, 7.0, 0.81),
+            s("runs/a_seed0", 1, 99.0, 0.1, label="a_seed0/student_S4"), s("runs/a_untrained", 1, 50.0, 0.2)]
+    out = quality.aggregate({"rows": rows}, ["runs/a_seed0", "runs/a_seed1", "runs/a_seed2"], "runs/a_untrained")
+    seed = [r for r in out if r.get("spread")]
+    assert len(seed) == 1 and seed[0]["fid"] == 6.0
+    sp = seed[0]["spread"]["fid"]
+    assert (sp["std"], sp["min"], sp["max"], sp["n"]) == (1.0, 5.0, 7.0, 3)
+    assert [r["label"] for r in out if r["kind"] == "student" and not r.get("spread")] == ["sid untrained"]
+    md = quality.markdown(out, "python -m benchmarks.quality --method sid")
+    assert "| sid x3 seeds | 1 | 1 | 6.00 ± 1.00 (5.00–7.00) | 85.0 ± 4.6% |" in md
+    res = bars.judge({r["steps"]: r for r in out if r["kind"] == "teacher"}, seed, {}, bars.BARS["embedded-flow"])
+    assert {x["bar"]: x["pass"] for x in res} == {"1-step FID vs teacher 25 steps": True,  # 1.5x exactly
+                                                  "1-step FID vs teacher 1 step": True, "1-step accuracy": True}
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("max_steps: 300\n")
+    (run / "sampling.json").write_text(json.dumps({"step": 200}))
+    assert not quality.finished(run)
+    (run / "sampling.json").write_text(json.dumps({"step": 300}))
+    assert quality.finished(run) and not quality.finished(tmp_path / "missing")
