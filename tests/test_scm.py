@@ -122,7 +122,7 @@ def test_jvp_matches_a_finite_difference(teacher, tiny_teachers, flow_teachers):
     path = tiny_teachers["sd"] if teacher == "sd" else flow_teachers["sd3"]
     models, method, _ = build(SCM, path, "lora")
     with torch.no_grad():  # move the student off the teacher so the derivative is its own
-        for n, p in models.named_parameters("student"):
+        for _n, p in models.named_parameters("student"):
             p.add_(0.05 * torch.randn_like(p))
     batch = fixed_batch(models, b=2)
     t = torch.tensor([0.6, 1.2])
