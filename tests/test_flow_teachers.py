@@ -24,15 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 RESOLUTION = {"sd3": 16, "flux": 16, "flux_dev": 16, "sana": 32}  # SanaPipeline wants multiples of 32
 # Short-run settings per method (two steps must update the student, and reach every stage).
 SHORT = {"tscd": ["method.segments=[2,1]", "method.stage_fractions=[0.5,0.5]"],
-         "dmd2": ["method.gan=true", "method.student_update_every=1", "method.student_lr=1e-3"], "lcm": [], "sid": []}
+         "dmd2": ["method.gan=true", "method.student_update_every=1", "method.student_lr=1e-3"], "lcm": [], "sid": [],
+         "scm": ["method.tangent_warmup_steps=1"]}
 # The shipped configs for real flow models, run on the tiny pipeline of the same class (their step counts, stages and
 # method settings; sizes, precision and learning rates overridden to fit a CPU test).
 CONFIGS = {"sd3": ("sd35_medium", "lora"), "flux_dev": ("flux1_dev", "lora"), "sana": ("sana_1600m", "full")}
 # Every method x {lora, full} x {SD3, FLUX.1, SANA} and FLUX.1-dev. The default test set runs, per method, one shipped
 # config (each family's config by some method) and one more combination (together every family and both student
 # kinds); the rest are ``slow`` (CI runs them), to keep the test command's time.
-DEFAULT_SHIPPED = {"lcm": "sd3", "dmd2": "flux_dev", "sid": "sana", "tscd": "sd3"}
-DEFAULT_EXTRA = {"lcm": ("flux", "full"), "dmd2": ("sana", "lora"), "sid": ("sd3", "full"), "tscd": ("flux", "lora")}
+DEFAULT_SHIPPED = {"lcm": "sd3", "dmd2": "flux_dev", "sid": "sana", "tscd": "sd3", "scm": "sd3"}
+DEFAULT_EXTRA = {"lcm": ("flux", "full"), "dmd2": ("sana", "lora"), "sid": ("sd3", "full"), "tscd": ("flux", "lora"),
+                 "scm": ("sana", "full")}
 
 
 def _case(method: str, kind: str, student: str) -> object:
@@ -64,6 +66,8 @@ def _run(method: str, kind: str, student: str, teacher: str, images: str, out, u
              "report_to=none", "validation_seeds=0", "logging_steps=1", *extra]
     if use_config and method == "dmd2":
         args += ["method.student_update_every=1", "method.student_lr=1e-3"]
+    if use_config and method == "scm":  # rCM's 5 critic updates per student update would leave the student as it was
+        args += ["method.student_update_every=1"]
     if "max_steps" not in " ".join(args):
         args.append("max_steps=2")
     cfg, _ = parse_config(args, METHODS)
