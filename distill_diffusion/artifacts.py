@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .families import family_of
+from .families import family_for, family_of
 from .method import SamplingSpec, StepSampling
 from .models import embedded_teacher_name, load_pipeline, resolve_teacher
 
@@ -424,6 +424,24 @@ def load_teacher(teacher: str = "embedded", device: str | torch.device = "cpu",
     pipe.set_progress_bar_config(disable=True)
     pipe.distill_resolution = resolution
     return pipe
+
+
+def teacher_facts(folder: str | Path) -> tuple[str | None, int | None]:
+    """(schedule kind "vp" / "flow", native image side) of a local teacher folder from its configs alone, without
+    loading it; (None, None) for a hub id, and a None side where the pipeline fixes it in code (FLUX.1)."""
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        fam = family_for(index["_class_name"])
+    except (OSError, ValueError, KeyError, UserError):
+        return None, None
+    try:
+        net = json.loads((folder / fam.denoiser / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        side = int(net["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        side = None
+    return fam.schedule_kind, (None if fam.name == "flux" else side)
 
 
 def pipe_resolution(pipe: Any) -> int:

@@ -209,6 +209,20 @@ def build_context(a: argparse.Namespace, teacher: str) -> Any:
                             image_size=a.image_size, cache_dir=cache_dir, progress=not a.quiet)
 
 
+def set_teacher_sampling(ctx: Any, teacher: str, runs: list[dict[str, Any]]) -> None:
+    """The teacher rows' sampler and image side, which also key its cache: the teacher's own flow scheduler for a
+    flow teacher (from its configs, or from its runs), DDIM for a VP one; the runs' training resolution, left out
+    when it is the teacher's own, so ``--teacher-only`` and ``--runs`` reports share their teacher rows."""
+    from distill_diffusion.artifacts import teacher_facts
+
+    kind, native = teacher_facts(teacher)
+    resolutions = {r["info"].get("resolution") for r in runs} - {None}
+    res = resolutions.pop() if len(resolutions) == 1 else None
+    ctx.teacher_resolution = None if res == native else res
+    if kind == "flow" or any(r["info"].get("schedule") == "flow" for r in runs):
+        ctx.teacher_sampler = "FlowMatchEulerDiscreteScheduler (the teacher's own flow schedule)"
+
+
 def command_line(argv: list[str], prog: str = "python -m eval") -> str:
     return " ".join([prog, *(shlex.quote(x) for x in argv)])
 
@@ -225,11 +239,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
         torch.set_num_threads(a.threads)
     runs, teacher = resolve_runs(a)
     ctx = build_context(a, teacher)
-    # Teacher rows at the runs' training resolution, with the teacher's own sampler family.
-    resolutions = {r["info"].get("resolution") for r in runs} - {None}
-    ctx.teacher_resolution = resolutions.pop() if len(resolutions) == 1 else None
-    if any(r["info"].get("schedule") == "flow" for r in runs):
-        ctx.teacher_sampler = "FlowMatchEulerDiscreteScheduler (the teacher's own flow schedule)"
+    set_teacher_sampling(ctx, teacher, runs)
     out = Path(a.out or f"reports/{datetime.now():%Y%m%d-%H%M%S}")
     steps = a.teacher_steps or DEFAULT_TEACHER_STEPS
     grid = a.guidance_grid or [a.teacher_guidance if a.teacher_guidance is not None else DEFAULT_GUIDANCE]

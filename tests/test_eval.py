@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from distill_diffusion import artifacts
 from distill_diffusion.errors import UserError
 from eval import metrics
 from eval.__main__ import build_parser, load_config, main
@@ -412,3 +413,25 @@ def test_teacher_rows_use_trailing_ddim(tiny_teachers):
     assert sched.timesteps.tolist() == [999, 749, 499, 249]
     sched.set_timesteps(1)
     assert sched.timesteps.tolist() == [999]
+
+
+def test_teacher_rows_share_their_cache_key_between_teacher_only_and_runs(tiny_teachers, flow_teachers):
+    """A flow teacher's rows are labelled (and keyed) by its own flow scheduler with or without runs; the runs'
+    resolution drops out of the key when it is the teacher's own, so a --teacher-only ruler serves later reports."""
+    from types import SimpleNamespace
+
+    from eval.__main__ import set_teacher_sampling
+
+    def ctx():
+        return SimpleNamespace(teacher_resolution=None, teacher_sampler=None)
+
+    c = ctx()
+    set_teacher_sampling(c, flow_teachers["sd3"], [])
+    assert c.teacher_sampler.startswith("FlowMatchEulerDiscreteScheduler") and c.teacher_resolution is None
+    native = artifacts.teacher_facts(tiny_teachers["sd"])[1]
+    c = ctx()
+    set_teacher_sampling(c, tiny_teachers["sd"], [{"info": {"resolution": native, "schedule": "vp"}}])
+    assert (c.teacher_sampler, c.teacher_resolution) == (None, None)
+    c = ctx()
+    set_teacher_sampling(c, tiny_teachers["sd"], [{"info": {"resolution": 2 * native, "schedule": "vp"}}])
+    assert c.teacher_resolution == 2 * native
