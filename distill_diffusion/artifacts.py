@@ -428,8 +428,9 @@ def load_teacher(teacher: str = "embedded", device: str | torch.device = "cpu",
 
 def teacher_facts(folder: str | Path) -> tuple[str | None, int | None]:
     """(schedule kind "vp" / "flow", native image side) of a local teacher folder from its configs alone, without
-    loading it; (None, None) for a hub id, and a None side where the pipeline fixes it in code (FLUX.1)."""
-    folder = Path(folder)
+    loading it; (None, None) for a hub id, and a None side where the pipeline fixes it in code (FLUX.1). An embedded
+    teacher's name ("embedded-flow") reads its shipped folder."""
+    folder = Path(resolve_teacher(str(folder)))
     try:
         index = json.loads((folder / "model_index.json").read_text())
         fam = family_for(index["_class_name"])

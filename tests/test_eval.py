@@ -435,3 +435,6 @@ def test_teacher_rows_share_their_cache_key_between_teacher_only_and_runs(tiny_t
     c = ctx()
     set_teacher_sampling(c, tiny_teachers["sd"], [{"info": {"resolution": 2 * native, "schedule": "vp"}}])
     assert c.teacher_resolution == 2 * native
+    c = ctx()  # runs name their teacher; an embedded one by its name
+    set_teacher_sampling(c, "embedded-flow", [{"info": {"resolution": 32, "schedule": "flow"}}])
+    assert c.teacher_sampler.startswith("FlowMatchEulerDiscreteScheduler") and c.teacher_resolution is None
