@@ -1,6 +1,6 @@
 """The quality bars of the issues, judged on a report that ``python -m eval`` wrote.
 
-    python -m benchmarks.bars reports/flow_methods_2k/report.json [--bars embedded-flow] [--out FILE.md]
+    python -m benchmarks.bars reports/flow_methods_2k/report.json [--bars embedded-flow] [--table] [--out FILE.md]
 
 Every ratio divides a student's FID by a teacher row of the *same report* (same prompts, same seeds, the teacher at
 its FID-minimising guidance of the report's grid), so a bar compares like with like. Untrained students (run folders
@@ -138,6 +138,28 @@ def judge(teachers: dict[int, Row], students: list[Row], trained: dict[str, int 
     return out
 
 
+def students_table(teachers: dict[int, Row], students: list[Row], trained: dict[str, int | None]) -> str:
+    """The report's rows with the ratios the bars use: FID ÷ the teacher's 25 steps (its most steps) and ÷ the
+    teacher at the same NFE, with accuracy and diversity; untrained runs are marked."""
+    top = teachers[max(teachers)] if teachers else None
+    lines = ["| model | steps | NFE | FID | ÷ teacher " + (f"{top['steps']} steps" if top else "") +
+             " | ÷ teacher, same NFE | accuracy | diversity |", "|---|---|---|---|---|---|---|---|"]
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    rows = [dict(t, label=t.get("label", "teacher")) for t in sorted(teachers.values(), key=lambda t: t["steps"])]
+    rows += [dict(r, label=r["label"] + (" (untrained)" if trained.get(r["run"]) == 0 else "")) for r in students]
+    for r in rows:
+        same = [t for t in teachers.values() if t["nfe"] == r["nfe"]]
+        top_ratio = f"{r['fid'] / top['fid']:.2f}" if top else "n/a"
+        same_ratio = f"{r['fid'] / same[0]['fid']:.2f}" if same else "—"
+        div = "n/a" if r.get("diversity") is None else f"{r['diversity']:.3f}"
+        lines.append(f"| {r['label']} | {r['steps']} | {r['nfe']:g} | {r['fid']:.2f} | {top_ratio} | {same_ratio} | "
+                     f"{pct(r.get('accuracy'))} | {div} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: list[dict[str, Any]], report: Path, bars_name: str) -> str:
     lines = [f"Bars `{bars_name}` judged on `{report}` (`python -m benchmarks.bars {report} --bars {bars_name}`):",
              "", "| student | steps | bar | result | |", "|---|---|---|---|---|"]
@@ -154,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("report", type=Path, help="report.json of python -m eval --runs ...")
     ap.add_argument("--bars", default="embedded-flow", choices=sorted(BARS))
     ap.add_argument("--out", type=Path, default=None, help="also write the table as markdown here")
+    ap.add_argument("--table", action="store_true", help="first the report's rows with the bars' ratios")
     a = ap.parse_args(argv)
     try:
         teachers, students, trained = load(a.report)
@@ -162,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = judge(teachers, students, trained, BARS[a.bars])
     text = markdown(results, a.report, a.bars)
+    if a.table:
+        text = students_table(teachers, students, trained) + "\n" + text
     print(text, end="")
     if a.out:
         a.out.write_text(text)

@@ -156,6 +156,10 @@ def test_bars_judge_ratios_against_the_same_report(tmp_path):
     same = res[("runs/lcm", 2, "2/4-step FID vs teacher at the same NFE")]  # NFE 2: the teacher's 1 step
     assert abs(same["value"] - 0.25) < 1e-12 and same["pass"]
     assert res[("runs/lcm", 4, "2/4-step FID vs teacher at the same NFE")]["text"].startswith("FID 4.90 vs teacher 2")
+    table = bars.students_table(*bars.load(p))
+    assert "| runs/sid | 1 | 1 | 5.90 | 1.48 | — | 82.0% | n/a |" in table  # no teacher row costs 1 NFE
+    assert "| runs/lcm | 2 | 2 | 5.00 | 1.25 | 0.25 | 70.0% | n/a |" in table and "runs/sid0 (untrained)" in table
+    assert bars.main([str(p), "--table"]) == 0
     assert bars.main([str(tmp_path / "missing.json")]) == 2
     only = tmp_path / "teacher_only.json"
     only.write_text(json.dumps({"meta": {}, "teacher_table": []}))
