@@ -42,8 +42,9 @@ def _accuracy_gap(row: Row, teacher: Row | None, points: float) -> tuple[float, 
     if teacher is None or row.get("accuracy") is None or teacher.get("accuracy") is None:
         return None
     gap = 100 * (teacher["accuracy"] - row["accuracy"])
+    side = f"{gap:.1f} points below" if gap >= 0 else f"{-gap:.1f} points above"
     return (gap, points, gap <= points, f"accuracy {100 * row['accuracy']:.1f}% vs teacher 25 steps "
-            f"{100 * teacher['accuracy']:.1f}%: {gap:+.1f} points below (bar <= {points})")
+            f"{100 * teacher['accuracy']:.1f}%: {side} (bar: at most {points:g} below)")
 
 
 def _same_nfe(row: Row, teachers: dict[int, Row]) -> tuple[float, float, bool, str] | None:
