@@ -47,12 +47,16 @@ def _accuracy_gap(row: Row, teacher: Row | None, points: float) -> tuple[float, 
             f"{100 * teacher['accuracy']:.1f}%: {side} (bar: at most {points:g} below)")
 
 
+def teacher_at_nfe(teachers: dict[int, Row], nfe: float) -> Row | None:
+    """The teacher row that costs ``nfe`` network evaluations per image, if the report has one."""
+    return next((t for t in teachers.values() if t["nfe"] == nfe), None)
+
+
 def _same_nfe(row: Row, teachers: dict[int, Row]) -> tuple[float, float, bool, str] | None:
     """Better than the teacher at the same cost: the teacher row whose NFE equals the student's."""
-    same = [t for t in teachers.values() if t["nfe"] == row["nfe"]]
-    if not same:
+    t = teacher_at_nfe(teachers, row["nfe"])
+    if t is None:
         return None
-    t = same[0]
     r = row["fid"] / t["fid"]
     return (r, 1.0, r < 1.0, f"FID {row['fid']:.2f} vs teacher {t['steps']} step(s) at NFE {t['nfe']:g}: "
             f"{t['fid']:.2f} ({r:.2f}x, bar < 1x)")
@@ -152,9 +156,9 @@ def students_table(teachers: dict[int, Row], students: list[Row], trained: dict[
     rows = [dict(t, label=t.get("label", "teacher")) for t in sorted(teachers.values(), key=lambda t: t["steps"])]
     rows += [dict(r, label=r["label"] + (" (untrained)" if trained.get(r["run"]) == 0 else "")) for r in students]
     for r in rows:
-        same = [t for t in teachers.values() if t["nfe"] == r["nfe"]]
+        same = teacher_at_nfe(teachers, r["nfe"])
         top_ratio = f"{r['fid'] / top['fid']:.2f}" if top else "n/a"
-        same_ratio = f"{r['fid'] / same[0]['fid']:.2f}" if same else "—"
+        same_ratio = f"{r['fid'] / same['fid']:.2f}" if same else "—"
         div = "n/a" if r.get("diversity") is None else f"{r['diversity']:.3f}"
         lines.append(f"| {r['label']} | {r['steps']} | {r['nfe']:g} | {r['fid']:.2f} | {top_ratio} | {same_ratio} | "
                      f"{pct(r.get('accuracy'))} | {div} |")

@@ -30,13 +30,14 @@ METRICS = ("fid", "accuracy", "diversity")
 
 def finished(run: Path) -> bool:
     """A run folder whose export records its last step (config.yaml's max_steps)."""
+    from omegaconf import OmegaConf
+
     try:
         info = json.loads((run / "sampling.json").read_text())
-        cfg = (run / "config.yaml").read_text()
+        max_steps = OmegaConf.load(run / "config.yaml").get("max_steps")
     except OSError:
         return False
-    steps = [int(line.split(":", 1)[1]) for line in cfg.splitlines() if line.startswith("max_steps:")]
-    return bool(steps) and info.get("step") == steps[0]
+    return max_steps is not None and info.get("step") == max_steps
 
 
 def train_commands(a: argparse.Namespace) -> list[tuple[Path, list[str]]]:

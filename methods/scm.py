@@ -150,13 +150,14 @@ class SCM(Method):
         return ("student", "critic") if (step + 1) % r == 0 else ("critic",)
 
     # ---- TrigFlow velocities ---------------------------------------------------------------------------------------
-    def velocity(self, role: str, x_hat: Tensor, t: Tensor, batch: Batch, guidance: float | None = None) -> Tensor:
+    def velocity(self, role: str, x_hat: Tensor, t: Tensor, batch: Batch, guidance: float = 1.0) -> Tensor:
         """F of ``role`` at the unit state x̂ (B, C, h, w) and trig time t (B,), with CFG ``guidance`` (diffusers
-        convention) on the raw output, which is the CFG of F (F is affine in it at fixed x̂, t)."""
+        convention; 1: the conditional pass alone) on the raw output, which is the CFG of F (F is affine in it at
+        fixed x̂, t)."""
         m = self.models
         c_in, net_t, a, s = trigflow.native_time(m.schedule, t)
         x_n = x_hat * c_in.reshape(-1, 1, 1, 1)
-        out = m.net_out_at(role, x_n, net_t, batch.cond, batch.uncond if guidance is not None else None, guidance)
+        out = m.net_out_at(role, x_n, net_t, batch.cond, batch.uncond, guidance)
         x0, eps = trigflow.split_native(out, x_n, a, s, m.schedule.prediction_type)
         return trigflow.velocity(x0, eps, t)
 
@@ -202,7 +203,7 @@ class SCM(Method):
         eps = batch.rng.randn(m.latent_shape, "scm-eps")
         x_hat = trigflow.add_noise(batch.latents, eps, t)
         with torch.no_grad():
-            F_teacher = self.velocity("teacher", x_hat, t, batch, c.guidance_scale if c.guidance_scale != 1 else None)
+            F_teacher = self.velocity("teacher", x_hat, t, batch, c.guidance_scale)
         J = self.tangent_jvp(x_hat, t, F_teacher, batch)
         F_theta = self.velocity("student", x_hat, t, batch)
         F_minus = F_theta.detach()
