@@ -1,7 +1,8 @@
 """Quality with its spread: one config trained with N training seeds, each scored on the same prompts and seeds.
 
     python -m benchmarks.quality --method sid [--config FILE] [--seeds 0 1 2] [--name NAME] [--runs-dir runs]
-        [--bars embedded|embedded-flow] [--out reports/quality_NAME] [--threads 1] [--eval ARG ...] [key=value ...]
+        [--bars embedded|embedded-flow] [--out reports/quality_NAME] [--threads 1] [--train-only] [--eval ARG ...]
+        [key=value ...]
 
 Trains ``train.py --method M [--config FILE] seed=k output_dir=RUNS/NAME_seed{k} key=value...`` for each seed (a
 finished run, whose sampling.json records ``step == max_steps``, is kept, so the command resumes where it stopped),
@@ -108,6 +109,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--bars", default=None, help="judge these bars (benchmarks.bars) on the means")
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every training and eval process")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train (or keep) the runs and stop; a later call without it scores them")
     ap.add_argument("--eval", nargs=argparse.REMAINDER, default=None, help="options for python -m eval (last)")
     ap.add_argument("overrides", nargs="*", help="key=value for train.py")
     a = ap.parse_args(argv)
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: training {run} failed (command above); finished runs are kept, run again to resume",
                   file=sys.stderr)
             return 1
+    if a.train_only:
+        return 0
     out = Path(a.out)
     runs = [str(r) for r, _ in cmds]
     ev = [sys.executable, "-m", "eval", "--runs", *runs, "--threads", str(a.threads), "--out", str(out / "eval"),

@@ -222,7 +222,45 @@ def save_run(models: Any, method_name: str, spec: SamplingSpec, out: str | Path,
     return out
 
 
+def _teacher_license(teacher: str) -> str | None:
+    """The teacher's license where known: the shipped teachers are this project's (Apache-2.0); a local pipeline
+    folder's model card may declare one in its front matter. None when unknown (a hub id read offline)."""
+    if is_embedded_teacher(teacher):
+        return "apache-2.0"
+    card = Path(resolve_teacher(teacher)) / "README.md"
+    if card.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            return ModelCard(card.read_text()).data.to_dict().get("license")
+        except Exception:  # a card without (valid) front matter: the license stays unknown
+            return None
+    return None
+
+
+def card_metadata(info: dict[str, Any]) -> dict[str, Any]:
+    """The Hub's model-card metadata of a run: base_model (a hub id teacher only; a local path is not one), its
+    relation (a LoRA is an adapter of it, a full or merged student a fine-tune), library, pipeline tag, tags and
+    the teacher's license where known."""
+    teacher = str(info["teacher"])
+    hub_id = not is_embedded_teacher(teacher) and not Path(teacher).exists() and teacher.count("/") == 1
+    meta: dict[str, Any] = {"library_name": "diffusers", "pipeline_tag": "text-to-image"}
+    if hub_id:
+        meta["base_model"] = teacher
+        meta["base_model_relation"] = "adapter" if info["student"] == "lora" else "finetune"
+    lic = _teacher_license(teacher)
+    if lic:
+        meta["license"] = lic
+    meta["tags"] = ["distill-diffusion", info["method"], "step-distillation", info.get("family", "diffusion"),
+                    "lora" if info["student"] == "lora" else "full-student", "text-to-image"]
+    return meta
+
+
 def model_card(info: dict[str, Any], out: Path) -> str:
+    """README.md of a run: Hub metadata (YAML front matter), how to sample it with plain diffusers, the last
+    validation grid."""
+    import yaml
+
     steps = ", ".join(info["steps"])
     d = info["steps"][str(info["default_steps"])]
     if d.get("sigmas") is not None:  # flow schedules: the exact sigmas; flow pipelines never scale the start noise
@@ -234,17 +272,19 @@ def model_card(info: dict[str, Any], out: Path) -> str:
     load = (
         f"pipe = {info['pipeline']}.from_pretrained(TEACHER)\n"
         f"pipe.load_lora_weights(\"{out}/student\")\n" if info["student"] == "lora"
-        else f"pipe = {info['pipeline']}.from_pretrained(\"{out}/student\")\n"
+        else f"pipe = {info['pipeline']}.from_pretrained(\"{out}/{info.get('student_dir', 'student')}\")\n"
     )
+    grids = sorted((out / "validation").glob("step_*.png"))
+    grid = (f"\n## Validation grid\n![validation grid at the last step](validation/{grids[-1].name})\n"
+            "Rows: the teacher, then the student at each step count.\n" if grids else "")
+    front = yaml.safe_dump(card_metadata(info), sort_keys=False)
     return f"""---
-library_name: diffusers
-tags: [distill-diffusion, {info['method']}, step-distillation]
----
+{front}---
 # {info['method']} student of `{info['teacher']}`
 
-Distilled with [distill-diffusion](https://github.com/) `--method {info['method']}`; student: {info['student']}.
-Supported step counts: {steps} (default {info['default_steps']}). Sampling settings per step count are in
-`sampling.json`.
+Distilled with distill-diffusion (`pip install distill-diffusion`, `train.py --method {info['method']}`); student:
+{info['student']}. Supported step counts: {steps} (default {info['default_steps']}). Sampling settings per step count
+are in `sampling.json`: the student needs them (its scheduler, timesteps and guidance), not the teacher's.
 
 ## Use with plain diffusers
 ```python
@@ -253,8 +293,9 @@ from diffusers import {info['pipeline']}, {d['scheduler']}
 {load}pipe.scheduler = {d['scheduler']}.from_config(pipe.scheduler.config, **{d['scheduler_kwargs']!r})
 {scale}image = pipe("a photo of a sneaker", {run}, guidance_scale={d['guidance_scale']}).images[0]
 ```
-Or, with distill-diffusion installed: `pipe = distill_diffusion.load_student("{out}")`.
-"""
+Or, with distill-diffusion installed: `pipe = distill_diffusion.load_student("{out}")`. ComfyUI / A1111 files:
+`python -m distill_diffusion.export {out} --format kohya` (or `merged`).
+{grid}"""
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
