@@ -19,6 +19,8 @@ from .errors import UserError
 @dataclass
 class DataConfig:
     images: str | None = None  # a folder of images with same-name .txt captions
+    # webdataset tar shards: a path or URL pattern with {000..099} / {a,b} groups, several joined by "::"
+    webdataset: str | None = None
     dataset: str | None = None  # a `datasets` dataset saved with save_to_disk (or a hub name where there is network)
     image_column: str = "image"
     caption_column: str = "text"
@@ -26,6 +28,9 @@ class DataConfig:
     fashion_mnist: str | None = None  # folder of the Fashion-MNIST IDX files; default: Debian's or torchvision's
     empty_prompt_prob: float = 0.0  # share of captions replaced by "" (keyed per sample)
     center_crop: bool = True
+    check_images: bool = True  # data.images: open every file's header at start (a broken image fails now)
+    num_workers: int = 0  # DataLoader worker processes decoding batches ahead of the step (same batches, same order)
+    prefetch: int = 2  # batches each worker holds ready
 
 
 @dataclass
@@ -234,6 +239,9 @@ def validate(cfg: Any) -> None:
     need(cfg.student in ("lora", "full"), f"student={cfg.student!r}: choose 'lora' or 'full'")
     need(cfg.max_steps > 0, f"max_steps={cfg.max_steps}: must be at least 1")
     need(cfg.batch_size > 0, f"batch_size={cfg.batch_size}: must be at least 1")
+    need(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers}: must be 0 (decode in the training "
+         "process) or more")
+    need(cfg.data.prefetch >= 1, f"data.prefetch={cfg.data.prefetch}: must be at least 1")
     need(cfg.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be at least 1")
     need(cfg.lora_rank > 0, f"lora_rank={cfg.lora_rank}: must be at least 1")
     need(cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha}: must be positive")

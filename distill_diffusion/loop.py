@@ -20,7 +20,7 @@ from torch import nn
 
 from . import artifacts, checkpoints, memory
 from .config import method_object, to_yaml
-from .data import Stream, build_source
+from .data import Samples, Stream, build_source
 from .errors import UserError
 from .method import Batch, Method, MethodSpec, RunContext, StepRNG
 from .models import Models, build_models
@@ -213,8 +213,9 @@ def run_steps(tr: Trainer, stream: Stream, start: int, out: Path) -> None:
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not main, desc="distill",
                dynamic_ncols=True)
     clock = {"t": time.perf_counter()}
+    samples = stream.batches(start, cfg.max_steps, cfg.data.num_workers, cfg.data.prefetch)
     for step in bar:
-        batches = [make_batch(tr, stream, step, m) for m in range(cfg.gradient_accumulation_steps)]
+        batches = [make_batch(tr, next(samples), step) for _ in range(cfg.gradient_accumulation_steps)]
         logs: dict[str, float] = {}
         for role in tr.method.updates(step):
             try:
@@ -230,10 +231,10 @@ def run_steps(tr: Trainer, stream: Stream, start: int, out: Path) -> None:
         after_step(tr, out, done)
 
 
-def make_batch(tr: Trainer, stream: Stream, step: int, micro: int) -> Batch:
-    """The micro-batch ``micro`` of ``step``: latents of its images (when the method reads them) and prompts."""
+def make_batch(tr: Trainer, s: Samples, step: int) -> Batch:
+    """A micro-batch of ``step`` from its samples: latents of its images (when the method reads them) and
+    prompts."""
     models = tr.models
-    s = stream.get(step, micro)
     rng = StepRNG(tr.cfg.seed, step, s.ids, tr.accelerator.device)
     latents = None
     if s.images is not None:
