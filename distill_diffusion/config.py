@@ -31,6 +31,13 @@ class DataConfig:
     check_images: bool = True  # data.images: open every file's header at start (a broken image fails now)
     num_workers: int = 0  # DataLoader worker processes decoding batches ahead of the step (same batches, same order)
     prefetch: int = 2  # batches each worker holds ready
+    # Prompt conditioning: kept on the CPU in an LRU cache of at most this many MiB (SDXL: 630 KB a prompt, T5-XXL
+    # teachers several MB), encoded text_encode_batch prompts at a time (padded with "" to that size; 1 keeps the
+    # embeddings of runs made before the option), and read from / written to text_cache_dir when set (fill it once
+    # with python -m distill_diffusion.precompute).
+    prompt_cache_mb: int = 2048
+    text_encode_batch: int = 1
+    text_cache_dir: str | None = None
 
 
 @dataclass
@@ -242,6 +249,8 @@ def validate(cfg: Any) -> None:
     need(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers}: must be 0 (decode in the training "
          "process) or more")
     need(cfg.data.prefetch >= 1, f"data.prefetch={cfg.data.prefetch}: must be at least 1")
+    need(cfg.data.prompt_cache_mb >= 0, f"data.prompt_cache_mb={cfg.data.prompt_cache_mb}: must be 0 or more")
+    need(cfg.data.text_encode_batch >= 1, f"data.text_encode_batch={cfg.data.text_encode_batch}: must be at least 1")
     need(cfg.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be at least 1")
     need(cfg.lora_rank > 0, f"lora_rank={cfg.lora_rank}: must be at least 1")
     need(cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha}: must be positive")

@@ -4,33 +4,75 @@ How a family encodes is :mod:`distill_diffusion.families`' business; this module
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .errors import UserError
 from .method import Cond
 
 
 class Encoders:
-    """Text encoder(s) and VAE of a teacher, through its family (``distill_diffusion.families.Family``)."""
+    """Text encoder(s) and VAE of a teacher, through its family (``distill_diffusion.families.Family``).
 
-    def __init__(self, family: Any) -> None:
+    Prompt conditioning is cached on the CPU (never on the accelerator), least recently used first out, within
+    ``cache_bytes``; new prompts are encoded ``encode_batch`` at a time (padded with the empty prompt to that size,
+    so a prompt's rows come from a forward of one fixed shape); ``store``, when set, is an on-disk cache
+    (:class:`PromptStore`) read before encoding and written after it.
+    """
+
+    def __init__(self, family: Any, cache_bytes: int = 2 << 30, encode_batch: int = 1,
+                 store: PromptStore | None = None) -> None:
         self.family, self.device = family, family.device
-        self._prompt_cache: dict[str, Cond] = {}
+        self.cache_bytes, self.encode_batch, self.store = cache_bytes, encode_batch, store
+        self._prompt_cache: OrderedDict[str, Cond] = OrderedDict()
+        self.cached_bytes = 0
         self._uncond_cache: Cond | None = None
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Conditioning for a list of prompts; each distinct prompt is encoded once and cached (frozen encoders)."""
-        new = [q for q in dict.fromkeys(prompts) if q not in self._prompt_cache]
-        if len(self._prompt_cache) + len(new) > 50_000:
-            self._prompt_cache.clear()
-        for q in new:
-            # One prompt per forward: a matmul's rounding depends on its batch size, and a prompt's embedding must
-            # not depend on which other prompts were new at the same step (bit-identical resume).
-            self._prompt_cache[q] = self.family.encode_text([q]).index(0)
-        return self.family.extras(_stack([self._prompt_cache[q] for q in prompts]))
+        """Conditioning for a list of prompts; each distinct prompt is encoded once while it stays in the cache."""
+        rows = {q: self._prompt_cache.get(q) for q in dict.fromkeys(prompts)}
+        missing = [q for q, r in rows.items() if r is None]
+        rows |= self.encode_rows(missing)
+        for q, r in rows.items():
+            self._remember(q, r)
+        return self.family.extras(_stack([rows[q] for q in prompts])._map(lambda _n, a, _b: a.to(self.device)))
+
+    def encode_rows(self, prompts: list[str]) -> dict[str, Cond]:
+        """CPU rows of prompts not in the memory cache: from the store, else encoded in fixed-size batches."""
+        out = {q: r for q in prompts if self.store is not None and (r := self.store.get(q)) is not None}
+        todo = [q for q in prompts if q not in out]
+        k = self.encode_batch
+        for i in range(0, len(todo), k):
+            chunk = todo[i: i + k]
+            # A fixed batch shape: a matmul's rounding depends on its batch size, and a prompt's embedding must not
+            # depend on which other prompts were new at the same step (bit-identical resume).
+            cond = self.family.encode_text(chunk + [""] * (k - len(chunk)))
+            for j, q in enumerate(chunk):
+                out[q] = cond.index(j)._map(lambda _n, a, _b: a.to("cpu", copy=True))
+                if self.store is not None:
+                    self.store.put(q, out[q])
+        return out
+
+    def _remember(self, prompt: str, row: Cond) -> None:
+        """Put ``row`` in the memory cache as the most recent entry, dropping the oldest beyond ``cache_bytes``."""
+        if prompt in self._prompt_cache:
+            self._prompt_cache.move_to_end(prompt)
+            return
+        size = _nbytes(row)
+        if size > self.cache_bytes:
+            return
+        while self.cached_bytes + size > self.cache_bytes:
+            _, old = self._prompt_cache.popitem(last=False)
+            self.cached_bytes -= _nbytes(old)
+        self._prompt_cache[prompt] = row
+        self.cached_bytes += size
 
     @torch.no_grad()
     def encode_uncond(self, b: int) -> Cond:
@@ -53,6 +95,60 @@ class Encoders:
         """Normalised latents -> images in [-1, 1]."""
         f = self.family
         return f.vae_decode(latents.float() / f.vae_scaling + f.vae_shift).clamp(-1, 1)
+
+
+def _nbytes(c: Cond) -> int:
+    total = 0
+    for name in ("prompt_embeds", "pooled", "time_ids", "mask"):
+        a = getattr(c, name)
+        total += 0 if a is None else a.numel() * a.element_size()
+    return total
+
+
+class PromptStore:
+    """Prompt conditioning on disk, one safetensors file per prompt under ``DIR/<2 hex>/<hash>.safetensors``, for
+    teachers whose text encoders cost more than a training step (T5-XXL): ``python -m distill_diffusion.precompute``
+    fills it once, training reads it (``data.text_cache_dir=DIR``).
+
+    ``fingerprint`` (the teacher's weights hash, the text length, the encode batch) is written to ``DIR/store.json``
+    by the first writer; a folder made for another teacher or setting is refused, never mixed."""
+
+    def __init__(self, root: str | Path, fingerprint: dict[str, Any]) -> None:
+        self.root = Path(root)
+        meta = self.root / "store.json"
+        if meta.is_file():
+            have = json.loads(meta.read_text())
+            if have != fingerprint:
+                diff = sorted(k for k in set(have) | set(fingerprint) if have.get(k) != fingerprint.get(k))
+                raise UserError(f"data.text_cache_dir={str(root)!r} holds embeddings of another setting "
+                                f"({', '.join(diff)} differ); give an empty folder for this teacher")
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            meta.write_text(json.dumps(fingerprint, indent=1))
+
+    def _path(self, prompt: str) -> Path:
+        h = hashlib.blake2b(prompt.encode("utf-8"), digest_size=16).hexdigest()
+        return self.root / h[:2] / f"{h}.safetensors"
+
+    def get(self, prompt: str) -> Cond | None:
+        from safetensors.torch import load_file
+
+        p = self._path(prompt)
+        if not p.is_file():
+            return None
+        return Cond(**load_file(str(p)))
+
+    def put(self, prompt: str, row: Cond) -> None:
+        from safetensors.torch import save_file
+
+        from .artifacts import atomic_file
+
+        p = self._path(prompt)
+        p.parent.mkdir(exist_ok=True)
+        tensors = {n: getattr(row, n).contiguous() for n in ("prompt_embeds", "pooled", "time_ids", "mask")
+                   if getattr(row, n) is not None}
+        with atomic_file(p) as tmp:  # a reader never sees half a file
+            save_file(tensors, str(tmp), metadata={"prompt": prompt})
 
 
 def _stack(rows: list[Cond]) -> Cond:

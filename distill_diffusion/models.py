@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import schedule
-from .encoders import Encoders
+from .encoders import Encoders, PromptStore
 from .errors import UserError
 from .families import FAMILIES, family_for, supported
 from .method import Cond, MethodSpec, TargetSpec
@@ -597,13 +597,30 @@ def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu")
     """The teacher and the roles ``spec`` declares, wired from a training config (TrainConfig fields): the one
     place the loop, the tests and the benchmarks build :class:`Models`."""
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    return Models(
+    models = Models(
         cfg.teacher, student=cfg.student, roles=spec.roles, targets=spec.targets, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, lora_targets=list(cfg.lora_targets) if cfg.lora_targets else None,
         guidance_embedding_dim=spec.student_guidance_embedding if cfg.student == "full" else None,
         resolution=cfg.resolution, device=device, weight_dtype=dtype, headless_roles=spec.headless,
         channels_last=cfg.channels_last, compile_nets=cfg.compile, max_sequence_length=cfg.max_sequence_length,
     )
+    data = getattr(cfg, "data", None)
+    if data is not None:
+        models.encoders = text_encoders(models, data)
+    return models
+
+
+def text_encoders(models: Models, data: Any) -> Encoders:
+    """The models' encoders with the data config's prompt policy: cache bound, encode batch, on-disk store."""
+    store = None
+    if data.text_cache_dir:
+        from .artifacts import weights_hash
+
+        store = PromptStore(data.text_cache_dir, {
+            "teacher_hash": weights_hash(models.teacher_path), "family": models.family.name,
+            "max_sequence_length": getattr(models.pipe, "distill_max_sequence_length", None),
+            "text_encode_batch": data.text_encode_batch})
+    return Encoders(models.family, data.prompt_cache_mb << 20, data.text_encode_batch, store)
 
 
 @contextlib.contextmanager

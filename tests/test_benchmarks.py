@@ -197,3 +197,19 @@ def test_quality_spread_over_seed_runs_and_bars_on_the_mean(tmp_path):
     assert not quality.finished(run)
     (run / "sampling.json").write_text(json.dumps({"step": 300}))
     assert quality.finished(run) and not quality.finished(tmp_path / "missing")
+
+
+def test_data_scale_section_replaces_itself(tmp_path):
+    from benchmarks import data_scale
+
+    r = {"command": "python -m benchmarks.data_scale", "when": "now", "cpu": "cpu", "threads": 1,
+         "args": {"batch": 8, "size": 1024, "prompts": 4},
+         "workers": {"decode_s_per_batch": 0.5, "s_per_step": {"0": 1.0, "1": 0.5}},
+         "text": {"ms_per_prompt": {"1": 4.0, "8": 1.0}, "batch32_encode_s": 0.1, "batch32_store_s": 0.01}}
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\nkept\n")
+    data_scale.write(out, r)
+    data_scale.write(out, dict(r, when="later"))
+    text = out.read_text()
+    assert text.count(data_scale.START) == 1 and "kept" in text and "later" in text
+    assert "| 1 | 0.500 | 2.00× |" in text and "| 8 | 1.00 | 4.00× |" in text

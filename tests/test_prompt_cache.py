@@ -1,0 +1,87 @@
+"""Prompt conditioning at scale: a CPU cache bounded in bytes, fixed-size batch encoding whose rows do not depend on
+their companions, and the on-disk store that ``python -m distill_diffusion.precompute`` fills."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill_diffusion.encoders import Encoders, PromptStore, _nbytes
+from distill_diffusion.errors import UserError
+
+PROMPTS = [f"a photo of item {i}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def family(tiny_teachers):
+    from methods.lcm import LCM
+    from tests.helpers import build
+
+    models, _, _ = build(LCM, tiny_teachers["sdxl"])  # SDXL: two encoders, pooled rows and per-batch time ids
+    return models.family
+
+
+def _equal(a, b) -> bool:
+    return all((x is None and y is None) or torch.equal(x, y) for x, y in
+               zip((a.prompt_embeds, a.pooled, a.time_ids), (b.prompt_embeds, b.pooled, b.time_ids)))
+
+
+def test_cache_stays_within_its_byte_bound_and_changes_nothing(family):
+    row = _nbytes(Encoders(family).encode_rows(["x"])["x"])
+    small, plain = Encoders(family, cache_bytes=3 * row + 1), Encoders(family)
+    for i in range(0, 12, 2):
+        batch = [PROMPTS[i], PROMPTS[i + 1], PROMPTS[i], PROMPTS[0]]
+        assert _equal(small.encode_prompts(batch), plain.encode_prompts(batch))
+        assert small.cached_bytes <= 3 * row + 1 and len(small._prompt_cache) <= 3
+    assert plain.cached_bytes == 12 * row
+    assert all(r.prompt_embeds.device.type == "cpu" for r in small._prompt_cache.values())
+
+
+def test_fixed_size_batches_give_rows_independent_of_their_companions(family):
+    enc = Encoders(family, encode_batch=4)
+    alone = enc.encode_rows(["a red square"])["a red square"]  # padded with three empty prompts
+    for others in (PROMPTS[:3], PROMPTS[5:8][::-1], ["", "a blue circle"]):
+        for pos in range(len(others) + 1):
+            chunk = others[:pos] + ["a red square"] + others[pos:]
+            assert _equal(enc.encode_rows(chunk)["a red square"], alone), (chunk, pos)
+
+
+def test_store_round_trip_and_refuses_another_setting(family, tmp_path, monkeypatch):
+    fp = {"teacher_hash": "abc", "text_encode_batch": 1}
+    first = Encoders(family, store=PromptStore(tmp_path / "s", fp))
+    want = first.encode_prompts(PROMPTS[:3])
+    reader = Encoders(family, store=PromptStore(tmp_path / "s", fp))
+    monkeypatch.setattr(family, "encode_text", lambda _p: (_ for _ in ()).throw(AssertionError("encoded")))
+    assert _equal(reader.encode_prompts(PROMPTS[:3]), want)
+    with pytest.raises(UserError, match="another setting.*text_encode_batch"):
+        PromptStore(tmp_path / "s", dict(fp, text_encode_batch=8))
+
+
+def test_precompute_then_train_from_the_store(tiny_teachers, tmp_path, capsys):
+    """The store holds every prompt of the run (a second precompute encodes none) and a run that reads it trains
+    the same student as one that encodes."""
+    from distill_diffusion import precompute
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from methods import METHODS
+    from tests.test_resume import _student
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    store = tmp_path / "store"
+
+    def args(out, *extra):
+        return ["--method", "sid", f"teacher={tiny_teachers['sd']}", f"data.prompts={prompts}", "max_steps=3",
+                "batch_size=2", f"output_dir={out}", "report_to=none", "lora_rank=2", "lora_alpha=4",
+                "validation_seeds=0", *extra]
+
+    assert precompute.main(args(tmp_path / "x", f"data.text_cache_dir={store}") + ["--processes", "2"]) == 0
+    assert "12 distinct prompts, 12 encoded" in capsys.readouterr().out  # 3 steps × batch 2 × 2 ranks = 12
+    assert precompute.main(args(tmp_path / "x", f"data.text_cache_dir={store}")) == 0
+    assert "6 distinct prompts, 0 encoded" in capsys.readouterr().out
+    train(parse_config(args(tmp_path / "a"), METHODS)[0], METHODS["sid"])
+    train(parse_config(args(tmp_path / "b", f"data.text_cache_dir={store}"), METHODS)[0], METHODS["sid"])
+    a, b = _student(tmp_path / "a"), _student(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert precompute.main(args(tmp_path / "x")) == 2
+    assert "data.text_cache_dir" in capsys.readouterr().err
