@@ -218,8 +218,59 @@ def save_run(models: Any, method_name: str, spec: SamplingSpec, out: str | Path,
     if cfg_yaml is not None:
         atomic_write(out / "config.yaml", cfg_yaml)
     if folder_name == "student":
-        atomic_write(out / "README.md", model_card(info, out))
+        write_card(out)
     return out
+
+
+EVAL_SUMMARY = "eval.md"  # a run's rows of its last ``python -m eval --update-cards`` report; the card shows it
+
+
+def write_card(run_dir: str | Path) -> None:
+    """(Re)write a run's README.md from its sampling.json, its last validation grid and its eval summary."""
+    run_dir = Path(run_dir)
+    text = model_card(json.loads((run_dir / SAMPLING_FILE).read_text()), run_dir)
+    summary = run_dir / EVAL_SUMMARY
+    if summary.is_file():
+        text += "\n## Evaluation\n\n" + summary.read_text()
+    atomic_write(run_dir / "README.md", text)
+
+
+def attach_eval(run_dir: str | Path, text: str) -> None:
+    """Keep ``text`` (markdown: an eval report's rows for this run) as the run's eval summary, shown in its card."""
+    atomic_write(Path(run_dir) / EVAL_SUMMARY, text)
+    write_card(run_dir)
+
+
+HUB_FILES = ["README.md", SAMPLING_FILE, "config.yaml", "run_info.json", EVAL_SUMMARY, "student/**/*",
+             "student_*/**/*", "sampling_*.json", "export/kohya/*.safetensors"]
+
+
+def hub_files(run_dir: str | Path) -> list[str]:
+    """The files of a run folder that ``push_to_hub`` uploads (relative paths): the card, the student(s), their
+    sampling settings, the config, the last validation grid and a kohya / ComfyUI file when one was exported;
+    never checkpoints, logs or earlier grids."""
+    run_dir = Path(run_dir)
+    files = sorted({str(p.relative_to(run_dir)) for pat in HUB_FILES for p in run_dir.glob(pat) if p.is_file()})
+    grids = sorted((run_dir / "validation").glob("step_*.png"))
+    return files + ([str(grids[-1].relative_to(run_dir))] if grids else [])
+
+
+def push_to_hub(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload :func:`hub_files` of a run to the Hub model repo ``repo_id`` (created if missing) in one commit;
+    returns the commit URL. Needs a token (``huggingface-cli login`` or HF_TOKEN) and network."""
+    from huggingface_hub import HfApi
+
+    check_run(run_dir)
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(run_dir), allow_patterns=hub_files(run_dir),
+                                 commit_message=f"distill-diffusion: {Path(run_dir).name}")
+    except Exception as e:  # network, token, permission: the run folder is complete either way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"push to {repo_id} failed ({first[:200]}); the run is complete, push it later with "
+                        f"python -m distill_diffusion.export {run_dir} --push-to-hub {repo_id}") from None
+    return str(getattr(info, "commit_url", info))
 
 
 def _teacher_license(teacher: str) -> str | None:

@@ -84,6 +84,8 @@ class TrainConfig:
     validation_seeds: int = 4  # images per prompt in the validation grid; 0: no grid (the run folder is written)
     logging_steps: int = 10
     report_to: str = "tensorboard"  # tensorboard | none
+    hub_model_id: str | None = None  # push the finished run's card, student(s) and sampling settings to this Hub repo
+    hub_private: bool = False
     max_nonfinite_steps: int = 20  # stop after this many skipped (non-finite) updates in a row
     allow_overwrite: bool = False  # allow output_dir to hold a finished run that this one replaces
     export_initial: bool = False  # write the student as initialised, without a training step: the untrained row
@@ -261,6 +263,8 @@ def validate(cfg: Any) -> None:
          "checkpoints_total_limit must be at least 1 (or null for no limit)")
     need(cfg.validation_steps >= 0, "validation_steps must be 0 (end only) or positive")
     need(cfg.validation_seeds >= 0, "validation_seeds must be 0 (no validation grid) or positive")
+    need(cfg.hub_model_id is None or cfg.hub_model_id.count("/") == 1,
+         f"hub_model_id={cfg.hub_model_id!r}: give a Hub repo id, user/name or org/name")
     need(cfg.report_to in ("tensorboard", "none"), f"report_to={cfg.report_to!r}: tensorboard or none")
     need(0.0 <= cfg.data.empty_prompt_prob <= 1.0, "data.empty_prompt_prob must be in [0, 1]")
     need(cfg.resolution is None or cfg.resolution > 0, "resolution must be positive")

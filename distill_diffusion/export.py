@@ -182,18 +182,25 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m distill_diffusion.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="a finished run folder (output_dir of train.py)")
-    ap.add_argument("--format", required=True, help=" / ".join(FORMATS))
+    ap.add_argument("--format", default=None, help=" / ".join(FORMATS))
+    ap.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                    help="upload the run's card, student(s), sampling settings and kohya file (after --format "
+                         "kohya) to this Hub model repo")
+    ap.add_argument("--private", action="store_true", help="create the Hub repo private")
     ap.add_argument("--out", default=None, help="the folder to write (default RUN/export/FORMAT); must not exist")
     ap.add_argument("--dtype", default="float32",
                     help=f"{' / '.join(DTYPES)}: weights' dtype in kohya / merged files (float16 halves their size)")
     a = ap.parse_args(argv)
     try:
-        paths = export(a.run, a.format, a.out, a.dtype)
+        if a.format is None and a.push_to_hub is None:
+            raise UserError("give --format diffusers|kohya|merged, --push-to-hub REPO_ID, or both")
+        for p in export(a.run, a.format, a.out, a.dtype) if a.format else []:
+            print(f"wrote {p}")
+        if a.push_to_hub:
+            print(f"pushed to {a.push_to_hub}: {artifacts.push_to_hub(a.run, a.push_to_hub, a.private)}")
     except UserError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    for p in paths:
-        print(f"wrote {p}")
     return 0
 
 

@@ -76,6 +76,9 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
         export_and_validate(tr, out, cfg.max_steps)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if cfg.hub_model_id and accelerator.is_main_process:  # after every rank is done: a failed push stops nobody
+        url = artifacts.push_to_hub(out, cfg.hub_model_id, cfg.hub_private)
+        print(f"pushed to {cfg.hub_model_id}: {url}", flush=True)
     return out
 
 
@@ -362,6 +365,7 @@ def export_and_validate(tr: Trainer, out: Path, step: int) -> None:
     path = out / "validation" / f"step_{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+    artifacts.write_card(out)  # the card shows this grid
     for tracker in tr.accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np

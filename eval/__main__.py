@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=64, help="generation batch (latency is per image at it)")
     ap.add_argument("--image-size", type=int, default=None, help="resize generated images to this many pixels "
                     "before scoring (the published COCO protocol: 256)")
+    ap.add_argument("--update-cards", action="store_true",
+                    help="write each scored run's rows (with the teacher's) into its eval.md and model card")
     ap.add_argument("--hybrid", action="store_true", help="add rows where the teacher takes the first step")
     ap.add_argument("--features", default="auto", choices=["auto", "evaluator", "inception"])
     ap.add_argument("--inception-weights", default=None, metavar="FILE", help="clean-fid's inception-2015-12-05.pt")
@@ -289,7 +291,23 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
     meta["notes"] = skipped
     report.write(out, rows, every, meta)
     print(f"report written to {out}/report.md", file=sys.stderr)
+    if a.update_cards:
+        update_cards(runs, rows, meta, out)
     return out
+
+
+def update_cards(runs: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    """Each run's rows of this report, beside the teacher's, as its eval summary (shown in its model card)."""
+    from distill_diffusion.artifacts import attach_eval
+
+    from . import report
+
+    teacher = [r for r in rows if r["kind"] == "teacher"]
+    for r in runs:
+        mine = [x for x in rows if x["kind"] != "teacher" and x.get("run") == r["dir"]]
+        text = (f"From `{meta['command']}` ({meta['prompts']['n']} images; full report: `{out}/report.md`):\n\n"
+                + report.table(teacher + mine, meta) + "\n")
+        attach_eval(r["dir"], text)
 
 
 def main(argv: list[str] | None = None) -> int:

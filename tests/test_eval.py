@@ -329,8 +329,11 @@ def test_report_for_two_runs_and_teacher_cache(runs, prompt_file, ref_folder, ev
 
     # a new student does not pay again for the teacher
     out2 = tmp_path / "report2"
-    assert main(_cli(runs[1:], prompt_file, ref_folder, evaluator_dir, out2, cache)) == 0
+    assert main(_cli(runs[1:], prompt_file, ref_folder, evaluator_dir, out2, cache, "--update-cards")) == 0
     rep2 = json.loads((out2 / "report.json").read_text())
+    card = (Path(runs[1]) / "README.md").read_text()  # --update-cards: the run's rows and the teacher's in its card
+    assert "## Evaluation" in card and "| lcm_b | 4 |" in card and "| teacher (w=2) | 2 |" in card
+    assert "| lcm_a |" not in card and not (Path(runs[0]) / "eval.md").exists()
     teacher_rows = [r for r in rep2["rows"] if r["kind"] == "teacher"]
     assert teacher_rows and all(r["cached"] for r in teacher_rows)
     assert [r["fid"] for r in teacher_rows] == [rows[("teacher (w=2)", s)]["fid"] for s in (1, 2)]

@@ -173,3 +173,52 @@ def test_bad_input_is_one_line_and_nothing_is_overwritten(tiny_teachers, tmp_pat
     full = artifacts.save_run(models, "lcm", method.sampling(), tmp_path / "full")
     with pytest.raises(UserError, match="full student.*--format merged"):
         export.export(full, "kohya")
+
+
+def test_push_to_hub_uploads_the_card_students_and_last_grid(tiny_teachers, tmp_path, monkeypatch):
+    """The upload cannot run offline: the call it would make is captured, and a failed one is one clear line."""
+    import huggingface_hub
+
+    run = _lora_run(tiny_teachers["sd"], tmp_path / "run")
+    for name in ("step_000002.png", "step_000010.png"):
+        (run / "validation").mkdir(exist_ok=True)
+        (run / "validation" / name).write_bytes(b"png")
+    (run / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-10" / "trainable.safetensors").write_bytes(b"x")
+    export.export(run, "kohya")
+    artifacts.write_card(run)
+    assert "validation/step_000010.png" in (run / "README.md").read_text()
+    files = artifacts.hub_files(run)
+    assert {"README.md", "sampling.json", "student/pytorch_lora_weights.safetensors",
+            "validation/step_000010.png", "export/kohya/run_lcm_lora.safetensors"} == set(files)
+    calls = {}
+
+    class Api:
+        def create_repo(self, repo_id, **kw):
+            calls["create"] = (repo_id, kw)
+
+        def upload_folder(self, **kw):
+            calls["upload"] = kw
+            return huggingface_hub.CommitInfo(commit_url="https://huggingface.co/me/student/commit/1",
+                                              commit_message="m", commit_description="", oid="1")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    assert export.main([str(run), "--push-to-hub", "me/student"]) == 0
+    assert calls["create"] == ("me/student", {"repo_type": "model", "private": False, "exist_ok": True})
+    assert calls["upload"]["allow_patterns"] == files and calls["upload"]["folder_path"] == str(run)
+
+    class Offline(Api):
+        def create_repo(self, repo_id, **kw):
+            raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    with pytest.raises(UserError, match="push to me/student failed.*the run is complete"):
+        artifacts.push_to_hub(run, "me/student")
+
+
+def test_attach_eval_shows_in_the_card(tiny_teachers, tmp_path):
+    run = _lora_run(tiny_teachers["sd"], tmp_path / "run")
+    artifacts.attach_eval(run, "| model | FID |\n|---|---|\n| lcm | 3.1 |\n")
+    card = (run / "README.md").read_text()
+    assert "## Evaluation" in card and "| lcm | 3.1 |" in card
+    assert _card(run / "README.md")["library_name"] == "diffusers"
