@@ -38,6 +38,9 @@ class DataConfig:
     prompt_cache_mb: int = 2048
     text_encode_batch: int = 1
     text_cache_dir: str | None = None
+    # The VAE posterior of each training image on disk (filled by precompute, or as images are first drawn); a run
+    # that reads it decodes no image and runs no VAE encoder for those.
+    latent_cache_dir: str | None = None
 
 
 @dataclass

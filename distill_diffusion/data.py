@@ -322,6 +322,7 @@ class Samples:
     images: Tensor | None  # (B, 3, R, R) in [-1, 1]
     prompts: list[str]
     ids: Tensor  # (B,) global sample indices, the keys of every random draw
+    index: list[int] | None = None  # the source's indices of the samples (the latent store's keys)
 
 
 class Stream:
@@ -351,14 +352,15 @@ class Stream:
     def get(self, step: int, micro: int = 0) -> Samples:
         ids = self.ids(step, micro)
         n = len(self.source)
-        images, prompts = [], []
+        images, prompts, index = [], [], []
         for g in ids.tolist():
             i = int(self._perm_for(g // n)[g % n])
+            index.append(i)
             if self.load_images:
                 images.append(self.source.image(i))
             drop = self.empty_prompt_prob > 0 and (_key(self.seed, "drop", g) % 10_000) < self.empty_prompt_prob * 1e4
             prompts.append("" if drop else self.source.caption(i, _key(self.seed, "variant", g) % 1_000))
-        return Samples(torch.stack(images) if images else None, prompts, ids)
+        return Samples(torch.stack(images) if images else None, prompts, ids, index)
 
     def batches(self, start: int, stop: int, num_workers: int = 0, prefetch: int = 2) -> Iterator[Samples]:
         """``get(step, micro)`` for steps ``start`` .. ``stop`` - 1 and each micro-batch, in that order; with

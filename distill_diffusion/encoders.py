@@ -27,9 +27,10 @@ class Encoders:
     """
 
     def __init__(self, family: Any, cache_bytes: int = 2 << 30, encode_batch: int = 1,
-                 store: PromptStore | None = None) -> None:
+                 store: PromptStore | None = None, latent_store: LatentStore | None = None) -> None:
         self.family, self.device = family, family.device
         self.cache_bytes, self.encode_batch, self.store = cache_bytes, encode_batch, store
+        self.latent_store = latent_store
         self._prompt_cache: OrderedDict[str, Cond] = OrderedDict()
         self.cached_bytes = 0
         self._uncond_cache: Cond | None = None
@@ -86,8 +87,33 @@ class Encoders:
     def encode_images(self, images: Tensor, noise: Tensor | None = None) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalised latents (z − shift) · scaling (B, C, h, w); ``noise``
         samples the posterior."""
+        return self.latents(*self.posterior(images), noise)
+
+    @torch.no_grad()
+    def posterior(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The VAE posterior of images (B, 3, H, W): raw (mean, std), each (B, C, h, w); std None for a
+        deterministic autoencoder (SANA's DC-AE)."""
+        return self.family.vae_posterior(images.to(self.device, torch.float32))
+
+    def stored_posterior(self, index: list[int], image: Any) -> tuple[Tensor, Tensor | None]:
+        """The posterior of dataset images by index from :attr:`latent_store`; an image it lacks is decoded with
+        ``image(i)`` ((3, H, W) in [-1, 1]), encoded alone and stored first."""
+        rows = []
+        for i in index:
+            row = self.latent_store.get(i)
+            if row is None:
+                mean, std = self.posterior(image(i)[None])
+                row = (mean[0].cpu(), None if std is None else std[0].cpu())
+                self.latent_store.put(i, *row)
+            rows.append(row)
+        stds = [r[1] for r in rows]
+        return torch.stack([r[0] for r in rows]), None if stds[0] is None else torch.stack(stds)
+
+    def latents(self, mean: Tensor, std: Tensor | None, noise: Tensor | None = None) -> Tensor:
+        """Normalised latents from a posterior: (mean + std · noise − shift) · scaling (the mean without noise)."""
         f = self.family
-        z = f.vae_encode(images.to(self.device, torch.float32), noise)
+        mean = mean.to(self.device)
+        z = mean if noise is None or std is None else mean + std.to(self.device) * noise
         return (z - f.vae_shift) * f.vae_scaling
 
     @torch.no_grad()
@@ -105,50 +131,77 @@ def _nbytes(c: Cond) -> int:
     return total
 
 
-class PromptStore:
-    """Prompt conditioning on disk, one safetensors file per prompt under ``DIR/<2 hex>/<hash>.safetensors``, for
-    teachers whose text encoders cost more than a training step (T5-XXL): ``python -m distill_diffusion.precompute``
-    fills it once, training reads it (``data.text_cache_dir=DIR``).
+class DiskStore:
+    """Tensors on disk, one safetensors file per key under ``DIR/<2 hex>/<hash>.safetensors``, written atomically.
 
-    ``fingerprint`` (the teacher's weights hash, the text length, the encode batch) is written to ``DIR/store.json``
-    by the first writer; a folder made for another teacher or setting is refused, never mixed."""
+    ``fingerprint`` (what the tensors depend on: the teacher's weights hash and the settings) is written to
+    ``DIR/store.json`` by the first writer; a folder made for another teacher or setting is refused, never mixed.
+    ``option`` names the config key, for that message."""
 
-    def __init__(self, root: str | Path, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, root: str | Path, fingerprint: dict[str, Any], option: str) -> None:
         self.root = Path(root)
         meta = self.root / "store.json"
         if meta.is_file():
             have = json.loads(meta.read_text())
             if have != fingerprint:
                 diff = sorted(k for k in set(have) | set(fingerprint) if have.get(k) != fingerprint.get(k))
-                raise UserError(f"data.text_cache_dir={str(root)!r} holds embeddings of another setting "
-                                f"({', '.join(diff)} differ); give an empty folder for this teacher")
+                raise UserError(f"{option}={str(root)!r} holds tensors of another setting ({', '.join(diff)} "
+                                "differ); give an empty folder for this teacher and data")
         else:
             self.root.mkdir(parents=True, exist_ok=True)
             meta.write_text(json.dumps(fingerprint, indent=1))
 
-    def _path(self, prompt: str) -> Path:
-        h = hashlib.blake2b(prompt.encode("utf-8"), digest_size=16).hexdigest()
+    def _path(self, key: str) -> Path:
+        h = hashlib.blake2b(key.encode("utf-8"), digest_size=16).hexdigest()
         return self.root / h[:2] / f"{h}.safetensors"
 
-    def get(self, prompt: str) -> Cond | None:
+    def get_tensors(self, key: str) -> dict[str, Tensor] | None:
         from safetensors.torch import load_file
 
-        p = self._path(prompt)
-        if not p.is_file():
-            return None
-        return Cond(**load_file(str(p)))
+        p = self._path(key)
+        return load_file(str(p)) if p.is_file() else None
 
-    def put(self, prompt: str, row: Cond) -> None:
+    def put_tensors(self, key: str, tensors: dict[str, Tensor]) -> None:
         from safetensors.torch import save_file
 
         from .artifacts import atomic_file
 
-        p = self._path(prompt)
+        p = self._path(key)
         p.parent.mkdir(exist_ok=True)
-        tensors = {n: getattr(row, n).contiguous() for n in ("prompt_embeds", "pooled", "time_ids", "mask")
-                   if getattr(row, n) is not None}
         with atomic_file(p) as tmp:  # a reader never sees half a file
-            save_file(tensors, str(tmp), metadata={"prompt": prompt})
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key})
+
+
+class PromptStore(DiskStore):
+    """Prompt conditioning on disk (``data.text_cache_dir``), for teachers whose text encoders cost more than a
+    training step (T5-XXL): ``python -m distill_diffusion.precompute`` fills it once, training reads it."""
+
+    def __init__(self, root: str | Path, fingerprint: dict[str, Any]) -> None:
+        super().__init__(root, fingerprint, "data.text_cache_dir")
+
+    def get(self, prompt: str) -> Cond | None:
+        t = self.get_tensors(prompt)
+        return None if t is None else Cond(**t)
+
+    def put(self, prompt: str, row: Cond) -> None:
+        self.put_tensors(prompt, {n: getattr(row, n) for n in ("prompt_embeds", "pooled", "time_ids", "mask")
+                                  if getattr(row, n) is not None})
+
+
+class LatentStore(DiskStore):
+    """The VAE posterior (mean, std; raw, before normalisation) of each training image by its dataset index
+    (``data.latent_cache_dir``): a run that reads it never decodes an image or runs the VAE encoder. Each image is
+    encoded alone, so an entry does not depend on how the store was filled."""
+
+    def __init__(self, root: str | Path, fingerprint: dict[str, Any]) -> None:
+        super().__init__(root, fingerprint, "data.latent_cache_dir")
+
+    def get(self, index: int) -> tuple[Tensor, Tensor | None] | None:
+        t = self.get_tensors(str(index))
+        return None if t is None else (t["mean"], t.get("std"))
+
+    def put(self, index: int, mean: Tensor, std: Tensor | None) -> None:
+        self.put_tensors(str(index), {"mean": mean} if std is None else {"mean": mean, "std": std})
 
 
 def _stack(rows: list[Cond]) -> Cond:

@@ -95,10 +95,10 @@ class Family:
         """Per-batch additions that do not depend on the prompt (SDXL's micro-conditioning)."""
         return cond
 
-    def vae_encode(self, images: Tensor, noise: Tensor | None) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> raw VAE latents (before normalisation); ``noise`` samples the posterior."""
+    def vae_posterior(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Images (B, 3, H, W) in [-1, 1] -> the VAE posterior's raw (mean, std) before normalisation."""
         dist = self.pipe.vae.encode(images).latent_dist
-        return dist.mean if noise is None else dist.mean + dist.std * noise
+        return dist.mean, dist.std
 
     def vae_decode(self, z: Tensor) -> Tensor:
         return self.pipe.vae.decode(z, return_dict=False)[0]
@@ -413,8 +413,8 @@ class Sana(FlowTransformer):
 
     name, flow_name, pipeline_class = "sana", "sana", "SanaPipeline"
 
-    def vae_encode(self, images: Tensor, noise: Tensor | None) -> Tensor:
-        return self.pipe.vae.encode(images).latent  # DC-AE: deterministic, no posterior to sample
+    def vae_posterior(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.pipe.vae.encode(images).latent, None  # DC-AE: deterministic, no posterior to sample
 
     def vae_decode(self, z: Tensor) -> Tensor:
         return self.pipe.vae.decode(z, return_dict=False)[0]

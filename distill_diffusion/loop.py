@@ -20,7 +20,7 @@ from torch import nn
 
 from . import artifacts, checkpoints, memory
 from .config import method_object, to_yaml
-from .data import Samples, Stream, build_source
+from .data import Samples, Source, Stream, build_source
 from .errors import UserError
 from .method import Batch, Method, MethodSpec, RunContext, StepRNG
 from .models import Models, build_models
@@ -151,8 +151,10 @@ def build_trainer(cfg: Any, spec: MethodSpec, method_cls: type[Method], accelera
 def build_stream(cfg: Any, spec: MethodSpec, models: Models, accelerator: Any) -> Stream:
     embedded = artifacts.is_embedded_teacher(models.teacher_path)
     source = build_source(cfg.data, models.resolution, embedded, spec.needs_images)
+    # With a latent store the training process reads latents, not images (make_batch).
+    load_images = spec.needs_images and models.encoders.latent_store is None
     return Stream(source, cfg.seed, cfg.batch_size, accelerator.process_index, accelerator.num_processes,
-                  cfg.gradient_accumulation_steps, cfg.data.empty_prompt_prob, load_images=spec.needs_images)
+                  cfg.gradient_accumulation_steps, cfg.data.empty_prompt_prob, load_images=load_images)
 
 
 def build_optimizers(tr: Trainer) -> None:
@@ -218,7 +220,7 @@ def run_steps(tr: Trainer, stream: Stream, start: int, out: Path) -> None:
     clock = {"t": time.perf_counter()}
     samples = stream.batches(start, cfg.max_steps, cfg.data.num_workers, cfg.data.prefetch)
     for step in bar:
-        batches = [make_batch(tr, next(samples), step) for _ in range(cfg.gradient_accumulation_steps)]
+        batches = [make_batch(tr, next(samples), step, stream.source) for _ in range(cfg.gradient_accumulation_steps)]
         logs: dict[str, float] = {}
         for role in tr.method.updates(step):
             try:
@@ -234,14 +236,18 @@ def run_steps(tr: Trainer, stream: Stream, start: int, out: Path) -> None:
         after_step(tr, out, done)
 
 
-def make_batch(tr: Trainer, s: Samples, step: int) -> Batch:
-    """A micro-batch of ``step`` from its samples: latents of its images (when the method reads them) and
-    prompts."""
+def make_batch(tr: Trainer, s: Samples, step: int, source: Source) -> Batch:
+    """A micro-batch of ``step`` from its samples: latents of its images (when the method reads them; from the
+    latent store when there is one, which decodes an image only when it lacks it) and prompts."""
     models = tr.models
     rng = StepRNG(tr.cfg.seed, step, s.ids, tr.accelerator.device)
     latents = None
-    if s.images is not None:
-        latents = models.encode_images(s.images, noise=rng.randn(models.latent_shape, "vae-posterior"))
+    if s.images is not None or (tr.spec.needs_images and models.encoders.latent_store is not None):
+        noise = rng.randn(models.latent_shape, "vae-posterior")
+        if s.images is not None:
+            latents = models.encode_images(s.images, noise=noise)
+        else:
+            latents = models.encoders.latents(*models.encoders.stored_posterior(s.index, source.image), noise)
     return Batch(latents, models.encode_prompts(s.prompts), models.encode_uncond(len(s.prompts)), s.prompts, rng)
 
 

@@ -611,16 +611,24 @@ def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu")
 
 
 def text_encoders(models: Models, data: Any) -> Encoders:
-    """The models' encoders with the data config's prompt policy: cache bound, encode batch, on-disk store."""
-    store = None
-    if data.text_cache_dir:
-        from .artifacts import weights_hash
+    """The models' encoders with the data config's policies: prompt cache bound, encode batch, and the on-disk
+    stores of prompt embeddings and image latents, each fingerprinted with what its tensors depend on."""
+    from .artifacts import weights_hash
+    from .encoders import LatentStore
 
+    store = latents = None
+    if data.text_cache_dir or data.latent_cache_dir:
+        teacher = {"teacher_hash": weights_hash(models.teacher_path), "family": models.family.name}
+    if data.text_cache_dir:
         store = PromptStore(data.text_cache_dir, {
-            "teacher_hash": weights_hash(models.teacher_path), "family": models.family.name,
-            "max_sequence_length": getattr(models.pipe, "distill_max_sequence_length", None),
+            **teacher, "max_sequence_length": getattr(models.pipe, "distill_max_sequence_length", None),
             "text_encode_batch": data.text_encode_batch})
-    return Encoders(models.family, data.prompt_cache_mb << 20, data.text_encode_batch, store)
+    if data.latent_cache_dir:
+        source = next((f"{k}={getattr(data, k)}" for k in ("images", "webdataset", "dataset", "fashion_mnist")
+                       if getattr(data, k)), "fashion_mnist=default")
+        latents = LatentStore(data.latent_cache_dir, {**teacher, "resolution": models.resolution,
+                                                      "center_crop": data.center_crop, "source": source})
+    return Encoders(models.family, data.prompt_cache_mb << 20, data.text_encode_batch, store, latents)
 
 
 @contextlib.contextmanager

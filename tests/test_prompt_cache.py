@@ -85,3 +85,43 @@ def test_precompute_then_train_from_the_store(tiny_teachers, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert precompute.main(args(tmp_path / "x")) == 2
     assert "data.text_cache_dir" in capsys.readouterr().err
+
+
+def test_latent_store_precompute_then_train_without_decoding(tiny_teachers, image_folder, tmp_path, capsys,
+                                                             monkeypatch):
+    """Precomputed posteriors give the online latents (to rounding: the store encodes images one at a time, a run
+    a batch at a time), and a run reading them decodes no image and trains the student of an online run."""
+    from distill_diffusion import data, precompute
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from methods import METHODS
+    from tests.test_resume import _student
+
+    store = tmp_path / "latents"
+
+    def args(out, *extra):
+        return ["--method", "lcm", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}", "max_steps=3",
+                "batch_size=2", f"output_dir={out}", "report_to=none", "lora_rank=2", "lora_alpha=4",
+                "validation_seeds=0", "learning_rate=1e-3", *extra]
+
+    assert precompute.main(args(tmp_path / "x", f"data.latent_cache_dir={store}")) == 0
+    assert "6 distinct images, 6 encoded" in capsys.readouterr().out
+    cfg = parse_config(args(tmp_path / "x", f"data.latent_cache_dir={store}"), METHODS)[0]
+    from distill_diffusion.models import build_models
+
+    models = build_models(cfg, METHODS["lcm"].spec(cfg.method, "lora"))
+    src = data.ImageFolder(image_folder, models.resolution)
+    idx = [i for i in range(len(src)) if models.encoders.latent_store.get(i) is not None]
+    noise = torch.randn(len(idx), *models.latent_shape, generator=torch.Generator().manual_seed(0))
+    online = models.encode_images(torch.stack([src.image(i) for i in idx]), noise)
+    stored = models.encoders.latents(*models.encoders.stored_posterior(idx, src.image), noise)
+    torch.testing.assert_close(stored, online, rtol=1e-5, atol=1e-5)
+
+    train(parse_config(args(tmp_path / "online"), METHODS)[0], METHODS["lcm"])
+    monkeypatch.setattr(data.ImageFolder, "image", lambda *_: (_ for _ in ()).throw(AssertionError("decoded")))
+    train(parse_config(args(tmp_path / "stored", f"data.latent_cache_dir={store}"), METHODS)[0], METHODS["lcm"])
+    a, b = _student(tmp_path / "online"), _student(tmp_path / "stored")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+    with pytest.raises(UserError, match="data.latent_cache_dir.*another setting.*resolution"):
+        parse = parse_config(args(tmp_path / "y", f"data.latent_cache_dir={store}", "resolution=8"), METHODS)[0]
+        build_models(parse, METHODS["lcm"].spec(parse.method, "lora"))
