@@ -129,17 +129,9 @@ costs more per prompt, while a read from the store costs the same.
 
 
 def write(out: Path, r: dict[str, Any]) -> None:
-    text = out.read_text() if out.exists() else "# Benchmarks\n"
-    section = markdown(r)
-    if START in text and END in text:
-        text = text[:text.index(START)] + section.rstrip("\n") + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    out.write_text(text)
-    j = out.with_suffix(".json")
-    data = json.loads(j.read_text()) if j.exists() else {}
-    data["data_scale"] = r
-    j.write_text(json.dumps(data, indent=1))
+    from benchmarks import sections
+
+    sections.write(out, START, END, markdown(r), "data_scale", r)
 
 
 def main(argv: list[str] | None = None) -> int:

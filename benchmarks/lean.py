@@ -359,21 +359,15 @@ NOTES = [
 
 
 def write(out: Path, lean: dict[str, Any]) -> None:
-    section = markdown(lean)
-    text = out.read_text() if out.exists() else "# Benchmarks\n"
-    head = f"- Lean-step table (issue 10): `{lean['command']}`"
-    lines = [ln for ln in text.split("\n") if not ln.startswith("- Lean-step table")]
-    at = next((i + 1 for i, ln in enumerate(lines) if ln.startswith("- Command:")), 1)
-    text = "\n".join(lines[:at] + [head] + lines[at:])
-    if START in text and END in text:
-        text = text[:text.index(START)] + section.rstrip("\n") + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    out.write_text(text)
-    j = out.with_suffix(".json")
-    data = json.loads(j.read_text()) if j.exists() else {}
-    data["lean"] = lean
-    j.write_text(json.dumps(data, indent=1))
+    from benchmarks import sections
+
+    def head_line(text: str) -> str:
+        head = f"- Lean-step table (issue 10): `{lean['command']}`"
+        lines = [ln for ln in text.split("\n") if not ln.startswith("- Lean-step table")]
+        at = next((i + 1 for i, ln in enumerate(lines) if ln.startswith("- Command:")), 1)
+        return "\n".join(lines[:at] + [head] + lines[at:])
+
+    sections.write(out, START, END, markdown(lean), "lean", lean, edit=head_line)
 
 
 def run(a: argparse.Namespace, argv: list[str]) -> dict[str, Any]:

@@ -405,20 +405,9 @@ def markdown_section(ref: dict[str, Any]) -> list[str]:
 def write(out: Path, ref: dict[str, Any]) -> None:
     """Put the section into ``out`` (replacing an earlier one between the markers, else before the sampling
     section) and the result under ``"reference"`` into the JSON next to it; the rest of both files is kept."""
-    section = "\n".join(markdown_section(ref))
-    text = out.read_text() if out.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    elif "\n## Sampling" in text:
-        i = text.index("\n## Sampling") + 1
-        text = text[:i] + section + "\n\n" + text[i:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    out.write_text(text)
-    j = out.with_suffix(".json")
-    data = json.loads(j.read_text()) if j.exists() else {}
-    data["reference"] = ref
-    j.write_text(json.dumps(data, indent=1))
+    from benchmarks import sections
+
+    sections.write(out, START, END, "\n".join(markdown_section(ref)), "reference", ref, before="## Sampling")
 
 
 def main(argv: list[str] | None = None) -> int:
