@@ -55,8 +55,11 @@ def bad(tmp_path_factory, tiny_teachers, image_folder):
     (trunc / "student").mkdir()
     data = (run / "student" / "pytorch_lora_weights.safetensors").read_bytes()
     (trunc / "student" / "pytorch_lora_weights.safetensors").write_bytes(data[: len(data) // 2])
+    latents = root / "latents"  # a latent store made for another image folder
+    latents.mkdir()
+    (latents / "store.json").write_text('{"source": "images=/elsewhere"}')
     return {"root": root, "run": run, "teacher": tiny_teachers["sd"], "sdxl": tiny_teachers["sdxl"],
-            "images": image_folder}
+            "images": image_folder, "latents": latents}
 
 
 def _t(b: dict, *extra: str, method: str = "lcm") -> list[str]:
@@ -95,6 +98,11 @@ TRAIN_CASES = [
     ("text length on a UNet teacher", lambda b: _t(b, "max_sequence_length=8"), "only flow-transformer teachers"),
     ("gradient checkpointing through other roles", lambda b: _t(b, "gradient_checkpointing=true", method="sid"),
      "gradient_checkpointing"),
+    ("webdataset shards missing", lambda b: _t(b, "data.images=null", f"data.webdataset={b['root']}/s-{{0..1}}.tar"),
+     "cannot read shard"),
+    ("negative data workers", lambda b: _t(b, "data.num_workers=-1"), "data.num_workers=-1"),
+    ("hub id without an owner", lambda b: _t(b, "hub_model_id=student"), "hub_model_id='student'"),
+    ("latent store of another dataset", lambda b: _t(b, f"data.latent_cache_dir={b['latents']}"), "another setting"),
 ]
 
 
@@ -123,6 +131,19 @@ EVAL_CASES = [
     ("eval: config with an unknown key", lambda b: _e(b, "--config", str(b["root"] / "other.yaml")), "num_imagez"),
 ]
 
+def _x(b: dict, *extra: str) -> list[str]:
+    return [str(b["run"]), *extra]
+
+
+EXPORT_CASES = [
+    ("export: unknown format", lambda b: _x(b, "--format", "onnx"), "--format 'onnx'"),
+    ("export: nothing asked", lambda b: _x(b), "give --format"),
+    ("export: run folder missing", lambda b: [str(b["root"] / "nope"), "--format", "kohya"], "does not exist"),
+    ("export: out holds files", lambda b: _x(b, "--format", "kohya", "--out", str(b["root"] / "imgs")),
+     "already exists and is not empty"),
+    ("export: unknown dtype", lambda b: _x(b, "--format", "kohya", "--dtype", "fp8"), "--dtype 'fp8'"),
+]
+
 APP_CASES = [
     ("app: runs folder missing", lambda b: ["--runs", str(b["root"] / "nope")], "does not exist"),
     ("app: teacher missing", lambda b: ["--runs", str(b["root"]), "--teacher", str(b["root"] / "nope")],
@@ -132,6 +153,7 @@ APP_CASES = [
 ]
 
 CASES = [("train", *c) for c in TRAIN_CASES] + [("eval", *c) for c in EVAL_CASES] + [("app", *c) for c in APP_CASES]
+CASES += [("export", *c) for c in EXPORT_CASES]
 
 
 def _entry(tool: str):
@@ -140,12 +162,15 @@ def _entry(tool: str):
     if tool == "eval":
         from eval.__main__ import main
         return main
+    if tool == "export":
+        from distill_diffusion.export import main
+        return main
     from app.__main__ import main
     return main
 
 
 def test_the_table_covers_every_tool():
-    assert len(CASES) >= 20 and {c[0] for c in CASES} == {"train", "eval", "app"}
+    assert len(CASES) >= 20 and {c[0] for c in CASES} == {"train", "eval", "app", "export"}
 
 
 @pytest.mark.parametrize("tool, case, argv, fragment", CASES, ids=[c[1] for c in CASES])
