@@ -90,6 +90,9 @@ class TrainConfig:
     hub_model_id: str | None = None  # push the finished run's card, student(s) and sampling settings to this Hub repo
     hub_private: bool = False
     max_nonfinite_steps: int = 20  # stop after this many skipped (non-finite) updates in a row
+    # fp16: a non-finite update lowers the loss scale (GradScaler) and counts toward max_nonfinite_steps only once
+    # the scale is at or below this value
+    min_loss_scale: float = 1.0
     allow_overwrite: bool = False  # allow output_dir to hold a finished run that this one replaces
     export_initial: bool = False  # write the student as initialised, without a training step: the untrained row
     data: DataConfig = field(default_factory=DataConfig)

@@ -294,9 +294,20 @@ def apply_update(tr: Trainer, role: str) -> float:
 
 
 def skip_update(tr: Trainer, role: str, step: int) -> None:
-    """Count a non-finite update; too many in a row stop the run (the checkpoints stay)."""
-    tr.bad_in_row += 1
+    """Count a non-finite update; too many in a row stop the run (the checkpoints stay).
+
+    With an fp16 loss scaler the update goes through the accelerate optimizer all the same: GradScaler's step finds
+    the infinite gradients, skips the parameter update and lowers the scale, so an overflow caused by a too-high
+    scale heals itself. Only non-finite updates at or below ``min_loss_scale`` (the scale can fall no further
+    usefully) count toward ``max_nonfinite_steps``; without a scaler (fp32, bf16) every one counts."""
     tr.skipped_total += 1
+    scaler = tr.accelerator.scaler
+    if scaler is not None:
+        at_floor = scaler.get_scale() <= tr.cfg.min_loss_scale
+        tr.optimizers[role].step()  # skipped by the scaler, which halves its scale
+        if not at_floor:
+            return
+    tr.bad_in_row += 1
     if tr.bad_in_row >= tr.cfg.max_nonfinite_steps:
         raise NonFiniteError(f"stopped at step {step}: role {role} had a non-finite loss or gradient "
                              f"{tr.bad_in_row} updates in a row; the last good checkpoint is kept in "
