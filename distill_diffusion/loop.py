@@ -9,6 +9,7 @@ skips or steps together.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -343,19 +344,51 @@ def after_step(tr: Trainer, out: Path, done: int) -> None:
     acc.wait_for_everyone()
 
 
+GRAD_BUCKET_BYTES = 25 << 20  # DDP's default bucket size
+
+
 def _all_reduce_grads(params: list[nn.Parameter], loss: float, accelerator: Any) -> tuple[bool, float]:
-    """Average gradients (and the loss) over processes in one flat buffer; True when all of it is finite."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
-    if accelerator.num_processes > 1:
+    """Average gradients (and the loss) over processes, one all-reduce per bucket of about
+    :data:`GRAD_BUCKET_BYTES` (DDP's scheme: one bucket's copy at a time, never a flat copy of every gradient);
+    True when every averaged value is finite, the same answer on every rank, so all step or skip together.
+    One process reduces nothing and copies nothing."""
+    if accelerator.num_processes == 1:
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+        loss = float(torch.tensor(loss, dtype=torch.float32))  # the float32 value the logs have always shown
+        return finite and math.isfinite(loss), loss
+    for p in params:  # every rank reduces the same tensors, whether or not its loss reached them
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    finite, world = True, accelerator.num_processes
+    buckets = _buckets(params)
+    for i, bucket in enumerate(buckets):
+        extra = [torch.tensor([loss], device=bucket[0].grad.device)] if i == len(buckets) - 1 else []
+        flat = torch.cat([p.grad.reshape(-1).float() for p in bucket] + extra)
         torch.distributed.all_reduce(flat)
-        flat /= accelerator.num_processes
-        i = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[i:i + n].view_as(g).to(p.dtype)
-            i += n
-    return bool(torch.isfinite(flat).all()), float(flat[-1])
+        flat /= world
+        finite = finite and bool(torch.isfinite(flat).all())
+        at = 0
+        for p in bucket:
+            n = p.grad.numel()
+            p.grad.copy_(flat[at:at + n].view_as(p.grad))
+            at += n
+        if extra:
+            loss = float(flat[-1])
+    return finite, loss
+
+
+def _buckets(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """Consecutive runs of ``params`` of at most :data:`GRAD_BUCKET_BYTES` (as float32) each; a larger tensor alone."""
+    out: list[list[nn.Parameter]] = [[]]
+    size = 0
+    for p in params:
+        n = p.numel() * 4
+        if out[-1] and size + n > GRAD_BUCKET_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += n
+    return out
 
 
 # ---- the end: memory, export, validation ------------------------------------------------------------------------

@@ -95,3 +95,15 @@ def test_fp16_overflows_at_the_floor_scale_stop_the_run(tiny_teachers, image_fol
     # scale 4 -> 2 -> 1 (two overflows above the floor), then three at the floor (1 -> 0.5 -> 0.25 -> 0.125)
     assert code == 3 and "stopped at step 5" in capsys.readouterr().err
     assert made["acc"].scaler.get_scale() == 0.125
+
+
+def test_gradient_buckets_cover_every_tensor_once_within_the_bound(monkeypatch):
+    import torch
+
+    from distill_diffusion import loop
+
+    monkeypatch.setattr(loop, "GRAD_BUCKET_BYTES", 100)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (10, 10, 5, 40, 3, 3)]
+    buckets = loop._buckets(params)
+    assert [len(b) for b in buckets] == [3, 1, 2]  # 40 + 40 + 20 = 100 B; 160 B alone; 12 + 12 B
+    assert [p for b in buckets for p in b] == params
