@@ -289,6 +289,19 @@ def _teacher_license(teacher: str) -> str | None:
     return None
 
 
+def _project_link() -> str:
+    """"distill-diffusion", linked to the package's Homepage / Repository URL when its metadata declares one."""
+    from importlib import metadata
+
+    try:
+        urls = metadata.metadata("distill-diffusion").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        urls = []
+    url = next((u.split(",", 1)[1].strip() for u in urls if u.split(",", 1)[0].strip().lower() in
+                ("homepage", "repository", "source")), None)
+    return f"[distill-diffusion]({url})" if url else "distill-diffusion"
+
+
 def card_metadata(info: dict[str, Any]) -> dict[str, Any]:
     """The Hub's model-card metadata of a run: base_model (a hub id teacher only; a local path is not one), its
     relation (a LoRA is an adapter of it, a full or merged student a fine-tune), library, pipeline tag, tags and
@@ -333,8 +346,7 @@ def model_card(info: dict[str, Any], out: Path) -> str:
 {front}---
 # {info['method']} student of `{info['teacher']}`
 
-Distilled with distill-diffusion (`pip install distill-diffusion`, `train.py --method {info['method']}`); student:
-{info['student']}. Supported step counts: {steps} (default {info['default_steps']}). Sampling settings per step count
+Distilled with {_project_link()} (`train.py --method {info['method']}`); student: {info['student']}. Supported step counts: {steps} (default {info['default_steps']}). Sampling settings per step count
 are in `sampling.json`: the student needs them (its scheduler, timesteps and guidance), not the teacher's.
 
 ## Use with plain diffusers
