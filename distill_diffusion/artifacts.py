@@ -346,8 +346,9 @@ def model_card(info: dict[str, Any], out: Path) -> str:
 {front}---
 # {info['method']} student of `{info['teacher']}`
 
-Distilled with {_project_link()} (`train.py --method {info['method']}`); student: {info['student']}. Supported step counts: {steps} (default {info['default_steps']}). Sampling settings per step count
-are in `sampling.json`: the student needs them (its scheduler, timesteps and guidance), not the teacher's.
+Distilled with {_project_link()} (`train.py --method {info['method']}`); student: {info['student']}.
+Supported step counts: {steps} (default {info['default_steps']}). Sampling settings per step count are in
+`sampling.json`: the student needs them (its scheduler, timesteps and guidance), not the teacher's.
 
 ## Use with plain diffusers
 ```python

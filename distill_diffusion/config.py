@@ -69,6 +69,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     output_dir: str | None = None  # None: runs/<method>, e.g. runs/lcm
     seed: int = 0
+    # An EMA of the student (e.g. 0.999), exported as the run's student; None: the raw student
+    ema_decay: float | None = None
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     # torch.compile every UNet a step runs (the shared base with its adapters, full copies); compiles on the first
@@ -252,6 +254,7 @@ def validate(cfg: Any) -> None:
             raise UserError(msg)
 
     need(cfg.student in ("lora", "full"), f"student={cfg.student!r}: choose 'lora' or 'full'")
+    need(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, f"ema_decay={cfg.ema_decay}: must be in (0, 1), or null")
     need(cfg.max_steps > 0, f"max_steps={cfg.max_steps}: must be at least 1")
     need(cfg.batch_size > 0, f"batch_size={cfg.batch_size}: must be at least 1")
     need(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers}: must be 0 (decode in the training "

@@ -8,6 +8,7 @@ skips or steps together.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from . import artifacts, checkpoints, memory
 from .config import method_object, to_yaml
 from .data import Samples, Source, Stream, build_source
 from .errors import UserError
-from .method import Batch, Method, MethodSpec, RunContext, StepRNG
+from .method import Batch, Method, MethodSpec, RunContext, StepRNG, TargetSpec
 from .models import Models, build_models
 
 
@@ -53,7 +54,7 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
     """Run a distillation described by ``cfg`` (a validated OmegaConf TrainConfig) with ``method_cls``."""
     out = Path(cfg.output_dir)
     rss_baseline = memory.rss_bytes()  # before any model loads: the "import baseline" of memory.json
-    spec = method_cls.spec(method_object(cfg), cfg.student)
+    spec = with_student_ema(method_cls.spec(method_object(cfg), cfg.student), cfg.ema_decay)
     candidates = check_start(cfg, spec, out)
     accelerator = make_accelerator(cfg, out)
     tr = build_trainer(cfg, spec, method_cls, accelerator)
@@ -130,6 +131,23 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+STUDENT_EMA = "student_ema"
+
+
+def with_student_ema(spec: MethodSpec, decay: float | None) -> MethodSpec:
+    """``spec`` plus an EMA of the student (``ema_decay``), which the run exports as its student: published
+    few-step numbers are EMA numbers (SiD-LSG ships G_ema, DMD2's SD1.5 recipe keeps an EMA). The raw student stays
+    in the checkpoints."""
+    if decay is None:
+        return spec
+    return dataclasses.replace(spec, targets={**spec.targets, STUDENT_EMA: TargetSpec("student", decay)})
+
+
+def export_role(cfg: Any) -> str:
+    """The role a run exports as its student: the EMA when ``ema_decay`` is set."""
+    return STUDENT_EMA if cfg.ema_decay is not None else "student"
+
+
 def build_trainer(cfg: Any, spec: MethodSpec, method_cls: type[Method], accelerator: Any) -> Trainer:
     """Models, method and extra modules. New trainable tensors (LoRA A matrices, a method's heads) are initialised
     from the seed: the same on every rank and in every resumed process."""
@@ -137,6 +155,7 @@ def build_trainer(cfg: Any, spec: MethodSpec, method_cls: type[Method], accelera
     models = build_models(cfg, spec, accelerator.device)
     if cfg.init_from:
         checkpoints.init_student(models, cfg.init_from)
+        models.reset_targets()  # EMA targets start from the loaded student
     torch.manual_seed(cfg.seed + 1)
     method = method_cls(method_object(cfg), RunContext(max_steps=cfg.max_steps, mixed_precision=cfg.mixed_precision),
                         models)
@@ -334,7 +353,8 @@ def after_step(tr: Trainer, out: Path, done: int) -> None:
     cfg, acc = tr.cfg, tr.accelerator
     for name, spec in tr.method.exports(done).items():
         if acc.is_main_process:
-            artifacts.save_run(tr.models, cfg.method_name, spec, out, folder_name=name, extra={"step": done})
+            artifacts.save_run(tr.models, cfg.method_name, spec, out, folder_name=name, role=export_role(cfg),
+                               extra={"step": done})
     if done % cfg.checkpointing_steps == 0 and done < cfg.max_steps:
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -407,7 +427,7 @@ def export_and_validate(tr: Trainer, out: Path, step: int) -> None:
     """Write the run folder (student, sampling.json, model card) and a validation grid sampled through it."""
     cfg = tr.cfg
     artifacts.save_run(tr.models, cfg.method_name, tr.method.sampling(), out, cfg_yaml=to_yaml(cfg),
-                       extra={"step": step})
+                       role=export_role(cfg), extra={"step": step})
     if cfg.validation_seeds == 0:
         return
     grid = _validation_grid(out, list(cfg.validation_prompts), cfg.validation_seeds, cfg.validation_guidance,

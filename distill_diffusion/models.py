@@ -305,6 +305,18 @@ class Models:
 
         return get_peft_model_state_dict(self.denoiser, adapter_name=adapter)
 
+    @torch.no_grad()
+    def reset_targets(self) -> None:
+        """Copy every EMA target from its source's current weights: after ``init_from`` loaded the student, its
+        targets start from it, not from the untrained weights they were copied from at build time."""
+        for name, spec in self.targets.items():
+            if spec.decay is None:
+                continue
+            if self.student_kind == "lora":
+                self._copy_adapter(spec.source, name)
+            else:
+                self._nets[name].load_state_dict(self._nets[spec.source].state_dict())
+
     def _copy_adapter(self, src: str, dst: str) -> None:
         from peft.utils import set_peft_model_state_dict
 

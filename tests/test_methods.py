@@ -86,3 +86,52 @@ def test_memory_json_counts_one_base_copy_with_lora(name, tiny_teachers, image_f
     assert sum(full["trainable_bytes"].values()) > sum(lora["trainable_bytes"].values())
     assert lora["total_counted_bytes"] < full["total_counted_bytes"]
     assert lora["peak_rss_above_baseline_bytes"] > 0
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_ema_student_is_exported_and_the_raw_one_kept(name, student, tiny_teachers, image_folder, tmp_path):
+    """ema_decay: the run exports the EMA of its student; the checkpoint keeps both. With decay 0.5 and the EMA
+    starting at the untrained student, the exported weights sit strictly between the start and the raw student."""
+    from safetensors.torch import load_file
+
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+
+    cfg, _ = parse_config(["--method", name, f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
+                           f"student={student}", "max_steps=4", "batch_size=2", f"output_dir={tmp_path}",
+                           "report_to=none", "validation_seeds=0", "checkpointing_steps=4", "ema_decay=0.5",
+                           "learning_rate=1e-3", "lora_rank=2", "lora_alpha=4",
+                           *(["method.student_update_every=2"] if name == "dmd2" else [])], METHODS)
+    train(cfg, METHODS[name])
+    ck = load_file(str(tmp_path / "checkpoints" / "checkpoint-4" / "trainable.safetensors"))
+    raw = {k.removeprefix("student/").replace(".student.", "."): v for k, v in ck.items() if k.startswith("student/")}
+    ema = {k.removeprefix("student_ema/").replace(".student_ema.", "."): v for k, v in ck.items()
+           if k.startswith("student_ema/")}
+    assert raw.keys() == ema.keys() and any(not torch.equal(raw[k], ema[k]) for k in raw)
+    if student == "lora":  # the exported LoRA file holds the EMA adapter's tensors
+        lora = load_file(str(tmp_path / "student" / artifacts.LORA_FILE))
+        got = {k.removeprefix("unet."): v for k, v in lora.items()}
+        assert got.keys() == ema.keys() and all(torch.equal(got[k], ema[k]) for k in ema)
+    else:
+        sd = artifacts.load_student(tmp_path).unet.state_dict()
+        assert all(torch.equal(sd[k], ema[k]) for k in ema)
+
+
+def test_ema_starts_from_the_init_from_student(tiny_teachers, image_folder, tmp_path):
+    """With init_from, EMA targets are copied after the earlier run's student is loaded: exported before any step,
+    the EMA student is that run's student, not the untrained one."""
+    from safetensors.torch import load_file
+
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+
+    common = ["--method", "lcm", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}", "batch_size=2",
+              "report_to=none", "validation_seeds=0", "lora_rank=2", "lora_alpha=4", "learning_rate=1e-2"]
+    train(parse_config([*common, "max_steps=2", f"output_dir={tmp_path / 'a'}"], METHODS)[0], METHODS["lcm"])
+    train(parse_config([*common, "export_initial=true", f"init_from={tmp_path / 'a'}", "ema_decay=0.9",
+                        f"output_dir={tmp_path / 'b'}"], METHODS)[0], METHODS["lcm"])
+    a = load_file(str(tmp_path / "a" / "student" / artifacts.LORA_FILE))
+    b = load_file(str(tmp_path / "b" / "student" / artifacts.LORA_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # a trained student, not B = 0
