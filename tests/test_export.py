@@ -222,3 +222,14 @@ def test_attach_eval_shows_in_the_card(tiny_teachers, tmp_path):
     card = (run / "README.md").read_text()
     assert "## Evaluation" in card and "| lcm | 3.1 |" in card
     assert _card(run / "README.md")["library_name"] == "diffusers"
+
+
+def test_lora_scale_follows_peft_rules():
+    meta = {"r": 4, "lora_alpha": 8, "alpha_pattern": {"attn1.to_q": 2}, "use_rslora": False}
+    assert export.lora_scale("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k", 4, meta) == 2.0
+    assert export.lora_scale("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4, meta) == 0.5
+    assert export.lora_scale("x.to_k", 16, dict(meta, use_rslora=True)) == 8 / 4  # alpha / sqrt(r)
+    a, b = torch.ones(2, 3), torch.ones(5, 2)
+    sd = export.to_kohya({"unet.x.to_q.lora_A.weight": a, "unet.x.to_q.lora_B.weight": b},
+                         {"r": 2, "lora_alpha": 6}, "unet")
+    assert sd["lora_unet_x_to_q.alpha"].item() == 6.0 and torch.equal(sd["lora_unet_x_to_q.lora_up.weight"], b)
