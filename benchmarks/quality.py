@@ -53,6 +53,31 @@ def train_commands(a: argparse.Namespace) -> list[tuple[Path, list[str]]]:
     return out
 
 
+def train_all(cmds: list[tuple[Path, list[str]]], env: dict[str, str]) -> bool:
+    """Run each training command whose run is not finished (an untrained export counts once written); False, with
+    one line, at the first failure (finished runs are kept, so a second call resumes)."""
+    for run, cmd in cmds:
+        if finished(run) or (run.name.endswith("_untrained") and (run / "sampling.json").is_file()):
+            print(f"[train] kept {run}", flush=True)
+            continue
+        print(f"[train] {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
+            print(f"error: training {run} failed (command above); finished runs are kept, run again to resume",
+                  file=sys.stderr)
+            return False
+    return True
+
+
+def score(runs: list[str], out: Path, threads: int, eval_args: list[str], env: dict[str, str]) -> bool:
+    """One ``python -m eval --runs ...`` over ``runs`` into ``out`` (report.json); False, with one line, on failure."""
+    ev = [sys.executable, "-m", "eval", "--runs", *runs, "--threads", str(threads), "--out", str(out), *eval_args]
+    print(f"[eval] {' '.join(ev[1:])}", flush=True)
+    if subprocess.run(ev, cwd=ROOT, env=env).returncode != 0:
+        print("error: python -m eval failed (command above)", file=sys.stderr)
+        return False
+    return True
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values), "n": len(values)}
@@ -128,24 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     cmds = train_commands(a)
-    for run, cmd in cmds:
-        if finished(run) or (run.name.endswith("_untrained") and (run / "sampling.json").is_file()):
-            print(f"[quality] kept {run}", flush=True)
-            continue
-        print(f"[quality] {' '.join(cmd[1:])}", flush=True)
-        if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
-            print(f"error: training {run} failed (command above); finished runs are kept, run again to resume",
-                  file=sys.stderr)
-            return 1
+    if not train_all(cmds, env):
+        return 1
     if a.train_only:
         return 0
     out = Path(a.out)
     runs = [str(r) for r, _ in cmds]
-    ev = [sys.executable, "-m", "eval", "--runs", *runs, "--threads", str(a.threads), "--out", str(out / "eval"),
-          *(a.eval if a.eval is not None else DEFAULT_EVAL)]
-    print(f"[quality] {' '.join(ev[1:])}", flush=True)
-    if subprocess.run(ev, cwd=ROOT, env=env).returncode != 0:
-        print("error: python -m eval failed (command above)", file=sys.stderr)
+    if not score(runs, out / "eval", a.threads, a.eval if a.eval is not None else DEFAULT_EVAL, env):
         return 1
     report = json.loads((ROOT / out / "eval" / "report.json").read_text())
     rows = aggregate(report, runs[:-1], runs[-1])

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from benchmarks.__main__ import markdown
@@ -213,3 +214,45 @@ def test_data_scale_section_replaces_itself(tmp_path):
     text = out.read_text()
     assert text.count(data_scale.START) == 1 and "kept" in text and "later" in text
     assert "| 1 | 0.500 | 2.00× |" in text and "| 8 | 1.00 | 4.00× |" in text
+
+
+def test_sweep_grid_points_and_table(tmp_path, monkeypatch):
+    from benchmarks import sweep
+
+    grid = sweep.parse_grid(["method.student_update_every=2,5", "method.timesteps=[999,499],[999]"])
+    assert grid == [("method.student_update_every", ["2", "5"]), ("method.timesteps", ["[999,499]", "[999]"])]
+    pts = sweep.points(grid)
+    assert len(pts) == 4 and pts[1] == {"method.student_update_every": "2", "method.timesteps": "[999]"}
+    assert sweep.point_name(pts[0]) == "student_update_every=2,timesteps=_999,499_"
+    with pytest.raises(ValueError, match="key=value1,value2"):
+        sweep.parse_grid(["learning_rate"])
+
+    calls = {}
+
+    def fake_train_all(cmds, env):
+        calls["cmds"] = cmds
+        return True
+
+    def fake_score(runs, out, threads, args, env):
+        calls["score"] = (runs, args)
+        rows = [{"kind": "teacher", "label": "teacher (w=3)", "steps": 25, "nfe": 50, "fid": 3.0, "accuracy": 0.85,
+                 "diversity": 0.15, "run": None}]
+        for i, r in enumerate(runs):
+            rows.append({"kind": "student", "label": f"p{i}", "run": r, "steps": 1, "nfe": 1, "fid": 5.0 + i,
+                         "accuracy": 0.9, "diversity": 0.05 * (i + 1)})
+        (tmp_path / "out" / "eval").mkdir(parents=True)
+        (tmp_path / "out" / "eval" / "report.json").write_text(json.dumps({"rows": rows}))
+        return True
+
+    monkeypatch.setattr(sweep, "train_all", fake_train_all)
+    monkeypatch.setattr(sweep, "score", fake_score)
+    monkeypatch.setattr(sweep, "ROOT", tmp_path)
+    assert sweep.main(["--method", "dmd2", "--grid", "learning_rate=1e-5,3e-4", "--out", str(tmp_path / "out"),
+                       "--runs-dir", str(tmp_path / "runs"), "max_steps=10"]) == 0
+    run0, cmd0 = calls["cmds"][0]
+    assert run0 == tmp_path / "runs" / "dmd2" / "learning_rate=1e-5"
+    assert cmd0[-3:] == ["max_steps=10", "learning_rate=1e-5", f"output_dir={run0}"]
+    assert calls["score"][1][:2] == ["--num-images", "500"]
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert "| learning_rate=1e-5 | 1 | 1 | 5.00 | 90.0% | 0.050 |" in md and "| teacher (w=3) | 25 |" in md
+    assert sweep.main(["--method", "dmd2", "--grid", "oops"]) == 2
