@@ -91,7 +91,7 @@ def test_flow_lora_file_applies_as_comfyui_does(flow_teachers, tmp_path, kind):
     assert changed == len(modules)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", ["sd", pytest.param("sd3", marks=pytest.mark.slow)])
 def test_merged_export_is_a_run_with_the_same_images(tiny_teachers, flow_teachers, tmp_path, kind):
     teacher = {**tiny_teachers, **flow_teachers}[kind]
     run = _lora_run(teacher, tmp_path / "run")

@@ -88,7 +88,7 @@ def test_memory_json_counts_one_base_copy_with_lora(name, tiny_teachers, image_f
     assert lora["peak_rss_above_baseline_bytes"] > 0
 
 
-@pytest.mark.parametrize("student", ["lora", "full"])
+@pytest.mark.parametrize("student", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_ema_student_is_exported_and_the_raw_one_kept(name, student, tiny_teachers, image_folder, tmp_path):
     """ema_decay: the run exports the EMA of its student; the checkpoint keeps both. With decay 0.5 and the EMA

@@ -87,6 +87,7 @@ def test_precompute_then_train_from_the_store(tiny_teachers, tmp_path, capsys):
     assert "data.text_cache_dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_latent_store_precompute_then_train_without_decoding(tiny_teachers, image_folder, tmp_path, capsys,
                                                              monkeypatch):
     """Precomputed posteriors give the online latents (to rounding: the store encodes images one at a time, a run
