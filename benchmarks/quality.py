@@ -54,12 +54,15 @@ def train_commands(a: argparse.Namespace) -> list[tuple[Path, list[str]]]:
 
 
 def train_all(cmds: list[tuple[Path, list[str]]], env: dict[str, str]) -> bool:
-    """Run each training command whose run is not finished (an untrained export counts once written); False, with
-    one line, at the first failure (finished runs are kept, so a second call resumes)."""
+    """Run each training command whose run is not finished (an untrained export counts once written), an
+    interrupted one with ``resume=latest``; False, with one line, at the first failure (finished runs are kept, so a
+    second call resumes)."""
     for run, cmd in cmds:
         if finished(run) or (run.name.endswith("_untrained") and (run / "sampling.json").is_file()):
             print(f"[train] kept {run}", flush=True)
             continue
+        if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
+            cmd = [*cmd, "resume=latest"]  # an interrupted run continues from its last checkpoint
         print(f"[train] {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
             print(f"error: training {run} failed (command above); finished runs are kept, run again to resume",

@@ -256,3 +256,16 @@ def test_sweep_grid_points_and_table(tmp_path, monkeypatch):
     md = (tmp_path / "out" / "sweep.md").read_text()
     assert "| learning_rate=1e-5 | 1 | 1 | 5.00 | 90.0% | 0.050 |" in md and "| teacher (w=3) | 25 |" in md
     assert sweep.main(["--method", "dmd2", "--grid", "oops"]) == 2
+
+
+def test_quality_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    import subprocess
+
+    from benchmarks import quality
+
+    fresh, cut = tmp_path / "a_seed0", tmp_path / "a_seed1"
+    (cut / "checkpoints" / "checkpoint-200").mkdir(parents=True)
+    seen = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    assert quality.train_all([(fresh, ["py", "train.py", "seed=0"]), (cut, ["py", "train.py", "seed=1"])], {})
+    assert seen == [["py", "train.py", "seed=0"], ["py", "train.py", "seed=1", "resume=latest"]]
