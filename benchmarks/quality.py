@@ -109,6 +109,14 @@ def aggregate(report: dict[str, Any], seed_runs: list[str], untrained: str | Non
     return out
 
 
+def cells(r: dict[str, Any]) -> tuple[str, str, str]:
+    """A report row's FID, accuracy and diversity as table cells ("n/a" where missing)."""
+    fid = "n/a" if r.get("fid") is None else f"{r['fid']:.2f}"
+    acc = "n/a" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}%"
+    div = "n/a" if r.get("diversity") is None else f"{r['diversity']:.3f}"
+    return fid, acc, div
+
+
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = [f"`{command}`", "", "| model | steps | NFE | FID | accuracy | diversity |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -120,9 +128,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
                 else "n/a"
             div = f"{sp['diversity']['mean']:.3f} ± {sp['diversity']['std']:.3f}" if "diversity" in sp else "n/a"
         else:
-            fid = f"{r['fid']:.2f}"
-            acc = "n/a" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}%"
-            div = "n/a" if r.get("diversity") is None else f"{r['diversity']:.3f}"
+            fid, acc, div = cells(r)
         lines.append(f"| {r['label']} | {r['steps']} | {r['nfe']:g} | {fid} | {acc} | {div} |")
     return "\n".join(lines) + "\n"
 

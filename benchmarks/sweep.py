@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality import ROOT, score, train_all
+from benchmarks.quality import ROOT, cells, score, train_all
 
 DEFAULT_EVAL = ["--teacher-steps", "1", "2", "4", "25", "--guidance-grid", "2.5", "3"]
 
@@ -75,9 +75,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = [f"`{command}`", "", "| point | steps | NFE | FID | accuracy | diversity |", "|---|---|---|---|---|---|"]
     for r in rows:
         label = r["label"] if r["point"] is None else ", ".join(f"{k}={v}" for k, v in r["point"].items())
-        acc = "n/a" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}%"
-        div = "n/a" if r.get("diversity") is None else f"{r['diversity']:.3f}"
-        fid = "n/a" if r.get("fid") is None else f"{r['fid']:.2f}"
+        fid, acc, div = cells(r)
         lines.append(f"| {label} | {r['steps']} | {r['nfe']:g} | {fid} | {acc} | {div} |")
     return "\n".join(lines) + "\n"
 

@@ -26,14 +26,19 @@ def test_one_bad_step_is_skipped(tiny_teachers, image_folder, tmp_path, monkeypa
     assert [r["skipped_updates"] for r in rows] == [0, 1, 1]
 
 
-def test_many_bad_steps_stop_the_run(tiny_teachers, image_folder, tmp_path, monkeypatch, capsys):
+def _inf_loss_from(monkeypatch, first: int) -> None:
+    """LCM's loss is infinite from step ``first`` on."""
     orig = LCM.loss
 
     def broken(self, role, batch, step):
         loss, logs = orig(self, role, batch, step)
-        return (loss * float("inf") if step >= 2 else loss), logs
+        return (loss * float("inf") if step >= first else loss), logs
 
     monkeypatch.setattr(LCM, "loss", broken)
+
+
+def test_many_bad_steps_stop_the_run(tiny_teachers, image_folder, tmp_path, monkeypatch, capsys):
+    _inf_loss_from(monkeypatch, 2)
     code = run_main(_argv(tiny_teachers["sd"], image_folder, tmp_path, "max_steps=10", "checkpointing_steps=2",
                           "max_nonfinite_steps=3"), METHODS)
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -82,13 +87,7 @@ def test_fp16_overflow_lowers_the_scale_and_training_goes_on(tiny_teachers, imag
 
 
 def test_fp16_overflows_at_the_floor_scale_stop_the_run(tiny_teachers, image_folder, tmp_path, monkeypatch, capsys):
-    orig = LCM.loss
-
-    def broken(self, role, batch, step):
-        loss, logs = orig(self, role, batch, step)
-        return (loss * float("inf") if step >= 1 else loss), logs
-
-    monkeypatch.setattr(LCM, "loss", broken)
+    _inf_loss_from(monkeypatch, 1)
     made = _fp16_scaler_accelerator(monkeypatch, init_scale=4.0)
     code = run_main(_argv(tiny_teachers["sd"], image_folder, tmp_path, "max_steps=20", "max_nonfinite_steps=3"),
                     METHODS)
