@@ -155,6 +155,10 @@ class DiskStore:
         h = hashlib.blake2b(key.encode("utf-8"), digest_size=16).hexdigest()
         return self.root / h[:2] / f"{h}.safetensors"
 
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is stored, without reading its tensors."""
+        return self._path(key).is_file()
+
     def get_tensors(self, key: str) -> dict[str, Tensor] | None:
         from safetensors.torch import load_file
 

@@ -618,11 +618,11 @@ def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu")
     )
     data = getattr(cfg, "data", None)
     if data is not None:
-        models.encoders = text_encoders(models, data)
+        models.encoders = configure_encoders(models, data)
     return models
 
 
-def text_encoders(models: Models, data: Any) -> Encoders:
+def configure_encoders(models: Models, data: Any) -> Encoders:
     """The models' encoders with the data config's policies: prompt cache bound, encode batch, and the on-disk
     stores of prompt embeddings and image latents, each fingerprinted with what its tensors depend on."""
     from .artifacts import weights_hash

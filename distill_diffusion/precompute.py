@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fill_prompts(enc, prompts: list[str]) -> str:  # noqa: ANN001 (Encoders)
-    todo = [q for q in prompts if enc.store.get(q) is None]
+    todo = [q for q in prompts if not enc.store.has(q)]
     t0 = time.perf_counter()
     for i in range(0, len(todo), 256):  # bounded memory: the rows go to disk, the memory cache stays small
         enc.encode_rows(todo[i: i + 256])
@@ -78,7 +78,7 @@ def fill_prompts(enc, prompts: list[str]) -> str:  # noqa: ANN001 (Encoders)
 
 
 def fill_latents(enc, source, index: list[int]) -> str:  # noqa: ANN001 (Encoders, data.Source)
-    todo = [i for i in index if enc.latent_store.get(i) is None]
+    todo = [i for i in index if not enc.latent_store.has(str(i))]
     t0 = time.perf_counter()
     for i in todo:
         enc.stored_posterior([i], source.image)
