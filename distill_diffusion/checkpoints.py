@@ -5,6 +5,10 @@ A checkpoint (``checkpoints/checkpoint-<step>/``) holds every trainable tensor, 
 the optimizer and scheduler states and the torch RNG (``optim.pt``), and ``state.json``. It is written under a
 temporary name and renamed when complete. Checkpoints written before tensors were keyed by name (``<role>/<i>``, the
 i-th tensor of the role) still load: positions follow the same parameter order.
+
+A sharded run (FSDP2, :mod:`distill_diffusion.sharding`) writes its networks, extra modules and optimizer states as
+a ``torch.distributed.checkpoint`` folder (``sharded/``: every rank writes its own shards, nothing is gathered) and
+the schedulers and RNG in ``optim.pt``; ``state.json`` says ``"sharded": true``. It resumes at any process count.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import artifacts
+from . import artifacts, sharding
 from .errors import UserError
 from .models import Models, resolve_teacher
 
@@ -66,19 +70,61 @@ def _state(tr: Trainer) -> dict[str, torch.Tensor]:
 
 
 def save(out: Path, step: int, tr: Trainer) -> None:
-    """Write checkpoint ``step``; old ones go (``checkpoints_total_limit``) only after it is complete."""
+    """Write checkpoint ``step``; old ones go (``checkpoints_total_limit``) only after it is complete. Every process
+    calls it; only the main one writes, except the shards of a sharded run, which every process writes."""
+    if tr.sharded:
+        _save_sharded(out, step, tr)
+        return
+    if not tr.accelerator.is_main_process:
+        return
     from safetensors.torch import save_file
 
     ckdir = out / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     with artifacts.atomic_dir(ckdir / f"{PREFIX}{step}") as tmp:
         save_file(_state(tr), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizers": {r: o.state_dict() for r, o in tr.optimizers.items()},
-                    "schedulers": {r: s.state_dict() for r, s in tr.schedulers.items()},
-                    "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "method": tr.cfg.method_name,
-                                                    "student": tr.cfg.student}))
-    limit = tr.cfg.checkpoints_total_limit
+        torch.save({"optimizers": {r: o.state_dict() for r, o in tr.optimizers.items()}, **_loop_state(tr)},
+                   tmp / "optim.pt")
+        _write_state(tmp, step, tr)
+    _drop_old(ckdir, tr.cfg.checkpoints_total_limit)
+
+
+def _loop_state(tr: Trainer) -> dict:
+    return {"schedulers": {r: s.state_dict() for r, s in tr.schedulers.items()}, "torch_rng": torch.get_rng_state()}
+
+
+def _write_state(folder: Path, step: int, tr: Trainer) -> None:
+    info = {"step": step, "method": tr.cfg.method_name, "student": tr.cfg.student}
+    if tr.sharded:
+        info["sharded"] = True
+    (folder / "state.json").write_text(json.dumps(info))
+
+
+def _save_sharded(out: Path, step: int, tr: Trainer) -> None:
+    """Every rank writes its shards into one temporary folder (a name all ranks know), which the main process
+    renames into place once all are done: a crash mid-write leaves no checkpoint-<step> folder."""
+    acc = tr.accelerator
+    ckdir = out / "checkpoints"
+    final = ckdir / f"{PREFIX}{step}"
+    tmp = ckdir / f".{final.name}.tmp-sharded"
+    if acc.is_main_process:
+        for stale in ckdir.glob(".*.tmp-sharded"):  # left by a crash mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    sharding.save_sharded(tmp / sharding.SHARDED_DIR, tr.models, tr.extras, tr.optimizers)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        torch.save(_loop_state(tr), tmp / "optim.pt")
+        _write_state(tmp, step, tr)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _drop_old(ckdir, tr.cfg.checkpoints_total_limit)
+    acc.wait_for_everyone()
+
+
+def _drop_old(ckdir: Path, limit: int | None) -> None:
     if limit:
         done = listed(ckdir)
         for old in done[: max(0, len(done) - limit)]:
@@ -123,6 +169,12 @@ def load(path: Path, tr: Trainer) -> int:
     written by another configuration (then nothing is changed)."""
     from safetensors.torch import load_file
 
+    sharded = (path / sharding.SHARDED_DIR).is_dir()
+    if sharded != tr.sharded:
+        raise UserError(f"checkpoint {path} was written {'with' if sharded else 'without'} fsdp; resume it with "
+                        f"fsdp={'true' if sharded else 'false'} (and student=full)")
+    if sharded:
+        return _load_sharded(path, tr)
     if not all((path / f).is_file() for f in ("state.json", "trainable.safetensors", "optim.pt")):
         raise UserError(f"checkpoint {path} is incomplete")
     try:
@@ -143,9 +195,27 @@ def load(path: Path, tr: Trainer) -> int:
     _load_extras(saved, tr.extras, list(tr.extras))
     for r, o in tr.optimizers.items():
         o.load_state_dict(other["optimizers"][r])
+    _load_loop_state(other, tr)
+    return step
+
+
+def _load_loop_state(other: dict, tr: Trainer) -> None:
     for r, s in tr.schedulers.items():
         s.load_state_dict(other["schedulers"][r])
     torch.set_rng_state(other["torch_rng"])
+
+
+def _load_sharded(path: Path, tr: Trainer) -> int:
+    if not all((path / f).is_file() for f in ("state.json", "optim.pt")):
+        raise UserError(f"checkpoint {path} is incomplete")
+    try:
+        other = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+        step = int(json.loads((path / "state.json").read_text())["step"])
+        sharding.load_sharded(path / sharding.SHARDED_DIR, tr.models, tr.extras, tr.optimizers)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read or was written by a different configuration "
+                        f"({type(e).__name__}); delete it to resume from an earlier one") from None
+    _load_loop_state(other, tr)
     return step
 
 

@@ -72,6 +72,11 @@ class TrainConfig:
     # An EMA of the student (e.g. 0.999), exported as the run's student; None: the raw student
     ema_decay: float | None = None
     mixed_precision: str = "no"  # no | fp16 | bf16
+    # FSDP2 for student=full: shard every role's network, EMA copy and extra module across the processes (null: when
+    # accelerate is launched with an FSDP config, e.g. configs/accelerate/fsdp_8gpu.yaml); LoRA students stay
+    # replicated. fsdp_shard_teacher: shard the frozen teacher network too (its forwards then all-gather it).
+    fsdp: bool | None = None
+    fsdp_shard_teacher: bool = False
     gradient_checkpointing: bool = False
     # torch.compile every UNet a step runs (the shared base with its adapters, full copies); compiles on the first
     # steps; a failure to compile prints one warning line and training continues eagerly. BENCHMARKS.md: its effect.
@@ -267,6 +272,8 @@ def validate(cfg: Any) -> None:
     need(cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha}: must be positive")
     need(cfg.learning_rate > 0, f"learning_rate={cfg.learning_rate}: must be positive")
     need(cfg.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision={cfg.mixed_precision!r}: no, fp16 or bf16")
+    need(not (cfg.fsdp and cfg.mixed_precision == "fp16"), "fsdp=true with mixed_precision=fp16: sharded "
+         "gradients have no loss scaler here; use mixed_precision=bf16 (or no)")
     need(cfg.checkpointing_steps > 0, "checkpointing_steps must be at least 1")
     need(cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit > 0,
          "checkpoints_total_limit must be at least 1 (or null for no limit)")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import artifacts, checkpoints, memory
+from . import artifacts, checkpoints, memory, sharding
 from .config import method_object, to_yaml
 from .data import Samples, Source, Stream, build_source
 from .errors import UserError
@@ -48,6 +48,7 @@ class Trainer:
     clip_values: dict[str, float | None] = field(default_factory=dict)
     bad_in_row: int = 0
     skipped_total: int = 0
+    sharded: bool = False  # FSDP2 (distill_diffusion.sharding): the full roles' tensors are this rank's shards
 
 
 def train(cfg: Any, method_cls: type[Method]) -> Path:
@@ -63,7 +64,7 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
         # The untrained student through the same run folder: the baseline row every quality bar is compared with.
         if accelerator.is_main_process:
             start_run_folder(cfg, out, accelerator, trackers=False)
-            export_and_validate(tr, out, 0)
+        export_and_validate(tr, out, 0)
         accelerator.wait_for_everyone()
         return out
     build_optimizers(tr)
@@ -74,8 +75,8 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
     run_steps(tr, stream, start, out)
     if accelerator.is_main_process:
         write_memory(tr, out, rss_baseline)
-        checkpoints.save(out, cfg.max_steps, tr)
-        export_and_validate(tr, out, cfg.max_steps)
+    checkpoints.save(out, cfg.max_steps, tr)
+    export_and_validate(tr, out, cfg.max_steps)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if cfg.hub_model_id and accelerator.is_main_process:  # after every rank is done: a failed push stops nobody
@@ -105,9 +106,17 @@ def check_start(cfg: Any, spec: MethodSpec, out: Path) -> list[Path]:
 
 
 def make_accelerator(cfg: Any, out: Path) -> Any:
+    """accelerate's Accelerator for this process; an FSDP launch config turns on ``fsdp`` (when the config leaves it
+    null) and is otherwise handled by :mod:`distill_diffusion.sharding`, not by accelerate."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    fsdp_launch = sharding.launched_with_fsdp()
+    if cfg.fsdp is None:
+        cfg.fsdp = fsdp_launch is not None
+        if fsdp_launch is not None and cfg.mixed_precision == "fp16":
+            raise UserError("an FSDP launch with mixed_precision=fp16: sharded gradients have no loss scaler here; "
+                            "use mixed_precision=bf16 (or fsdp=false)")
     acc = Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -165,7 +174,27 @@ def build_trainer(cfg: Any, spec: MethodSpec, method_cls: type[Method], accelera
         checkpoints.init_roles(models, extras, cfg.init_from, others)
     if cfg.gradient_checkpointing:
         models.set_gradient_checkpointing(True)
-    return Trainer(cfg, spec, models, method, extras, accelerator)
+    return Trainer(cfg, spec, models, method, extras, accelerator, sharded=shard(cfg, models, extras, accelerator))
+
+
+def shard(cfg: Any, models: Models, extras: dict[str, nn.Module], accelerator: Any) -> bool:
+    """FSDP2 for a full student when ``fsdp`` is on (:mod:`distill_diffusion.sharding`); True when it sharded."""
+    if not cfg.fsdp:
+        return False
+    main = accelerator.is_main_process
+    if cfg.student != "full":
+        if main:
+            print("note: fsdp applies to student=full; a LoRA student keeps one replicated frozen base and small "
+                  "adapters, so nothing is sharded", flush=True)
+        return False
+    if accelerator.num_processes == 1:
+        if main:
+            print("note: fsdp with one process shards nothing; training continues unsharded", flush=True)
+        return False
+    done = sharding.shard_models(models, extras, cfg.fsdp_shard_teacher, sharding.reshard_after_forward())
+    if main:
+        print(f"fsdp: sharded {', '.join(done)} over {accelerator.num_processes} processes", flush=True)
+    return True
 
 
 def build_stream(cfg: Any, spec: MethodSpec, models: Models, accelerator: Any) -> Stream:
@@ -242,12 +271,14 @@ def run_steps(tr: Trainer, stream: Stream, start: int, out: Path) -> None:
     for step in bar:
         batches = [make_batch(tr, next(samples), step, stream.source) for _ in range(cfg.gradient_accumulation_steps)]
         logs: dict[str, float] = {}
-        for role in tr.method.updates(step):
+        roles = tr.method.updates(step)
+        for role in roles:
             try:
                 update_role(tr, role, batches, step, logs)
             except NonFiniteError:
                 bar.close()
                 raise
+        step_schedulers(tr, roles, logs)
         done = step + 1
         logs["skipped_updates"] = tr.skipped_total
         if main:
@@ -289,7 +320,10 @@ def update_role(tr: Trainer, role: str, batches: list[Batch], step: int, logs: d
         loss_sum += float(loss.detach()) / accum
         for k, v in role_logs.items():
             logs[f"{role}/{k}"] = logs.get(f"{role}/{k}", 0.0) + v / accum
-    finite, loss_avg = _all_reduce_grads(tr.params[role], loss_sum, tr.accelerator)
+    if tr.sharded:  # FSDP's backward has reduce-scattered the gradients; ranks only agree on finiteness
+        finite, loss_avg = sharding.all_finite(tr.params[role], loss_sum, tr.accelerator.num_processes)
+    else:
+        finite, loss_avg = _all_reduce_grads(tr.params[role], loss_sum, tr.accelerator)
     if finite:
         logs[f"{role}/grad_norm"] = apply_update(tr, role)
         tr.bad_in_row = 0
@@ -297,16 +331,32 @@ def update_role(tr: Trainer, role: str, batches: list[Batch], step: int, logs: d
         skip_update(tr, role, step)
     tr.optimizers[role].zero_grad(set_to_none=True)
     logs[f"{role}/loss"] = loss_avg
-    logs[f"{role}/lr"] = tr.schedulers[role].get_last_lr()[0]
+
+
+def step_schedulers(tr: Trainer, updated: tuple[str, ...], logs: dict[str, float]) -> None:
+    """Every role's learning-rate schedule advances once per iteration, whether or not the role updated in it:
+    warm-up counts iterations, as DMD2's reference steps both its schedulers every iteration (train_sd.py), so a
+    generator updated every 10th iteration warms up over ``lr_warmup_steps`` iterations, not 10 times as many."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # a role that has not updated yet (DMD2's generator before its first turn) still advances its schedule
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        for sched in tr.schedulers.values():
+            sched.step()
+    for role in updated:
+        logs[f"{role}/lr"] = tr.schedulers[role].get_last_lr()[0]
 
 
 def apply_update(tr: Trainer, role: str) -> float:
-    """Clip, step the optimizer and scheduler, move the role's EMA targets; the gradient norm before clipping."""
-    grad_norm = tr.accelerator.clip_grad_norm_(tr.params[role], tr.cfg.max_grad_norm)
+    """Clip, step the optimizer, move the role's EMA targets; the gradient norm before clipping."""
+    if tr.sharded:
+        grad_norm = sharding.clip_grad_norm_(tr.params[role], tr.cfg.max_grad_norm)
+    else:
+        grad_norm = tr.accelerator.clip_grad_norm_(tr.params[role], tr.cfg.max_grad_norm)
     if tr.clip_values[role] is not None:  # after the norm clip, which unscales fp16 gradients
         torch.nn.utils.clip_grad_value_(tr.params[role], tr.clip_values[role])
     tr.optimizers[role].step()
-    tr.schedulers[role].step()
     for name, target in tr.models.targets.items():
         if target.source == role:
             tr.models.update_target(name)
@@ -351,15 +401,17 @@ def log_step(tr: Trainer, out: Path, done: int, start: int, logs: dict[str, floa
 def after_step(tr: Trainer, out: Path, done: int) -> None:
     """The method's exports, a checkpoint every ``checkpointing_steps`` and validation every ``validation_steps``."""
     cfg, acc = tr.cfg, tr.accelerator
-    for name, spec in tr.method.exports(done).items():
-        if acc.is_main_process:
-            artifacts.save_run(tr.models, cfg.method_name, spec, out, folder_name=name, role=export_role(cfg),
-                               extra={"step": done})
+    exports = tr.method.exports(done)
+    if exports:
+        with sharding.gathered(tr.models, acc.is_main_process):
+            for name, spec in exports.items():
+                if acc.is_main_process:
+                    artifacts.save_run(tr.models, cfg.method_name, spec, out, folder_name=name,
+                                       role=export_role(cfg), extra={"step": done})
     if done % cfg.checkpointing_steps == 0 and done < cfg.max_steps:
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            checkpoints.save(out, done, tr)
-    if cfg.validation_steps and done % cfg.validation_steps == 0 and done < cfg.max_steps and acc.is_main_process:
+        checkpoints.save(out, done, tr)
+    if cfg.validation_steps and done % cfg.validation_steps == 0 and done < cfg.max_steps:
         export_and_validate(tr, out, done)
     acc.wait_for_everyone()
 
@@ -424,7 +476,15 @@ def write_memory(tr: Trainer, out: Path, rss_baseline: int) -> None:
 
 
 def export_and_validate(tr: Trainer, out: Path, step: int) -> None:
-    """Write the run folder (student, sampling.json, model card) and a validation grid sampled through it."""
+    """Write the run folder (student, sampling.json, model card) and a validation grid sampled through it, on the
+    main process. Every process calls it: a sharded run gathers its networks first."""
+    main = tr.accelerator.is_main_process
+    with sharding.gathered(tr.models, main):
+        if main:
+            _export_and_validate(tr, out, step)
+
+
+def _export_and_validate(tr: Trainer, out: Path, step: int) -> None:
     cfg = tr.cfg
     artifacts.save_run(tr.models, cfg.method_name, tr.method.sampling(), out, cfg_yaml=to_yaml(cfg),
                        role=export_role(cfg), extra={"step": step})

@@ -1,6 +1,6 @@
 """Memory of a training run, counted from the models and measured from the process.
 
-Counted: bytes of the trainable tensors per role, of their gradients (the loop frees a role's gradients after its
+Counted, for this process: bytes of the trainable tensors per role (a sharded run's own shards), of their gradients (the loop frees a role's gradients after its
 update, so the peak is the largest role's), of the optimizers' states, and of every frozen weight (base UNet, VAE,
 text encoders, EMA targets). Measured: the resident set's peak above a baseline taken before the models load
 (CUDA's peak allocation where there is a GPU).
@@ -28,6 +28,10 @@ def peak_rss_bytes() -> int:
 
 
 def _nbytes(t: torch.Tensor) -> int:
+    """Bytes this process holds of ``t``: its own shard of an FSDP2 (DTensor) tensor."""
+    from .sharding import local
+
+    t = local(t)
     return t.numel() * t.element_size()
 
 

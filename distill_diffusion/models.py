@@ -205,6 +205,9 @@ class Models:
         self.targets = dict(targets or {})
         self.lora_config: dict[str, Any] = {}
         self._nets: dict[str, nn.Module] = {}  # full mode: role -> module
+        # Networks sharded with FSDP2 (distill_diffusion.sharding): name ("teacher" or a _nets key) -> the class to
+        # rebuild an unsharded copy with (fully_shard swaps the module's class for a subclass)
+        self.unsharded_class: dict[str, type] = {}
         self._lora_lists: dict[str, list[nn.Parameter]] = {}  # LoRA mode: adapter -> its tensors
         self.denoiser = self.family.net
         self.student_w_embedding = False

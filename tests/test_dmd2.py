@@ -414,3 +414,22 @@ def test_train_in_process_v_and_sdxl(teacher, tiny_teachers, image_folder, tmp_p
     imgs, _ = artifacts.sample(pipe, ["a red square"], seeds=[0], output_type="np")
     assert imgs.shape == (1, 16, 16, 3)
 
+
+
+def test_warmup_counts_iterations_not_updates(tiny_teachers, image_folder, tmp_path):
+    """lr warm-up per iteration (DMD2's reference steps both schedulers every iteration): at TTUR 2 the generator,
+    which updates every second iteration, has the critic's learning rate, not the rate of half as many updates."""
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from methods import METHODS
+
+    cfg, _ = parse_config(["--method", "dmd2", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
+                           "max_steps=4", "batch_size=2", f"output_dir={tmp_path}", "report_to=none",
+                           "validation_seeds=0", "method.student_update_every=2", "lr_warmup_steps=4",
+                           "logging_steps=1", "lora_rank=2", "method.student_lr=1e-3",
+                           "method.critic_lr=1e-3"], METHODS)
+    train(cfg, DMD2)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # logged after the iteration's schedule step: iteration i leaves the factor min(1, (i + 2) / 4)
+    assert [r["critic/lr"] for r in rows] == pytest.approx([1e-3 * min(1, (i + 2) / 4) for i in range(4)])
+    assert [r["student/lr"] for r in rows if "student/lr" in r] == pytest.approx([1e-3 * 3 / 4, 1e-3])
