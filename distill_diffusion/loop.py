@@ -72,9 +72,10 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
     if accelerator.is_main_process:
         start_run_folder(cfg, out, accelerator, trackers=cfg.report_to != "none")
     accelerator.wait_for_everyone()
+    setup_peak = memory.start_step_peak()
     run_steps(tr, stream, start, out)
     if accelerator.is_main_process:
-        write_memory(tr, out, rss_baseline)
+        write_memory(tr, out, rss_baseline, setup_peak)
     checkpoints.save(out, cfg.max_steps, tr)
     export_and_validate(tr, out, cfg.max_steps)
     accelerator.wait_for_everyone()
@@ -161,7 +162,8 @@ def build_trainer(cfg: Any, spec: MethodSpec, method_cls: type[Method], accelera
     """Models, method and extra modules. New trainable tensors (LoRA A matrices, a method's heads) are initialised
     from the seed: the same on every rank and in every resumed process."""
     torch.manual_seed(cfg.seed)
-    models = build_models(cfg, spec, accelerator.device)
+    sharded = wants_sharding(cfg, accelerator)
+    models = build_models(cfg, spec, accelerator.device, sharded=sharded)
     if cfg.init_from:
         checkpoints.init_student(models, cfg.init_from)
         models.reset_targets()  # EMA targets start from the loaded student
@@ -174,11 +176,16 @@ def build_trainer(cfg: Any, spec: MethodSpec, method_cls: type[Method], accelera
         checkpoints.init_roles(models, extras, cfg.init_from, others)
     if cfg.gradient_checkpointing:
         models.set_gradient_checkpointing(True)
-    return Trainer(cfg, spec, models, method, extras, accelerator, sharded=shard(cfg, models, extras, accelerator))
+    if sharded:
+        done = sharding.shard_models(models, extras, cfg.fsdp_shard_teacher, sharding.reshard_after_forward())
+        if accelerator.is_main_process:
+            print(f"fsdp: sharded {', '.join(done)} over {accelerator.num_processes} processes", flush=True)
+    return Trainer(cfg, spec, models, method, extras, accelerator, sharded=sharded)
 
 
-def shard(cfg: Any, models: Models, extras: dict[str, nn.Module], accelerator: Any) -> bool:
-    """FSDP2 for a full student when ``fsdp`` is on (:mod:`distill_diffusion.sharding`); True when it sharded."""
+def wants_sharding(cfg: Any, accelerator: Any) -> bool:
+    """Whether this run shards its full networks with FSDP2 (``fsdp`` on, a full student, several processes;
+    :mod:`distill_diffusion.sharding`); says why not in one line when ``fsdp`` is on but it will not."""
     if not cfg.fsdp:
         return False
     main = accelerator.is_main_process
@@ -191,9 +198,6 @@ def shard(cfg: Any, models: Models, extras: dict[str, nn.Module], accelerator: A
         if main:
             print("note: fsdp with one process shards nothing; training continues unsharded", flush=True)
         return False
-    done = sharding.shard_models(models, extras, cfg.fsdp_shard_teacher, sharding.reshard_after_forward())
-    if main:
-        print(f"fsdp: sharded {', '.join(done)} over {accelerator.num_processes} processes", flush=True)
     return True
 
 
@@ -466,9 +470,13 @@ def _buckets(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
 # ---- the end: memory, export, validation ------------------------------------------------------------------------
 
 
-def write_memory(tr: Trainer, out: Path, rss_baseline: int) -> None:
+def write_memory(tr: Trainer, out: Path, rss_baseline: int, setup_peak: int) -> None:
+    """memory.json: the counted bytes, the process's peak resident set above its pre-model baseline (set-up
+    included) and the peak during the training steps alone (absolute)."""
+    steps_peak = memory.step_peak_rss_bytes()
     mem = {**memory.counted(tr.models, tr.extras, tr.params, tr.optimizers),
-           "peak_rss_above_baseline_bytes": memory.peak_rss_bytes() - rss_baseline,
+           "peak_rss_above_baseline_bytes": max(setup_peak, memory.peak_rss_bytes()) - rss_baseline,
+           "steps_peak_rss_bytes": steps_peak,
            "student": tr.cfg.student, "method": tr.cfg.method_name}
     if torch.cuda.is_available():
         mem["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()

@@ -1,9 +1,9 @@
 """Memory of a training run, counted from the models and measured from the process.
 
-Counted, for this process: bytes of the trainable tensors per role (a sharded run's own shards), of their gradients (the loop frees a role's gradients after its
-update, so the peak is the largest role's), of the optimizers' states, and of every frozen weight (base UNet, VAE,
-text encoders, EMA targets). Measured: the resident set's peak above a baseline taken before the models load
-(CUDA's peak allocation where there is a GPU).
+Counted, for this process: bytes of the trainable tensors per role (a sharded run's own shards), of their gradients
+(the loop frees a role's gradients after its update, so the peak is the largest role's), of the optimizers' states,
+and of every frozen weight (base UNet, VAE, text encoders, EMA targets). Measured: the resident set's peak above a
+baseline taken before the models load (CUDA's peak allocation where there is a GPU).
 """
 
 from __future__ import annotations
@@ -25,6 +25,29 @@ def rss_bytes() -> int:
 def peak_rss_bytes() -> int:
     """The process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def start_step_peak() -> int:
+    """The peak resident set so far, then a new peak starts (Linux: writing 5 to /proc/self/clear_refs resets the
+    high-water mark), so :func:`step_peak_rss_bytes` measures the training steps alone, not the set-up (which
+    builds full copies before sharding them). Returns the set-up's peak so the overall one is not lost."""
+    peak = peak_rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    return peak
+
+
+def step_peak_rss_bytes() -> int | None:
+    """The resident set's high-water mark since :func:`start_step_peak` (VmHWM), or None where /proc has none."""
+    try:
+        with open("/proc/self/status") as fh:
+            line = next((x for x in fh if x.startswith("VmHWM:")), None)
+    except OSError:
+        return None
+    return int(line.split()[1]) * 1024 if line else None
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -187,6 +187,7 @@ class Models:
         channels_last: bool = False,
         compile_nets: bool = False,
         max_sequence_length: int | None = None,
+        full_copies_on_cpu: bool = False,
     ) -> None:
         self.device, self.weight_dtype = torch.device(device), weight_dtype
         self.teacher_path = resolve_teacher(teacher)
@@ -197,7 +198,13 @@ class Models:
                                 f"FLUX, SANA) have a T5 / Gemma text length; {type(self.pipe).__name__} has none")
             self.pipe.distill_max_sequence_length = max_sequence_length
         self._read_teacher(resolution)
-        self._freeze_teacher()
+        # A run that shards its full copies (FSDP2) builds them on the CPU from the teacher's float32 weights before
+        # anything moves to the accelerator; fully_shard then moves them there block by block, so no GPU ever holds
+        # a whole trainable copy.
+        full_copies_on_cpu = full_copies_on_cpu and student == "full"
+        self._full_copies_device = torch.device("cpu") if full_copies_on_cpu else self.device
+        if not full_copies_on_cpu:
+            self._freeze_teacher()
         self.student_kind = student
         self.roles = tuple(roles)
         # Headless roles own no network: no adapter or copy; their trainable tensors are the method's extra modules.
@@ -218,6 +225,8 @@ class Models:
             self._build_full(guidance_embedding_dim)
         else:
             raise UserError(f"student={student!r}: choose 'lora' or 'full'")
+        if full_copies_on_cpu:
+            self._freeze_teacher()
         self.encoders = Encoders(self.family)
         self._speed_flags(channels_last, compile_nets)
 
@@ -281,7 +290,7 @@ class Models:
         for role in self._networked():
             dim = guidance_embedding_dim if role == "student" else None
             net, embeds = self.family.full_copy(self.denoiser, dim)
-            self._nets[role] = net.to(self.device, torch.float32).requires_grad_(True).train()
+            self._nets[role] = net.to(self._full_copies_device, torch.float32).requires_grad_(True).train()
             self.student_w_embedding |= embeds
         for name, spec in self.targets.items():
             if spec.decay is not None:
@@ -608,9 +617,10 @@ class Models:
         return self.encoders.decode(latents)
 
 
-def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu") -> Models:
+def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu", sharded: bool = False) -> Models:
     """The teacher and the roles ``spec`` declares, wired from a training config (TrainConfig fields): the one
-    place the loop, the tests and the benchmarks build :class:`Models`."""
+    place the loop, the tests and the benchmarks build :class:`Models`. ``sharded``: the loop will shard the full
+    copies (:mod:`distill_diffusion.sharding`), so they are built on the CPU."""
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     models = Models(
         cfg.teacher, student=cfg.student, roles=spec.roles, targets=spec.targets, lora_rank=cfg.lora_rank,
@@ -618,6 +628,7 @@ def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu")
         guidance_embedding_dim=spec.student_guidance_embedding if cfg.student == "full" else None,
         resolution=cfg.resolution, device=device, weight_dtype=dtype, headless_roles=spec.headless,
         channels_last=cfg.channels_last, compile_nets=cfg.compile, max_sequence_length=cfg.max_sequence_length,
+        full_copies_on_cpu=sharded,
     )
     data = getattr(cfg, "data", None)
     if data is not None:
