@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,8 +60,12 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def counted(models: Any, extras: dict[str, nn.Module], params: dict[str, list[nn.Parameter]],
-            optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
-    """Bytes of parameters (trainable per role, frozen), gradients and optimizer states, each tensor counted once."""
+            optimizers: dict[str, torch.optim.Optimizer],
+            nbytes: Callable[[torch.Tensor], int] = _nbytes) -> dict[str, Any]:
+    """Bytes of parameters (trainable per role, frozen), gradients and optimizer states, each tensor counted once.
+
+    ``nbytes``: what one tensor costs; the whole tensor here, one rank's shard of it in the memory planner's
+    per-GPU figures (:mod:`distill_diffusion.plan`), which thus count with these very rules."""
     modules = [m for m in models.pipe.components.values() if isinstance(m, nn.Module)]
     modules += list(models._nets.values()) + list(extras.values())
     seen: dict[int, int] = {}
@@ -68,11 +73,11 @@ def counted(models: Any, extras: dict[str, nn.Module], params: dict[str, list[nn
         if m is None:
             continue
         for t in list(m.parameters()) + list(m.buffers()):
-            seen.setdefault(id(t), _nbytes(t))
-    trainable = {role: sum(_nbytes(p) for p in ps) for role, ps in params.items()}
+            seen.setdefault(id(t), nbytes(t))
+    trainable = {role: sum(nbytes(p) for p in ps) for role, ps in params.items()}
     trainable_ids = {id(p) for ps in params.values() for p in ps}
     frozen = sum(b for i, b in seen.items() if i not in trainable_ids)
-    optim = {role: sum(_nbytes(v) for st in o.state.values() for v in st.values() if torch.is_tensor(v))
+    optim = {role: sum(nbytes(v) for st in o.state.values() for v in st.values() if torch.is_tensor(v))
              for role, o in optimizers.items()}
     grads = max(trainable.values(), default=0)
     total = sum(trainable.values()) + frozen + grads + sum(optim.values())

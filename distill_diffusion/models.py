@@ -139,17 +139,21 @@ def tied_plain_net(wrapped: nn.Module) -> nn.Module:
         plain = type(wrapped).from_config(wrapped.config)
     base = {n.replace(".base_layer", ""): t for n, t in wrapped.named_parameters() if "lora_" not in n}
     buffers = {n.replace(".base_layer", ""): t for n, t in wrapped.named_buffers() if "lora_" not in n}
+    tied: set[int] = set()
     for mod_name, module in plain.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         for key in list(module._parameters):
             if module._parameters[key] is not None:
                 module._parameters[key] = base[prefix + key]
+                tied.add(id(module._parameters[key]))
         for key in list(module._buffers):
             if module._buffers[key] is not None:
                 module._buffers[key] = buffers[prefix + key]
+                tied.add(id(module._buffers[key]))
     if hasattr(wrapped, "attn_processors"):  # the teacher's own attention kernels, not the class defaults
         plain.set_attn_processor(dict(wrapped.attn_processors))
-    left = [n for n, t in list(plain.named_parameters()) + list(plain.named_buffers()) if t.is_meta]
+    # By identity, not by ``is_meta``: a network built on the meta device (the memory planner) ties meta tensors.
+    left = [n for n, t in list(plain.named_parameters()) + list(plain.named_buffers()) if id(t) not in tied]
     if left:
         raise RuntimeError(f"tied_plain_net: no base tensor for {left[:3]}")
     return plain.eval()
@@ -188,10 +192,13 @@ class Models:
         compile_nets: bool = False,
         max_sequence_length: int | None = None,
         full_copies_on_cpu: bool = False,
+        pipe: Any | None = None,
     ) -> None:
         self.device, self.weight_dtype = torch.device(device), weight_dtype
         self.teacher_path = resolve_teacher(teacher)
-        self.pipe = load_pipeline(teacher)
+        # ``pipe``: the teacher pipeline already built, e.g. on the meta device by the memory planner
+        # (:mod:`distill_diffusion.plan`), which then counts the very tensors a run would hold; None loads ``teacher``.
+        self.pipe = load_pipeline(teacher) if pipe is None else pipe
         if max_sequence_length is not None:
             if not family_for(type(self.pipe).__name__).takes_max_sequence_length:
                 raise UserError(f"max_sequence_length={max_sequence_length}: only flow-transformer teachers (SD3, "
@@ -617,10 +624,12 @@ class Models:
         return self.encoders.decode(latents)
 
 
-def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu", sharded: bool = False) -> Models:
+def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu", sharded: bool = False,
+                 pipe: Any | None = None) -> Models:
     """The teacher and the roles ``spec`` declares, wired from a training config (TrainConfig fields): the one
-    place the loop, the tests and the benchmarks build :class:`Models`. ``sharded``: the loop will shard the full
-    copies (:mod:`distill_diffusion.sharding`), so they are built on the CPU."""
+    place the loop, the tests, the benchmarks and the memory planner build :class:`Models`. ``sharded``: the loop
+    will shard the full copies (:mod:`distill_diffusion.sharding`), so they are built on the CPU; ``pipe``: a
+    teacher pipeline already built, see :class:`Models`."""
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     models = Models(
         cfg.teacher, student=cfg.student, roles=spec.roles, targets=spec.targets, lora_rank=cfg.lora_rank,
@@ -628,7 +637,7 @@ def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu",
         guidance_embedding_dim=spec.student_guidance_embedding if cfg.student == "full" else None,
         resolution=cfg.resolution, device=device, weight_dtype=dtype, headless_roles=spec.headless,
         channels_last=cfg.channels_last, compile_nets=cfg.compile, max_sequence_length=cfg.max_sequence_length,
-        full_copies_on_cpu=sharded,
+        full_copies_on_cpu=sharded, pipe=pipe,
     )
     data = getattr(cfg, "data", None)
     if data is not None:
