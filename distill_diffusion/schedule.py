@@ -400,7 +400,8 @@ class FlowSchedule:
 
     @classmethod
     def from_scheduler_config(cls, config: Any, mu: float | None = None) -> FlowSchedule:
-        """The training sigmas of a ``FlowMatchEulerDiscreteScheduler`` config: its static ``shift``, or with
+        """The training sigmas of a ``FlowMatchEulerDiscreteScheduler`` config (or a flow-sigma DPM-Solver's, SANA's):
+        its static ``shift`` (``flow_shift``), or with
         ``use_dynamic_shifting`` the resolution-dependent shift μ (FLUX.1: :func:`dynamic_shift_mu` of the training
         resolution's latent sequence length)."""
         T = int(config.get("num_train_timesteps", 1000))
@@ -409,7 +410,8 @@ class FlowSchedule:
             if mu is None:
                 raise ValueError("a dynamically shifted schedule needs mu (the image's latent sequence length)")
             return cls(time_shift(base, mu))
-        return cls(shift_sigmas(base, float(config.get("shift", 1.0))))
+        # SANA's pipelines ship a DPMSolverMultistepScheduler with use_flow_sigmas, whose shift is ``flow_shift``
+        return cls(shift_sigmas(base, float(config.get("shift", config.get("flow_shift", 1.0)))))
 
     def to(self, device: torch.device | str) -> FlowSchedule:
         self.sigmas = self.sigmas.to(device)

@@ -5,6 +5,7 @@ For every registered method with ``student=full``: the sharded 2-rank run reache
 with the same global batch, and a 2-rank run killed with SIGKILL and resumed from its sharded checkpoint ends where
 an uninterrupted one does."""
 
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,13 @@ def test_fsdp_two_ranks_equal_one_process(name, tiny_teachers, image_folder, tmp
     # per-sample gradients in a different order.
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=f"{name}: {k} differs between 1 and 2 ranks")
+    # The memory planner's per-GPU figures are what the sharded main process counted (memory.json), byte for byte.
+    from distill_diffusion.plan import plan
+
+    args = _args(name, tiny_teachers["sd"], image_folder, two, 2)
+    planned = plan(name, overrides=args[2:], gpus=2, fsdp=True).to_json()["per_gpu"]
+    counted = json.loads((two / "memory.json").read_text())
+    assert {k: counted[k] for k in planned} == planned
     # The exported student was gathered from the shards: the same weights as the checkpoint's.
     student = load_file(str(two / "student" / "unet" / "diffusion_pytorch_model.safetensors"))
     role = "student_ema" if any(k.startswith("student_ema/") for k in b) else "student"

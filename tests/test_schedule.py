@@ -308,3 +308,15 @@ def test_density_timesteps_draws_each_density(scheme):
         assert abs(float(t.float().mean()) - 499.5) < 15 and float(t.float().std()) < 240  # centred, no uniform
     else:  # mode_scale 1.29 leans towards the middle too, less than logit-normal
         assert float(t.float().std()) < 288
+
+
+def test_flow_shift_of_a_flow_sigma_dpm_solver_config():
+    """SANA ships DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3): its training sigmas are
+    FlowMatchEuler's at shift 3 (sigma 0.75 at the middle step), not the unshifted ones."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    dpm = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    a = schedule.FlowSchedule.from_scheduler_config(dpm.config).sigmas
+    b = schedule.FlowSchedule.from_scheduler_config(euler.config).sigmas
+    assert torch.equal(a, b) and abs(float(a[499]) - 0.75) < 1e-6
