@@ -23,6 +23,15 @@ Critic: the teacher's own denoising loss (ε- or v-MSE) on sg(x), t ~ U[0, T)   
 GAN (DMD2 sec. 4.3, eq. 3-4): D(x_t, t) = head(bottleneck of μ_fake at (x_t, t)) with real latents and generated x
   noised at t ~ U[0, T); non-saturating: L_G = softplus(−D(fake)) (weight λ_G = 1e-3, SDXL 5e-3), L_D =
   softplus(D(fake)) + softplus(−D(real)) (weight λ_D = 1e-2) added to the critic's loss; the head is the critic's.
+
+Decoupled DMD (``decoupled``; Liu, Gao, Liu, Du, Li, Wu, Jin, Cao, Zhang, Li, Hoi, "Decoupled DMD: CFG Augmentation
+as the Spear, Distribution Matching as the Shield", arXiv:2511.22677). With the guided real score, DMD's gradient is
+−(s_cond − s_fake) − (α − 1)(s_cond − s_uncond) (their eq. 6): distribution matching (DM) plus CFG augmentation (CA).
+Eq. 8 evaluates the two at their own re-noisings x_{τ_DM}, x_{τ_CA} of sg(x); Algorithm 1 draws τ_CA ~ U(t, 1) (less
+noisy than the step's input, t = 1 clean in their notation) and τ_DM ~ U(0, 1). Here, in x0 form and inside DMD2's
+[min_step, max_step]:  ∇ = dm_weight (x̂_fake − x̂_cond)/N_DM + ca_weight (x̂_uncond − x̂_cond)/N_CA, every x̂ at
+its own term's timestep, N the DMD2 normaliser mean|x − x̂_cfg| at that timestep (our choice: the paper's
+Algorithm 1 shows no normaliser; with one shared τ it is DMD2's gradient exactly). The critic and GAN are unchanged.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill_diffusion.errors import UserError
-from distill_diffusion.matching import dm_loss
+from distill_diffusion.matching import dm_loss, gradient_loss
 from distill_diffusion.method import (
     Batch,
     Cond,
@@ -82,6 +91,16 @@ class DMD2Config:
     # Start the critic (and the GAN head, when the earlier run had one) from the last checkpoint of the run that
     # ``init_from`` names, as the paper's second stage resumes both networks.
     init_critic: bool = False
+    # Decoupled DMD (Liu et al. 2025, arXiv:2511.22677, eq. 8 and Algorithm 1): the generator's gradient as two
+    # terms with their own weights and re-noising timesteps. DM = real_cond − fake_cond (no CFG), CA = real_cond −
+    # real_uncond. "full": U[min_step, max_step] as plain DMD2; "constrained": below the generator's input timestep
+    # t_k (the paper's τ > t, cleaner than the step's input), within the same bounds. The paper's proposal
+    # (Decoupled-Hybrid, Tab. 1 ④): ca "constrained", dm "full". Off: the DMD2 gradient above, unchanged.
+    decoupled: bool = False
+    dm_weight: float = 1.0  # weight of the DM term (eq. 6/8: 1)
+    ca_weight: float | None = None  # weight of the CA term; None = real_guidance_scale − 1 (eq. 6/8: α − 1)
+    ca_schedule: str = "constrained"  # τ_CA: "constrained" (Alg. 1 line 11, τ_CA ~ U(t, 1)) or "full"
+    dm_schedule: str = "full"  # τ_DM: "full" (Alg. 1 line 12, τ_DM ~ U(0, 1)) or "constrained"
 
     def check(self) -> None:
         if self.real_guidance_scale < 1:
@@ -107,6 +126,11 @@ class DMD2Config:
             raise UserError(f"method.critic_t_density={self.critic_t_density!r}: uniform, logit_normal or mode")
         if self.critic_t_logit_std <= 0:
             raise UserError(f"method.critic_t_logit_std={self.critic_t_logit_std}: must be positive")
+        if self.dm_weight < 0 or (self.ca_weight is not None and self.ca_weight < 0):
+            raise UserError("method.dm_weight and method.ca_weight must be >= 0")
+        for key in ("ca_schedule", "dm_schedule"):
+            if getattr(self, key) not in ("full", "constrained"):
+                raise UserError(f"method.{key}={getattr(self, key)!r}: full or constrained")
 
 
 # ---- pure maths ---------------------------------------------------------------------------------------------------
@@ -120,6 +144,31 @@ def generator_gan_loss(logits_fake: Tensor) -> Tensor:
 def discriminator_gan_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     """softplus(D(fake)) + softplus(−D(real)) per sample (DMD2 eq. 4: −log(1 − σ(D(fake))) − log σ(D(real)))."""
     return F.softplus(logits_fake) + F.softplus(-logits_real)
+
+
+def guided_normaliser(x0: Tensor, x0_cond: Tensor, x0_uncond: Tensor, w: float) -> Tensor:
+    """DMD2's per-sample normaliser mean_{C,H,W} |x − x̂_real| with x̂_real = x̂_uncond + w (x̂_cond − x̂_uncond), the
+    guided real x0 at the same noise level; (B, C, h, w) -> (B, 1, 1, 1)."""
+    x0_real = x0_uncond + w * (x0_cond - x0_uncond)
+    return (x0 - x0_real).abs().flatten(1).mean(1).reshape(-1, *[1] * (x0.ndim - 1))
+
+
+def dm_term(x0: Tensor, x0_cond: Tensor, x0_uncond: Tensor, x0_fake: Tensor, w: float) -> Tensor:
+    """Decoupled DMD's distribution-matching term (Liu et al. eq. 6 / 8, −(s_real_cond − s_fake_cond)) in DMD2's x0
+    form at its own τ_DM: (x̂_fake − x̂_cond) / guided_normaliser, all x̂ at τ_DM; (B, C, h, w).
+
+    A score is s(x_τ) = (α_τ x̂ − x_τ) / σ_τ², so score differences are x0 differences times α_τ / σ_τ², the factor
+    DMD2's normaliser replaces (DMD eq. 8). The normaliser is DMD2's own (the guided x̂ at τ_DM), so that with
+    τ_DM = τ_CA this term plus (w − 1) :func:`ca_term` is the DMD2 gradient (x̂_fake − x̂_cfg) / mean|x − x̂_cfg|.
+    """
+    return (x0_fake - x0_cond) / guided_normaliser(x0, x0_cond, x0_uncond, w)
+
+
+def ca_term(x0: Tensor, x0_cond: Tensor, x0_uncond: Tensor, w: float) -> Tensor:
+    """Decoupled DMD's CFG-augmentation term (Liu et al. eq. 6 / 8 without its weight α − 1, −(s_real_cond −
+    s_real_uncond)) in DMD2's x0 form at its own τ_CA: (x̂_uncond − x̂_cond) / guided_normaliser, all x̂ at τ_CA;
+    (B, C, h, w). ``w`` only sets the normaliser (DMD2's guided x̂ at τ_CA)."""
+    return (x0_uncond - x0_cond) / guided_normaliser(x0, x0_cond, x0_uncond, w)
 
 
 def initial_latent(z: Tensor, noise_level: float, scaled: bool) -> Tensor:
@@ -181,9 +230,27 @@ class DMD2(Method):
         self.head: GANHead | None = None
         if cfg.scaled_init_noise and models.schedule.kind == "flow":
             raise UserError("method.scaled_init_noise=true: flow pipelines start from unit noise; set it to false")
+        if cfg.decoupled:
+            self._check_decoupled()
         if cfg.gan:
             c, s = models.feature_shapes([models.bottleneck_block()])[0]
             self.head = GANHead(c, s, models.feature_groups()).to(models.device)
+
+    def _check_decoupled(self) -> None:
+        m, c = self.models, self.cfg
+        if m.family.guidance_embedded(m.net("teacher")):
+            raise UserError("method.decoupled=true needs separate conditional and unconditional teacher passes; this "
+                            "teacher takes guidance as an input (guidance-embedded): set method.decoupled=false")
+        used = [s for s, wt in ((c.ca_schedule, self.ca_weight), (c.dm_schedule, c.dm_weight)) if wt > 0]
+        if "constrained" in used and min(self.timesteps) - 1 < self.min_step:
+            raise UserError(f"method.conditioning_timesteps={self.timesteps}: a constrained schedule draws below "
+                            f"each step's timestep and above min_step={self.min_step}; the last step leaves no room")
+
+    @property
+    def ca_weight(self) -> float:
+        """The CA term's weight: method.ca_weight, or α − 1 with α = real_guidance_scale (Liu et al. eq. 6)."""
+        c = self.cfg
+        return c.real_guidance_scale - 1 if c.ca_weight is None else c.ca_weight
 
     # ---- declarations --------------------------------------------------------------------------------------------
     def optimizer_settings(self, role: str) -> OptimizerSettings:
@@ -234,6 +301,20 @@ class DMD2(Method):
         x0_fake, _ = m.predict("critic", xt, t, batch.cond)
         return x0_real, x0_fake
 
+    @torch.no_grad()
+    def real_pair(self, xt: Tensor, t: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(x̂_cond, x̂_uncond): the teacher's conditional and unconditional x0 at (x_t, t), one batched forward."""
+        m = self.models
+        out = m.net_out("teacher", torch.cat([xt, xt]), torch.cat([t, t]), batch.cond.cat(batch.uncond))
+        out_c, out_u = out.chunk(2)
+        return m.schedule.split(out_c, xt, t)[0], m.schedule.split(out_u, xt, t)[0]
+
+    def renoise_timesteps(self, batch: Batch, schedule: str, k: int, tag: str) -> Tensor:
+        """Decoupled DMD's re-noising timesteps (B,): "full" U[min_step, max_step]; "constrained" below step k's
+        input timestep t_k (Liu et al. Alg. 1 line 11, τ > t in their clean-at-1 time) down to min_step."""
+        hi = self.max_step if schedule == "full" else min(self.max_step, self.timesteps[k] - 1)
+        return batch.rng.randint(self.min_step, hi + 1, tag)
+
     def discriminate(self, x: Tensor, t: Tensor, cond: Cond, train: bool) -> Tensor:
         """D(x_t, t): the critic's bottleneck through the GAN head, (B,) logits.
 
@@ -258,13 +339,16 @@ class DMD2(Method):
     def _generator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         m, c, rng = self.models, self.cfg, batch.rng
         x0, k = self.generate(batch, grad=True)
-        t = rng.randint(self.min_step, self.max_step + 1, "dmd2-dm-t")
-        xt = m.schedule.add_noise(x0.detach(), rng.randn(m.latent_shape, "dmd2-dm-noise"), t)
-        x0_real, x0_fake = self.scores(xt, t, batch)
-        per_sample, ok = dm_loss(x0, x0_real, x0_fake)
+        if c.decoupled:
+            per_sample, ok, logs = self._decoupled_dm(x0, k, batch)
+        else:
+            t = rng.randint(self.min_step, self.max_step + 1, "dmd2-dm-t")
+            xt = m.schedule.add_noise(x0.detach(), rng.randn(m.latent_shape, "dmd2-dm-noise"), t)
+            x0_real, x0_fake = self.scores(xt, t, batch)
+            per_sample, ok = dm_loss(x0, x0_real, x0_fake)
+            logs = {"t": float(t.float().mean())}
         loss = per_sample.sum() / ok.sum().clamp(min=1)  # masked samples give 0 and count for nothing
-        logs = {"dm": float(loss.detach()), "nonfinite": float((~ok).sum()), "k": float(k),
-                "t": float(t.float().mean())}
+        logs = {"dm": float(loss.detach()), "nonfinite": float((~ok).sum()), "k": float(k), **logs}
         if self.head is not None and c.gan_generator_weight > 0:
             t_g = rng.randint(0, c.gan_max_timestep, "dmd2-gan-fake-t")
             xg = m.schedule.add_noise(x0, rng.randn(m.latent_shape, "dmd2-gan-fake-noise"), t_g)
@@ -272,6 +356,31 @@ class DMD2(Method):
             loss = loss + c.gan_generator_weight * g
             logs["gan_g"] = float(g.detach())
         return loss, logs
+
+    def _decoupled_dm(self, x0: Tensor, k: int, batch: Batch) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """Decoupled DMD (Liu et al. eq. 8, Alg. 1 lines 9-27): dm_weight × :func:`dm_term` at τ_DM plus ca_weight ×
+        :func:`ca_term` at τ_CA, each on its own re-noising of sg(x) with its own noise; a zero weight skips its term.
+        Returns the per-sample proxy loss (B,), the finite mask (B,) and logs (mean timesteps, mean |term|)."""
+        m, c, rng, w = self.models, self.cfg, batch.rng, self.cfg.real_guidance_scale
+        x, terms, logs = x0.detach(), [], {}
+        for name, weight, schedule in (("dm", c.dm_weight, c.dm_schedule), ("ca", self.ca_weight, c.ca_schedule)):
+            if weight <= 0:
+                continue
+            t = self.renoise_timesteps(batch, schedule, k, f"dmd2-{name}-t")
+            xt = m.schedule.add_noise(x, rng.randn(m.latent_shape, f"dmd2-{name}-noise"), t)
+            x0_cond, x0_uncond = self.real_pair(xt, t, batch)
+            if name == "dm":
+                with torch.no_grad():
+                    x0_fake, _ = m.predict("critic", xt, t, batch.cond)
+                term = dm_term(x, x0_cond, x0_uncond, x0_fake, w)
+            else:
+                term = ca_term(x, x0_cond, x0_uncond, w)
+            terms.append(weight * term)
+            logs[f"t_{name}"] = float(t.float().mean())
+            logs[f"grad_{name}"] = float(masked_mean((weight * term).abs().flatten(1).mean(1))[0])
+        grad = sum(terms) if terms else torch.zeros_like(x)
+        per_sample, ok = gradient_loss(x0, grad)
+        return per_sample, ok, logs
 
     def _critic_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         m, c, rng = self.models, self.cfg, batch.rng

@@ -1,5 +1,6 @@
 """DMD2: the DM gradient's closed form and masking, TTUR, the GAN head on the critic's bottleneck, backward
-simulation, losses falling on a fixed batch, sampling with the trained timesteps, and runs through train.py."""
+simulation, losses falling on a fixed batch, sampling with the trained timesteps, and runs through train.py;
+Decoupled DMD's terms, schedules and bit-identity when off; Phased DMD's subinterval score-matching target."""
 
 import json
 import os
@@ -14,13 +15,16 @@ import torch
 from distill_diffusion import artifacts, schedule
 from distill_diffusion.config import method_object, parse_config
 from distill_diffusion.errors import UserError
-from distill_diffusion.matching import dm_gradient, dm_loss
+from distill_diffusion.matching import dm_gradient, dm_loss, subinterval_pair
+from distill_diffusion.method import StepRNG
 from methods import METHODS
 from methods.dmd2 import (
     DMD2,
     DMD2Config,
     GANHead,
+    ca_term,
     discriminator_gan_loss,
+    dm_term,
     generator_gan_loss,
     initial_latent,
 )
@@ -96,6 +100,200 @@ def test_config_checks():
         with pytest.raises(UserError):
             DMD2Config(**bad).check()
     DMD2Config(conditioning_timesteps=FOUR).check()
+
+
+# ---- Decoupled DMD (Liu et al., arXiv:2511.22677) ------------------------------------------------------------------
+
+
+def test_decoupled_terms_closed_form_and_sum_to_the_dmd2_gradient():
+    x, c, u, f = (torch.full((1, 1, 2, 2), v) for v in (1.0, 0.0, 0.5, 2.0))
+    # guided x̂ = 0.5 + 3 (0 - 0.5) = -1, normaliser mean|1 - (-1)| = 2
+    torch.testing.assert_close(dm_term(x, c, u, f, 3.0), torch.full_like(x, 1.0))  # (2 - 0) / 2
+    torch.testing.assert_close(ca_term(x, c, u, 3.0), torch.full_like(x, 0.25))  # (0.5 - 0) / 2
+    torch.manual_seed(0)
+    x, c, u, f = torch.randn(4, 3, 2, 5, 5).double().unbind(0)
+    w = 1.75
+    guided = schedule.cfg(u, c, w)
+    # eq. 6: DM + (α − 1) CA at one noise level is DMD2's gradient with the guided real score
+    torch.testing.assert_close(dm_term(x, c, u, f, w) + (w - 1) * ca_term(x, c, u, w), dm_gradient(x, guided, f))
+    # signs against scores s = (α x̂ − x_τ) / σ²: term × normaliser × α / σ² = −(s_real_cond − s_fake_cond), and
+    # −(s_real_cond − s_real_uncond) for CA
+    xt, a, sig = torch.randn(3, 2, 5, 5).double(), 0.6, 0.8
+    score = lambda x0: (a * x0 - xt) / sig**2  # noqa: E731
+    norm = (x - guided).abs().mean((1, 2, 3), keepdim=True)
+    torch.testing.assert_close(dm_term(x, c, u, f, w) * norm * a / sig**2, -(score(c) - score(f)))
+    torch.testing.assert_close(ca_term(x, c, u, w) * norm * a / sig**2, -(score(c) - score(u)))
+
+
+class _SharedNoiseRNG(StepRNG):
+    """The CA term draws the DM term's timesteps and noise: the two schedules set equal, sample for sample."""
+
+    def _gen(self, *key):
+        tag = key[0].replace("dmd2-ca-", "dmd2-dm-") if isinstance(key[0], str) else key[0]
+        return super()._gen(tag, *key[1:])
+
+
+def _grad_wrt_x(method: DMD2, batch, x: torch.Tensor) -> torch.Tensor:
+    """∂(generator loss)/∂x at a fixed generator output x (the generator itself is bypassed)."""
+    x = x.clone().requires_grad_(True)
+    method.generate = lambda batch, grad: (x, 0)
+    loss, _ = method.loss("student", batch, 0)
+    loss.backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("ca_weight", [None, 2.0])
+def test_decoupled_gradient_equals_dmd2_with_equal_schedules(ca_weight, tiny_teachers):
+    """With τ_CA = τ_DM (same draws), weights (1, α − 1) give DMD2's gradient wrt the generator's output x; another CA
+    weight changes it by exactly (ca_weight − (α − 1)) × the CA term."""
+    w = 3.0
+    models, plain, tcfg = build(DMD2, tiny_teachers["sd"], "lora", real_guidance_scale=w, gan=False)
+    with torch.no_grad():
+        for p in models.parameters("critic"):
+            p.add_(0.05 * torch.randn_like(p))
+    dec_cfg = DMD2Config(real_guidance_scale=w, gan=False, decoupled=True, ca_schedule="full", dm_schedule="full",
+                         ca_weight=ca_weight)
+    decoupled = DMD2(dec_cfg, tcfg, models)
+    b = fixed_batch(models, b=3)
+    batch = type(b)(b.latents, b.cond, b.uncond, b.prompts, _SharedNoiseRNG(0, 0, torch.arange(3)))
+    x = torch.randn(3, *models.latent_shape)
+    g_plain, g_dec = _grad_wrt_x(plain, batch, x), _grad_wrt_x(decoupled, batch, x)
+    assert g_plain.abs().sum() > 0
+    if ca_weight is None:
+        torch.testing.assert_close(g_dec, g_plain, rtol=1e-4, atol=1e-7)
+        return
+    t = batch.rng.randint(decoupled.min_step, decoupled.max_step + 1, "dmd2-dm-t")
+    xt = models.schedule.add_noise(x, batch.rng.randn(models.latent_shape, "dmd2-dm-noise"), t)
+    c, u = decoupled.real_pair(xt, t, batch)
+    extra = (ca_weight - (w - 1)) * ca_term(x, c, u, w) / x[0].numel()  # the proxy loss's gradient is ∇ / (C·H·W)
+    torch.testing.assert_close(g_dec, g_plain + extra / len(x), rtol=1e-4, atol=1e-7)
+
+
+def _teacher_timesteps(method: DMD2, models, batch) -> list[torch.Tensor]:
+    """The timesteps of every teacher call the generator loss makes (each a batched cond + uncond pass)."""
+    calls = []
+
+    def recording(role, xt, t, *a, _net_out=models.net_out, **k):
+        if role == "teacher":
+            calls.append(t[: len(t) // 2].clone())
+        return _net_out(role, xt, t, *a, **k)
+
+    models.net_out = recording
+    try:
+        with torch.no_grad():
+            method.loss("student", batch, 0)
+    finally:
+        del models.net_out
+    return calls
+
+
+def test_decoupled_schedules_and_zero_weights(tiny_teachers):
+    """Decoupled-Hybrid (the paper's ④): τ_DM over [min_step, max_step], τ_CA below each step's input timestep t_k;
+    a zero weight skips its term's forwards."""
+    models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", conditioning_timesteps=FOUR, gan=False,
+                              decoupled=True)
+    seen_k = set()
+    for step in range(40):
+        batch = fixed_batch(models, b=4, step=step)
+        k = method.pick_step(batch)
+        t_dm, t_ca = _teacher_timesteps(method, models, batch)
+        assert t_dm.min() >= method.min_step and t_dm.max() <= method.max_step
+        assert t_ca.min() >= method.min_step and t_ca.max() < min(FOUR[k], method.max_step + 1)
+        seen_k.add(k)
+        if len(seen_k) == 4:
+            break
+    assert seen_k == {0, 1, 2, 3}
+    for kw, n in ((dict(ca_weight=0.0), 1), (dict(dm_weight=0.0), 1), (dict(real_guidance_scale=1.0), 1)):
+        _, m, _ = build(DMD2, tiny_teachers["sd"], "lora", gan=False, decoupled=True, **kw)
+        assert len(_teacher_timesteps(m, m.models, fixed_batch(m.models, b=2))) == n, kw
+
+
+def test_decoupled_config_checks(tiny_teachers, flow_teachers):
+    for bad in (dict(ca_schedule="above"), dict(dm_schedule="constrainted"), dict(dm_weight=-1.0),
+                dict(ca_weight=-0.5)):
+        with pytest.raises(UserError):
+            DMD2Config(**bad).check()
+    with pytest.raises(UserError, match="no room"):  # a last step at t = 15 leaves nothing in [min_step=20, 15)
+        build(DMD2, tiny_teachers["sd"], "lora", gan=False, decoupled=True, conditioning_timesteps=[999, 15])
+    build(DMD2, tiny_teachers["sd"], "lora", gan=False, decoupled=True, conditioning_timesteps=[999, 15],
+          ca_schedule="full")
+    with pytest.raises(UserError, match="guidance-embedded"):
+        build(DMD2, flow_teachers["flux_dev"], "lora", gan=False, decoupled=True)
+    models, method, _ = build(DMD2, flow_teachers["sd3"], "lora", gan=False, decoupled=True,
+                              conditioning_timesteps=[999, 500])
+    with models.trainable("student"), models.role("student"):
+        loss, logs = method.loss("student", fixed_batch(models, b=2), 0)
+        loss.backward()
+    assert torch.isfinite(loss) and {"t_dm", "t_ca", "grad_dm", "grad_ca"} <= set(logs)
+
+
+def test_decoupled_off_is_bit_identical(tiny_teachers, image_folder, tmp_path):
+    """A short fixed-seed run with method.decoupled absent and explicitly false: the same losses, the same weights."""
+    from safetensors.torch import load_file
+
+    from distill_diffusion.loop import train
+
+    def run(out: Path, *extra: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        cfg, _ = parse_config(["--method", "dmd2", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
+                               "max_steps=4", "batch_size=2", f"output_dir={out}", "report_to=none",
+                               "validation_seeds=0", "logging_steps=1", "checkpointing_steps=4", "lora_rank=4",
+                               "method.student_update_every=2", "method.conditioning_timesteps=[999,499]", *extra],
+                              METHODS)
+        train(cfg, DMD2)
+        rows = [{k: v for k, v in json.loads(line).items() if k != "sec_per_step"}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return rows, load_file(str(out / "checkpoints" / "checkpoint-4" / "trainable.safetensors"))
+
+    rows_a, w_a = run(tmp_path / "absent")
+    rows_b, w_b = run(tmp_path / "off", "method.decoupled=false")
+    assert rows_a == rows_b and any("student/dm" in r for r in rows_a)
+    assert w_a.keys() == w_b.keys() and all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+# ---- Phased DMD's subinterval target (Fan et al., arXiv:2510.27684, sec. 2.2.2) ----------------------------------
+
+
+def test_subinterval_target_is_the_papers_eq_11_to_13():
+    torch.manual_seed(0)
+    x_s, eps, psi = torch.randn(3, 4, 3).double().unbind(0)
+    a_s, s_s, a_t, s_t = (torch.tensor(v).double() for v in (0.8, 0.6, 0.5, 0.9))  # any α, σ with SNR falling
+    a_ts = a_t / a_s
+    s_ts = (s_t**2 - a_ts**2 * s_s**2).sqrt()
+    x_t, x0_t, eps_t = subinterval_pair(x_s, eps, a_s, s_s, a_t, s_t)
+    torch.testing.assert_close(x_t, a_ts * x_s + s_ts * eps)  # eq. 2
+    torch.testing.assert_close(x0_t, x_s / a_s - a_t * s_s**2 / (a_s**2 * s_ts) * eps)  # eq. 12 (x-prediction)
+    torch.testing.assert_close(eps_t - x0_t, (a_s**2 * s_t + a_t * s_s**2) / (a_s**2 * s_ts) * eps - x_s / a_s)  # 11
+    torch.testing.assert_close(a_t * x0_t + s_t * eps_t, x_t)  # a decomposition of x_t: any target follows
+    # eq. 13: clamp(1/σ²_{t|s}) ‖σ_{t|s} ψ − σ_{t|s} (eq. 11's target)‖² = min(1, 10 σ²_{t|s}) ‖ψ − target‖²
+    target = eps_t - x0_t
+    lhs = torch.clamp(1 / s_ts**2, 0, 10) * ((s_ts * psi - s_ts * target) ** 2).sum()
+    torch.testing.assert_close(lhs, torch.clamp(10 * s_ts**2, max=1) * ((psi - target) ** 2).sum())
+
+
+@pytest.mark.parametrize("s, t", [(100, 400), (300, 900), (600, 610), (-1, 500)])
+def test_subinterval_target_regresses_to_the_true_posterior_mean(s, t):
+    """Gaussian data x0 ~ N(0, c²): the least-squares fit of a target on x_t is Cov(target, x_t) / Var(x_t) · x_t,
+    computed here from the joint Gaussian of (x_s, ε); it must equal the true E[x0 | x_t] = α_t c² / (α_t² c² + σ_t²)
+    x_t of the full-interval objective (and E[ε | x_t] likewise). Treating x_s as the clean sample does not."""
+    ac = torch.linspace(0.9991, 0.0047, 1000).double()  # an ᾱ from clean to noisy, as a VP schedule's
+    a_s, s_s = schedule.alpha_sigma(torch.tensor([s]), ac)
+    a_t, s_t = schedule.alpha_sigma(torch.tensor([t]), ac)
+    c2 = 0.7
+    v_s = a_s**2 * c2 + s_s**2  # Var(x_s)
+    # x_t = A x_s + B ε and each target = P x_s + Q ε are linear: read A, B, P, Q off unit inputs
+    one, zero = torch.ones(1).double(), torch.zeros(1).double()
+    coef = [subinterval_pair(xs, e, a_s, s_s, a_t, s_t) for xs, e in ((one, zero), (zero, one))]
+    (A, P0, Pe), (B, Q0, Qe) = coef
+    var_t = A**2 * v_s + B**2
+
+    def fitted(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+        return (P * A * v_s + Q * B) / var_t
+
+    denom = a_t**2 * c2 + s_t**2
+    torch.testing.assert_close(fitted(P0, Q0), a_t * c2 / denom)
+    torch.testing.assert_close(fitted(Pe, Qe), s_t / denom)
+    if s >= 0:  # the biased target ‖ψ − (ε − x_s)‖² of the paper's Fig. 2c: x_s taken for x0
+        assert not torch.allclose(fitted(one, zero), a_t * c2 / denom, rtol=1e-3)
 
 
 # ---- schedule, scores, head, simulation on tiny teachers ----------------------------------------------------------
