@@ -407,7 +407,7 @@ def after_step(tr: Trainer, out: Path, done: int) -> None:
     cfg, acc = tr.cfg, tr.accelerator
     exports = tr.method.exports(done)
     if exports:
-        with sharding.gathered(tr.models, acc.is_main_process):
+        with sharding.gathered(tr.models, acc.is_main_process, {export_role(cfg)}):
             for name, spec in exports.items():
                 if acc.is_main_process:
                     artifacts.save_run(tr.models, cfg.method_name, spec, out, folder_name=name,
@@ -487,7 +487,7 @@ def export_and_validate(tr: Trainer, out: Path, step: int) -> None:
     """Write the run folder (student, sampling.json, model card) and a validation grid sampled through it, on the
     main process. Every process calls it: a sharded run gathers its networks first."""
     main = tr.accelerator.is_main_process
-    with sharding.gathered(tr.models, main):
+    with sharding.gathered(tr.models, main, {export_role(tr.cfg)}):
         if main:
             _export_and_validate(tr, out, step)
 

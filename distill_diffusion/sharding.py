@@ -122,11 +122,12 @@ def _full_copy(net: nn.Module, cls: type, main: bool) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def gathered(models: Any, main: bool) -> Iterator[None]:
-    """Inside: the main process's ``models`` hold unsharded copies of every sharded network (the teacher too when
-    it is sharded), so exports and validation sample them like any full run. Every rank must enter it (the copies
-    are gathered with collectives); outside it nothing has changed. Without sharding it does nothing."""
-    sharded = {n: net for n, net in models._nets.items() if n in models.unsharded_class}
+def gathered(models: Any, main: bool, roles: set[str]) -> Iterator[None]:
+    """Inside: the main process's ``models`` hold unsharded copies of the sharded networks of ``roles`` (the
+    exported one) and of the teacher when it is sharded, so exports and validation sample them like any full run.
+    Every rank must enter it (the copies are gathered with collectives); outside it nothing has changed. Without
+    sharding it does nothing."""
+    sharded = {n: net for n, net in models._nets.items() if n in models.unsharded_class and n in roles}
     teacher = "teacher" in models.unsharded_class
     if not sharded and not teacher:
         yield
