@@ -82,20 +82,22 @@ def test_fsdp_two_ranks_equal_one_process(name, tiny_teachers, image_folder, tmp
     assert all(torch.equal(student[k], b[f"{role}/{k}"]) for k in student)
 
 
+EMA = ("ema_decay=0.9", "method.student_update_every=2")
+
+
 def test_fsdp_sigkill_then_resume(tiny_teachers, image_folder, tmp_path):
     """Killed at step 3 (after checkpoint-2), resumed with resume=latest on two ranks: the same final shards as an
     uninterrupted 2-rank run, bit for bit, with a sharded EMA copy exported as the student."""
     out, ref = tmp_path / "run", tmp_path / "ref"
     r = _launch(["tests/crash_run.py", "3"], _args("dmd2", tiny_teachers["sd"], image_folder, out, 2, 5,
-                                                   "ema_decay=0.9", "method.student_update_every=2"))
+                                                   *EMA))
     assert r.returncode != 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == ["checkpoint-2"]
-    r = _launch(["train.py"], _args("dmd2", tiny_teachers["sd"], image_folder, out, 2, 5, "ema_decay=0.9", "method.student_update_every=2",
-                                    "resume=latest"))
+    r = _launch(["train.py"], _args("dmd2", tiny_teachers["sd"], image_folder, out, 2, 5, *EMA, "resume=latest"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "checkpoint-2" in r.stdout
     assert _launch(["train.py"], _args("dmd2", tiny_teachers["sd"], image_folder, ref, 2, 5,
-                                       "ema_decay=0.9", "method.student_update_every=2")).returncode == 0
+                                       *EMA)).returncode == 0
     a, b = _sharded_state(ref, 5), _sharded_state(out, 5)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     student = load_file(str(out / "student" / "unet" / "diffusion_pytorch_model.safetensors"))
