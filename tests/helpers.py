@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import torch
@@ -10,6 +11,14 @@ from omegaconf import OmegaConf
 from distill_diffusion.config import TrainConfig
 from distill_diffusion.method import Batch, StepRNG
 from distill_diffusion.models import Models, build_models
+
+
+def free_port() -> int:
+    """A TCP port free right now: each `accelerate launch` of the suite gets its own rendezvous port, so two
+    launched in parallel by pytest-xdist never meet on the default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build(method_cls: type, teacher: str, student: str = "lora", rank: int = 4, alpha: float = 8, **method_kw: Any):

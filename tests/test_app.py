@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
@@ -40,12 +41,6 @@ def comp(runs, tiny_teachers):
     from app.ui import create_comparison
 
     return create_comparison(str(runs), tiny_teachers["sd"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_find_runs_lists_extra_exports_and_reports_broken_runs(runs, tmp_path):

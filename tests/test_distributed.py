@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from distill_diffusion.config import parse_config
 from distill_diffusion.loop import train
 from methods import METHODS
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -33,6 +34,7 @@ def test_two_ranks_equal_one_process(tiny_teachers, tmp_path):
     two = tmp_path / "two"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--main_process_port", str(free_port()),
                         "--mixed_precision", "no", "--dynamo_backend", "no", "train.py",
                         *_args(tiny_teachers["sd"], prompts, two, 2)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

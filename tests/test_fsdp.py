@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from distill_diffusion.config import parse_config
 from distill_diffusion.loop import train
 from methods import METHODS
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -34,6 +35,7 @@ def _args(name: str, teacher: str, images: str, out: Path, batch: int, steps: in
 def _launch(script: list[str], args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run([str(ACCELERATE), "launch", "--config_file", "configs/accelerate/fsdp_cpu_2proc.yaml",
+                           "--main_process_port", str(free_port()),
                            *script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
