@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -237,6 +238,16 @@ def lean_markdown(section: dict) -> str:
     return "\n" + lean.markdown(section)
 
 
+def keep_sections(old: str, new: str) -> str:
+    """``new`` plus every ``<!-- name:start -->`` .. ``<!-- name:end -->`` section of ``old`` that ``new`` lacks:
+    the sections other benchmark commands splice into the same file (the data path, FSDP memory) survive a
+    regeneration of this command's tables."""
+    for m in re.finditer(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", old, re.S):
+        if f"<!-- {m.group(1)}:start -->" not in new:
+            new = new.rstrip("\n") + "\n\n" + m.group(0) + "\n"
+    return new
+
+
 def main(argv: list[str] | None = None) -> int:
     from methods import METHODS
 
@@ -290,10 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     elif ref is None and Path(a.out).with_suffix(".json").is_file():  # keep the section measured earlier
         ref = json.loads(Path(a.out).with_suffix(".json").read_text()).get("reference")
     lean = lean_section(a)
-    Path(a.out).write_text(markdown(meta, train, samp, quality, ref) + (lean_markdown(lean) if lean else ""))
-    Path(a.out).with_suffix(".json").write_text(json.dumps({"meta": meta, "train": train, "sampling": samp,
-                                                            "quality": quality, "reference": ref, "lean": lean},
-                                                           indent=1))
+    out, out_json = Path(a.out), Path(a.out).with_suffix(".json")
+    text = markdown(meta, train, samp, quality, ref) + (lean_markdown(lean) if lean else "")
+    out.write_text(keep_sections(out.read_text() if out.is_file() else "", text))
+    data = json.loads(out_json.read_text()) if out_json.is_file() else {}  # other commands' keys stay
+    data.update({"meta": meta, "train": train, "sampling": samp, "quality": quality, "reference": ref, "lean": lean})
+    out_json.write_text(json.dumps(data, indent=1))
     print(f"wrote {a.out}")
     return 0
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from benchmarks.__main__ import markdown
+from benchmarks.__main__ import keep_sections, markdown
 from benchmarks.train_step import PHASES, run
 from distill_diffusion.models import Models
 
@@ -269,3 +269,14 @@ def test_quality_resumes_an_interrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     assert quality.train_all([(fresh, ["py", "train.py", "seed=0"]), (cut, ["py", "train.py", "seed=1"])], {})
     assert seen == [["py", "train.py", "seed=0"], ["py", "train.py", "seed=1", "resume=latest"]]
+
+
+def test_regenerating_the_tables_keeps_other_commands_sections():
+    old = ("# Benchmarks\nold tables\n\n<!-- data-scale:start -->\n## Data\nrows\n<!-- data-scale:end -->\n\n"
+           "<!-- reference-lcm:start -->\nold ref\n<!-- reference-lcm:end -->\n")
+    new = "# Benchmarks\nnew tables\n\n<!-- reference-lcm:start -->\nnew ref\n<!-- reference-lcm:end -->\n"
+    out = keep_sections(old, new)
+    assert "new tables" in out and "old tables" not in out
+    assert "new ref" in out and "old ref" not in out  # a section the command writes itself is its new one
+    assert "<!-- data-scale:start -->\n## Data\nrows\n<!-- data-scale:end -->" in out
+    assert keep_sections(out, new) == out  # idempotent
