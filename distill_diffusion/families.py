@@ -95,6 +95,14 @@ class Family:
         """Per-batch additions that do not depend on the prompt (SDXL's micro-conditioning)."""
         return cond
 
+    def shape_cond(self, tokens: int = 8) -> Cond:
+        """A zero conditioning of one row and ``tokens`` text tokens in the shapes the network's config declares,
+        with no text encoder run: where only shapes matter (the memory planner measures feature shapes on meta)."""
+        return Cond(self._zeros(1, tokens, self.net.config.cross_attention_dim))
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(*shape, device=self.device)
+
     def vae_posterior(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """Images (B, 3, H, W) in [-1, 1] -> the VAE posterior's raw (mean, std) before normalisation."""
         dist = self.pipe.vae.encode(images).latent_dist
@@ -269,6 +277,11 @@ class StableDiffusionXL(StableDiffusion):
                                                    do_classifier_free_guidance=False)
         return Cond(pe.float(), pooled.float())
 
+    def shape_cond(self, tokens: int = 8) -> Cond:
+        c = self.net.config
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim  # minus the 6 time ids
+        return self.extras(Cond(self._zeros(1, tokens, c.cross_attention_dim), self._zeros(1, pooled)))
+
     def encode_empty(self) -> Cond:
         c = self.encode_text([""])
         if self.pipe.config.get("force_zeros_for_empty_prompt", True):
@@ -298,6 +311,10 @@ class FlowTransformer(Family):
     def __init__(self, pipe: Any, resolution: int | None, device: torch.device) -> None:
         super().__init__(pipe, resolution, device)
         self.vae_scaling, self.vae_shift = flow_families.latent_norm(pipe.vae)
+
+    def shape_cond(self, tokens: int = 8) -> Cond:  # SD3 and FLUX: joint text tokens and a pooled embedding
+        c = self.net.config
+        return Cond(self._zeros(1, tokens, c.joint_attention_dim), self._zeros(1, c.pooled_projection_dim))
 
     def _vae_scale_factor(self) -> int:
         return int(self.pipe.vae_scale_factor)
@@ -412,6 +429,10 @@ class Sana(FlowTransformer):
     """SANA: linear-attention DiT on a Gemma text encoder (attention mask) and a DC-AE (scaling, no shift)."""
 
     name, flow_name, pipeline_class = "sana", "sana", "SanaPipeline"
+
+    def shape_cond(self, tokens: int = 8) -> Cond:  # Gemma tokens with their attention mask, no pooled embedding
+        mask = torch.ones(1, tokens, dtype=torch.long, device=self.device)
+        return Cond(self._zeros(1, tokens, self.net.config.caption_channels), mask=mask)
 
     def vae_posterior(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         return self.pipe.vae.encode(images).latent, None  # DC-AE: deterministic, no posterior to sample

@@ -165,25 +165,6 @@ class _ShapeEncoders:
         return self.cond
 
 
-def _shape_cond(models: Any) -> Any:
-    """A meta conditioning (8 tokens) the teacher's network accepts, read from its config."""
-    from .method import Cond
-
-    c, d, fam = models.denoiser.config, models.device, models.family
-
-    def z(*shape: int) -> torch.Tensor:
-        return torch.zeros(*shape, device=d)
-
-    if fam.name == "sd":
-        return Cond(z(1, 8, c.cross_attention_dim))
-    if fam.name == "sdxl":
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        return fam.extras(Cond(z(1, 8, c.cross_attention_dim), z(1, pooled)))
-    if fam.name in ("sd3", "flux"):
-        return Cond(z(1, 8, c.joint_attention_dim), z(1, c.pooled_projection_dim))
-    return Cond(z(1, 8, c.caption_channels), mask=torch.ones(1, 8, dtype=torch.long, device=d))
-
-
 def _cpu_schedule(models: Any) -> None:
     """The schedule on the CPU: methods read its values while they build (sCM's trig range), which meta tensors do
     not have. The networks stay on meta."""
@@ -209,7 +190,7 @@ def build(cfg: Any, method_cls: type) -> Built:
     spec = with_student_ema(method_cls.spec(method_object(cfg), cfg.student), cfg.ema_decay)
     with init_empty_weights():
         models = build_models(cfg, spec, "meta", pipe=meta_pipeline(folder))
-        models.encoders = _ShapeEncoders(_shape_cond(models))
+        models.encoders = _ShapeEncoders(models.family.shape_cond())
         _cpu_schedule(models)
         method = method_cls(method_object(cfg), RunContext(max_steps=cfg.max_steps,
                                                            mixed_precision=cfg.mixed_precision), models)
