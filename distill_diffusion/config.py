@@ -272,8 +272,6 @@ def validate(cfg: Any) -> None:
     need(cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha}: must be positive")
     need(cfg.learning_rate > 0, f"learning_rate={cfg.learning_rate}: must be positive")
     need(cfg.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision={cfg.mixed_precision!r}: no, fp16 or bf16")
-    need(not (cfg.fsdp and cfg.mixed_precision == "fp16"), "fsdp=true with mixed_precision=fp16: sharded "
-         "gradients have no loss scaler here; use mixed_precision=bf16 (or no)")
     need(cfg.checkpointing_steps > 0, "checkpointing_steps must be at least 1")
     need(cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit > 0,
          "checkpoints_total_limit must be at least 1 (or null for no limit)")

@@ -114,10 +114,7 @@ def make_accelerator(cfg: Any, out: Path) -> Any:
 
     fsdp_launch = sharding.launched_with_fsdp()
     if cfg.fsdp is None:
-        cfg.fsdp = fsdp_launch is not None
-        if fsdp_launch is not None and cfg.mixed_precision == "fp16":
-            raise UserError("an FSDP launch with mixed_precision=fp16: sharded gradients have no loss scaler here; "
-                            "use mixed_precision=bf16 (or fsdp=false)")
+        cfg.fsdp = fsdp_launch
     acc = Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -198,6 +195,9 @@ def wants_sharding(cfg: Any, accelerator: Any) -> bool:
         if main:
             print("note: fsdp with one process shards nothing; training continues unsharded", flush=True)
         return False
+    if cfg.mixed_precision == "fp16":
+        raise UserError("fsdp with mixed_precision=fp16: sharded gradients have no loss scaler here; use "
+                        "mixed_precision=bf16 (or fsdp=false)")
     return True
 
 

@@ -32,14 +32,12 @@ from torch import Tensor, nn
 SHARDED_DIR = "sharded"  # a checkpoint's torch.distributed.checkpoint folder
 
 
-def launched_with_fsdp() -> dict[str, str] | None:
-    """The FSDP keys of an ``accelerate launch`` whose config says ``distributed_type: FSDP`` (accelerate passes
-    them as ``ACCELERATE_USE_FSDP`` / ``FSDP_*`` variables), else None. The variable is removed, so the Accelerator
-    built next stays a plain multi-process one: this module shards, accelerate does not."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return None
-    os.environ.pop("ACCELERATE_USE_FSDP")
-    return {k: v for k, v in os.environ.items() if k.startswith("FSDP_")}
+def launched_with_fsdp() -> bool:
+    """Whether ``accelerate launch`` ran with a config that says ``distributed_type: FSDP`` (accelerate passes
+    ``ACCELERATE_USE_FSDP``; its ``FSDP_*`` keys are read where they matter, :func:`reshard_after_forward`). The
+    variable is removed, so the Accelerator built next stays a plain multi-process one: this module shards,
+    accelerate does not."""
+    return os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -93,7 +91,7 @@ def shard_models(models: Any, extras: dict[str, nn.Module], shard_teacher: bool,
         shard_module(net, reshard_after_forward)
         done.append(name)
     for role, m in extras.items():
-        if any(True for _ in m.parameters()):
+        if next(m.parameters(), None) is not None:
             shard_module(m, reshard_after_forward)
             done.append(f"{role} extra modules")
     if shard_teacher:
@@ -103,9 +101,9 @@ def shard_models(models: Any, extras: dict[str, nn.Module], shard_teacher: bool,
     return done
 
 
-def _full_copy(net: nn.Module, cls: type, main: bool) -> nn.Module | None:
-    """An unsharded copy of sharded ``net`` on the main process (None elsewhere). Every rank must call it: the
-    full state dict is gathered with collectives; only the main process keeps the values (on the CPU)."""
+def _full_copy(net: nn.Module, cls: type, main: bool, device: torch.device) -> nn.Module | None:
+    """An unsharded copy of sharded ``net`` on ``device`` in the main process (None elsewhere). Every rank must
+    call it: the full state dict is gathered with collectives (through the CPU; only the main process keeps it)."""
     from accelerate import init_empty_weights
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -117,7 +115,6 @@ def _full_copy(net: nn.Module, cls: type, main: bool) -> nn.Module | None:
     plain.load_state_dict(state, assign=True)
     if hasattr(net, "attn_processors"):
         plain.set_attn_processor(dict(net.attn_processors))
-    device = next(iter(state.values())).device if state else torch.device("cpu")
     return plain.to(device).requires_grad_(False).eval()
 
 
@@ -132,8 +129,9 @@ def gathered(models: Any, main: bool, roles: set[str]) -> Iterator[None]:
     if not sharded and not teacher:
         yield
         return
-    full = {n: _full_copy(net, models.unsharded_class[n], main) for n, net in sharded.items()}
-    full_teacher = _full_copy(models.denoiser, models.unsharded_class["teacher"], main) if teacher else None
+    full = {n: _full_copy(net, models.unsharded_class[n], main, models.device) for n, net in sharded.items()}
+    full_teacher = (_full_copy(models.denoiser, models.unsharded_class["teacher"], main, models.device)
+                    if teacher else None)
     if not main:
         yield
         return
