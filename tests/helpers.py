@@ -13,6 +13,14 @@ from distill_diffusion.method import Batch, StepRNG
 from distill_diffusion.models import Models, build_models
 
 
+def default_only(values: list[Any], keep: set[Any]) -> list[Any]:
+    """``values`` as pytest params, those not in ``keep`` marked ``slow``: the README's test command runs one
+    representative case of a long end-to-end test, CI's slow set runs the others."""
+    import pytest
+
+    return [v if v in keep else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 def free_port() -> int:
     """A TCP port free right now: each `accelerate launch` of the suite gets its own rendezvous port, so two
     launched in parallel by pytest-xdist never meet on the default 29500."""

@@ -10,6 +10,7 @@ from benchmarks.train_step import PHASES, run
 from distill_diffusion.models import Models
 
 
+@pytest.mark.slow
 def test_train_step_phases_and_markdown(tiny_teachers, image_folder, tmp_path):
     before = (Models.net_out_at, torch.optim.AdamW.step)
     res = run("dmd2", "lora", steps=4, warmup=1, out_dir=tmp_path / "r",

@@ -39,7 +39,7 @@ def _images(pipe, **kw) -> torch.Tensor:
     return images
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_kohya_file_loads_in_diffusers_and_gives_our_images(tiny_teachers, tmp_path, kind):
     run = _lora_run(tiny_teachers[kind], tmp_path / "run")
     (f,) = export.export(run, "kohya")
@@ -67,7 +67,7 @@ def test_kohya_file_loads_in_diffusers_and_gives_our_images(tiny_teachers, tmp_p
     assert (a - b).abs().max() < 1e-4, f"max abs difference {(a - b).abs().max():.2e}"
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", pytest.param("flux", marks=pytest.mark.slow)])
 def test_flow_lora_file_applies_as_comfyui_does(flow_teachers, tmp_path, kind):
     """ComfyUI's rule for a diffusers-layout LoRA with alpha: W += alpha / r · B @ A on ``transformer.<module>``;
     the result must equal the weights diffusers' fused LoRA gives."""

@@ -10,7 +10,7 @@ import torch
 
 from distill_diffusion.schedule import FlowSchedule, VPSchedule
 from methods.lcm import LCM, consistency_output
-from tests.helpers import build, fixed_batch, update
+from tests.helpers import build, default_only, fixed_batch, update
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,12 +26,12 @@ def test_boundary_at_zero_is_identity_and_large_t_is_x0():
     torch.testing.assert_close(consistency_output(x, x0, flow), x0)
 
 
-@pytest.mark.parametrize("student", ["lora", "full"])
+@pytest.mark.parametrize("student", default_only(["lora", "full"], {"lora"}))
 def test_loss_falls_on_fixed_batch(student, tiny_teachers):
     models, method, _ = build(LCM, tiny_teachers["sd"], student, rank=4, alpha=8, w_min=2.0, w_max=3.0)
     opt = torch.optim.Adam(models.parameters("student"), lr=3e-3 if student == "lora" else 1e-3)
     batch = fixed_batch(models, b=4)
-    losses = [update(models, method, "student", batch, opt, step=0) for _ in range(40)]
+    losses = [update(models, method, "student", batch, opt, step=0) for _ in range(20)]  # lora: about 0.5 by 20
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)
 
@@ -87,7 +87,7 @@ def test_train_py_lora_roundtrip_into_plain_diffusers(tiny_teachers, image_folde
     assert abs(ours - base).max() > 1e-4
 
 
-@pytest.mark.parametrize("teacher", ["v", "sdxl"])
+@pytest.mark.parametrize("teacher", default_only(["v", "sdxl"], set()))
 def test_train_in_process_v_and_sdxl(teacher, tiny_teachers, image_folder, tmp_path):
     from distill_diffusion import load_student, sample
     from distill_diffusion.config import parse_config
@@ -103,6 +103,7 @@ def test_train_in_process_v_and_sdxl(teacher, tiny_teachers, image_folder, tmp_p
     assert imgs.shape == (1, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_full_student_exports_a_pipeline(tiny_teachers, image_folder, tmp_path):
     from diffusers import StableDiffusionPipeline
 

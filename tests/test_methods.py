@@ -6,10 +6,10 @@ import torch
 
 from distill_diffusion import artifacts
 from methods import METHODS
-from tests.helpers import build, fixed_batch, optimizers, snapshot, update
+from tests.helpers import build, default_only, fixed_batch, optimizers, snapshot, update
 
 
-@pytest.mark.parametrize("student", ["lora", "full"])
+@pytest.mark.parametrize("student", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_roles_move_only_their_tensors(name, student, tiny_teachers):
     models, method, _ = build(METHODS[name], tiny_teachers["sd"], student)
@@ -39,7 +39,7 @@ def test_export_samples_at_every_step_count(name, tiny_teachers, tmp_path):
         assert [int(t) for t in pipe.scheduler.timesteps] == s.timesteps
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", default_only(sorted(METHODS), {"dmd2"}))
 def test_export_initial_writes_the_untrained_student(name, tiny_teachers, image_folder, tmp_path):
     """export_initial=true writes a run folder without a training step: with LoRA (B = 0) it samples like the
     teacher's UNet, and no checkpoint is written."""
@@ -60,7 +60,7 @@ def test_export_initial_writes_the_untrained_student(name, tiny_teachers, image_
     assert info["cpu"] and info["torch_threads"] == 1 and info["processes"] == 1 and info["versions"]["torch"]
 
 
-@pytest.mark.parametrize("name", ["dmd2", "sid"])
+@pytest.mark.parametrize("name", default_only(["dmd2", "sid"], {"dmd2"}))
 def test_memory_json_counts_one_base_copy_with_lora(name, tiny_teachers, image_folder, tmp_path):
     """memory.json: LoRA roles hold their adapters only (Adam: two moments per trainable tensor), and the LoRA run
     counts fewer bytes than full copies of the same roles."""
@@ -89,7 +89,7 @@ def test_memory_json_counts_one_base_copy_with_lora(name, tiny_teachers, image_f
 
 
 @pytest.mark.parametrize("student", ["lora", pytest.param("full", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", default_only(sorted(METHODS), {"lcm", "scm"}))
 def test_ema_student_is_exported_and_the_raw_one_kept(name, student, tiny_teachers, image_folder, tmp_path):
     """ema_decay: the run exports the EMA of its student; the checkpoint keeps both. With decay 0.5 and the EMA
     starting at the untrained student, the exported weights sit strictly between the start and the raw student."""
@@ -118,6 +118,7 @@ def test_ema_student_is_exported_and_the_raw_one_kept(name, student, tiny_teache
         assert all(torch.equal(sd[k], ema[k]) for k in ema)
 
 
+@pytest.mark.slow
 def test_ema_starts_from_the_init_from_student(tiny_teachers, image_folder, tmp_path):
     """With init_from, EMA targets are copied after the earlier run's student is loaded: exported before any step,
     the EMA student is that run's student, not the untrained one."""

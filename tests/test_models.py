@@ -183,7 +183,7 @@ def _train_losses(tiny_teachers, image_folder, out, *extra):
     return [json.loads(line)["student/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("student", ["lora", "full"])
+@pytest.mark.parametrize("student", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_channels_last_trains_with_the_same_loss(student, tiny_teachers, image_folder, tmp_path):
     off = _train_losses(tiny_teachers, image_folder, tmp_path / "off", f"student={student}")
     on = _train_losses(tiny_teachers, image_folder, tmp_path / "on", f"student={student}", "channels_last=true")

@@ -60,6 +60,7 @@ def test_export_and_untrained_export(registered, tiny_teachers, image_folder, tm
                                                                   tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(registered, tiny_teachers, image_folder, tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.txt"  # the resume test's data-free runs read <images>/../prompts.txt
     prompts.write_text("a red square\na blue circle\n")

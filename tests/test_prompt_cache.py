@@ -57,6 +57,7 @@ def test_store_round_trip_and_refuses_another_setting(family, tmp_path, monkeypa
         PromptStore(tmp_path / "s", dict(fp, text_encode_batch=8))
 
 
+@pytest.mark.slow
 def test_precompute_then_train_from_the_store(tiny_teachers, tmp_path, capsys):
     """The store holds every prompt of the run (a second precompute encodes none) and a run that reads it trains
     the same student as one that encodes."""

@@ -14,6 +14,7 @@ from distill_diffusion.config import parse_config
 from distill_diffusion.loop import train
 from methods import METHODS
 from tests.crash_run import crash_at
+from tests.helpers import default_only
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +39,7 @@ def prompts_file(image_folder):
     return p
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", default_only(sorted(METHODS), {"dmd2"}))
 def test_resume_equals_uninterrupted(name, tiny_teachers, image_folder, prompts_file, tmp_path, monkeypatch):
     steps = 4
     full = tmp_path / "full"
@@ -93,6 +94,7 @@ def test_resume_latest_skips_broken_checkpoint(tiny_teachers, image_folder, tmp_
     assert "skipping checkpoint" in printed and "checkpoint-4" in printed and "resumed from" in printed
 
 
+@pytest.mark.slow
 def test_checkpoint_keyed_by_position_still_resumes(tiny_teachers, image_folder, tmp_path, capsys):
     """Checkpoints written before tensors were keyed by name (``<role>/<i>``) resume to the same student."""
     from safetensors.torch import save_file

@@ -193,9 +193,9 @@ def test_student_loss_vanishes_while_critic_equals_teacher(student, tiny_teacher
 
 def test_critic_loss_falls_on_a_fixed_batch(tiny_teachers):
     models, method, _ = build(SiD, tiny_teachers["sd"], "lora")
-    opt = torch.optim.Adam(models.parameters("critic"), lr=3e-3)
+    opt = torch.optim.Adam(models.parameters("critic"), lr=1e-2)
     batch = fixed_batch(models, b=4, with_latents=False)
-    losses = [update(models, method, "critic", batch, opt, step=0) for _ in range(30)]
+    losses = [update(models, method, "critic", batch, opt, step=0) for _ in range(20)]  # about 0.6 by 20
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)
 

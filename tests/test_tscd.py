@@ -203,7 +203,9 @@ def test_config_errors():
     TSCDConfig().check()
 
 
-@pytest.mark.parametrize("student,teacher,ema", [("lora", "sd", False), ("lora", "sd", True), ("full", "v", False)])
+@pytest.mark.parametrize("student,teacher,ema", [("lora", "sd", False),
+                                                  pytest.param("lora", "sd", True, marks=pytest.mark.slow),
+                                                  pytest.param("full", "v", False, marks=pytest.mark.slow)])
 def test_loss_falls_on_fixed_batch(student, teacher, ema, tiny_teachers):
     models, method, _ = build(TSCD, tiny_teachers[teacher], student, rank=4, alpha=8, w_min=2.0, w_max=3.0,
                               lora_ema_target=ema)
@@ -212,7 +214,7 @@ def test_loss_falls_on_fixed_batch(student, teacher, ema, tiny_teachers):
     opt = torch.optim.Adam(models.parameters("student"), lr=3e-3 if student == "lora" else 1e-3)
     batch = fixed_batch(models, b=4)
     tgt0 = [p.clone() for p in models.parameters("target")] if ema else []
-    losses = [update(models, method, "student", batch, opt, step=0) for _ in range(30)]
+    losses = [update(models, method, "student", batch, opt, step=0) for _ in range(15)]  # lora: about 0.5 by 15
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)
     if ema:  # the EMA adapter moved from its start, but lags the student

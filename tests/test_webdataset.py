@@ -78,6 +78,7 @@ def test_workers_give_the_same_batches_in_the_same_order(shards):
         assert torch.equal(a.ids, b.ids) and a.prompts == b.prompts and torch.equal(a.images, b.images)
 
 
+@pytest.mark.slow
 def test_webdataset_run_resumes_to_the_same_student(shards, tiny_teachers, tmp_path, monkeypatch):
     """Interrupted at step 3 and resumed (decoding in a worker), against an uninterrupted run without workers."""
     from distill_diffusion.config import parse_config
