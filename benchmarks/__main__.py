@@ -168,6 +168,8 @@ def markdown(meta: dict, train: list[dict], samp: dict | None, quality: list[dic
                   "after a warm-up batch)", "",
               "| model | steps | NFE | ms/img | UNet ms | VAE decode ms | text enc ms | other ms | speed-up realised "
               "| ideal (NFE ratio) | realised / ideal |", "|" + "---|" * 11]
+        if "measured" in samp and samp["measured"]["command"] != meta["command"]:
+            L[-2:-2] = [f"Measured by `{samp['measured']['command']}` ({samp['measured']['date']}).", ""]
         for r in samp["rows"]:
             if "error" in r:
                 L.append(f"| {r['model']} | error: {r['error']} |" + " |" * 9)
@@ -284,11 +286,19 @@ def main(argv: list[str] | None = None) -> int:
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, diffusers "
                         f"{diffusers.__version__}", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "steps": a.steps, "warmup": a.warmup, "threads": a.threads}
-    train = [] if a.no_train else train_rows(a.methods, a.students, a.steps, a.warmup, a.threads)
-    samp = None
+    # --no-train / --no-sampling keep the table measured earlier (in --out's JSON), as other commands' sections are
+    old = json.loads(Path(a.out).with_suffix(".json").read_text()) if Path(a.out).with_suffix(".json").is_file() else {}
+    train = (old.get("train") or []) if a.no_train else train_rows(a.methods, a.students, a.steps, a.warmup,
+                                                                    a.threads)
+    if a.no_train and old.get("meta"):  # the kept table's own settings head it
+        meta.update({k: old["meta"][k] for k in ("steps", "warmup", "threads") if k in old["meta"]})
+    samp = old.get("sampling")
+    if samp and "measured" not in samp and old.get("meta"):  # say where a kept table came from
+        samp["measured"] = {k: old["meta"][k] for k in ("command", "date")}
     if not a.no_sampling:
         torch.set_num_threads(a.threads)
         samp = sampling_rows(Path(a.runs), a.sampling_batch, a.sampling_batches, a.teacher_guidance)
+        samp["measured"] = {k: meta[k] for k in ("command", "date")}
     quality = load_quality(a.quality, Path(a.out).with_suffix(".json"))
     ref = json.loads(Path(a.reference).read_text()) if a.reference else None
     if ref and "summary" not in ref:  # a BENCHMARKS.json: its reference section

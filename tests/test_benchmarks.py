@@ -281,3 +281,22 @@ def test_regenerating_the_tables_keeps_other_commands_sections():
     assert "new ref" in out and "old ref" not in out  # a section the command writes itself is its new one
     assert "<!-- data-scale:start -->\n## Data\nrows\n<!-- data-scale:end -->" in out
     assert keep_sections(out, new) == out  # idempotent
+
+
+def test_tables_not_measured_again_are_kept_with_their_provenance(tmp_path):
+    """--no-train / --no-sampling keep the tables in --out's JSON; a kept sampling table names its own command."""
+    import json
+
+    from benchmarks.__main__ import main
+
+    row = {"method": "lcm", "student": "lora", "error": "kept row"}
+    samp = {"images": 64, "batch": 16, "rows": []}
+    meta = {"command": "python -m benchmarks --steps 9", "date": "2026-01-01 00:00 UTC", "steps": 9, "warmup": 2,
+            "threads": 1}
+    (tmp_path / "B.json").write_text(json.dumps({"meta": meta, "train": [row], "sampling": samp, "data": {"x": 1}}))
+    assert main(["--no-train", "--no-sampling", "--out", str(tmp_path / "B.md")]) == 0
+    data = json.loads((tmp_path / "B.json").read_text())
+    assert data["train"] == [row] and data["sampling"]["rows"] == [] and data["data"] == {"x": 1}
+    assert data["meta"]["steps"] == 9 and data["sampling"]["measured"]["command"] == meta["command"]
+    text = (tmp_path / "B.md").read_text()
+    assert "steps 3..9" in text and "kept row" in text and "Measured by `python -m benchmarks --steps 9`" in text
