@@ -5,6 +5,9 @@ and prints its GFLOP/s and the ratio to the reference machine: 2 cores of an AMD
 measured at 12–15 GFLOP/s a thread (we take the midpoint, 13.5). A wall time measured here, multiplied by that
 ratio, estimates the same command's wall time on the reference machine. The ratio is only a guide for
 matmul-bound work (UNet forwards and backwards); Python overhead scales less.
+
+``python -m benchmarks.machine --hold SECONDS`` instead keeps one core busy with one-thread 1024² matmuls for that
+long: the "another job on the second core" under which the test command's time is budgeted, made repeatable.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 from distill_diffusion.provenance import cpu_name
@@ -39,6 +43,19 @@ def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def hold_core(seconds: float, n: int = 1024) -> int:
+    """One torch thread of back-to-back n×n matmuls for ``seconds``; returns how many ran."""
+    import torch
+
+    torch.set_num_threads(1)
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+    end, count = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        a = (a @ a).tanh()  # tanh keeps the values bounded, so the loop never reaches inf
+        count += 1
+    return count
+
+
 def machine_info() -> dict[str, object]:
     """CPU name, one-thread matmul rate and the slowdown factor a reference machine would show."""
     rate = matmul_gflops()
@@ -49,7 +66,15 @@ def machine_info() -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.machine", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    ap.add_argument("--hold", type=float, default=None, metavar="SECONDS",
+                    help="keep one core busy with matmuls for SECONDS (a stand-in for another job), then exit")
     args = ap.parse_args(argv)
+    if args.hold is not None:
+        if args.hold <= 0:
+            print(f"error: --hold {args.hold}: give a positive number of seconds", file=sys.stderr)
+            return 2
+        hold_core(args.hold)
+        return 0
     info = machine_info()
     if args.json:
         print(json.dumps(info))

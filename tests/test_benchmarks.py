@@ -300,3 +300,13 @@ def test_tables_not_measured_again_are_kept_with_their_provenance(tmp_path):
     assert data["meta"]["steps"] == 9 and data["sampling"]["measured"]["command"] == meta["command"]
     text = (tmp_path / "B.md").read_text()
     assert "steps 3..9" in text and "kept row" in text and "Measured by `python -m benchmarks --steps 9`" in text
+
+
+def test_hold_keeps_a_core_busy_for_its_seconds(capsys):
+    import time
+
+    from benchmarks import machine
+
+    t0 = time.monotonic()
+    assert machine.hold_core(0.2) >= 1 and 0.2 <= time.monotonic() - t0 < 5
+    assert machine.main(["--hold", "-1"]) == 2 and "positive" in capsys.readouterr().err
