@@ -310,3 +310,20 @@ def test_hold_keeps_a_core_busy_for_its_seconds(capsys):
     t0 = time.monotonic()
     assert machine.hold_core(0.2) >= 1 and 0.2 <= time.monotonic() - t0 < 5
     assert machine.main(["--hold", "-1"]) == 2 and "positive" in capsys.readouterr().err
+
+
+def test_factor_emas_against_a_hand_computation():
+    """benchmarks.ema_factors: EMA(A), EMA(B), EMA(BA) and the gap / lag figures on two steps of one layer."""
+    import torch
+
+    from benchmarks.ema_factors import FactorEMAs
+
+    a0, b0 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0], [0.0]])  # B = 0 at the start, as an adapter
+    a1, b1 = torch.tensor([[1.0, 2.0]]), torch.tensor([[2.0], [1.0]])
+    e = FactorEMAs([0.5])
+    e.observe([(a0, b0)])
+    e.observe([(a1, b1)])
+    ea, eb, eba = (a0 + a1) / 2, (b0 + b1) / 2, (b0 @ a0 + b1 @ a1) / 2
+    f = e.figures()[0.5]
+    assert abs(f["gap"] - float((eb @ ea - eba).norm() / eba.norm())) < 1e-6 and f["gap"] > 0
+    assert abs(f["lag"] - float((b1 @ a1 - eba).norm() / eba.norm())) < 1e-6
