@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{diffusers.__version__}", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "steps": a.steps, "warmup": a.warmup, "threads": a.threads}
     # --no-train / --no-sampling keep the table measured earlier (in --out's JSON), as other commands' sections are
-    old = json.loads(Path(a.out).with_suffix(".json").read_text()) if Path(a.out).with_suffix(".json").is_file() else {}
+    out, out_json = Path(a.out), Path(a.out).with_suffix(".json")
+    old = json.loads(out_json.read_text()) if out_json.is_file() else {}
     train = (old.get("train") or []) if a.no_train else train_rows(a.methods, a.students, a.steps, a.warmup,
                                                                     a.threads)
     if a.no_train and old.get("meta"):  # the kept table's own settings head it
@@ -308,15 +309,13 @@ def main(argv: list[str] | None = None) -> int:
 
         ref = measure(Path(a.reference_lcm), Path(tempfile.gettempdir()) / "reference_lcm", repeats=3, short=10,
                       long=40, autocast=["off", "on"], threads=a.threads)
-    elif ref is None and Path(a.out).with_suffix(".json").is_file():  # keep the section measured earlier
-        ref = json.loads(Path(a.out).with_suffix(".json").read_text()).get("reference")
+    elif ref is None:  # keep the section measured earlier
+        ref = old.get("reference")
     lean = lean_section(a)
-    out, out_json = Path(a.out), Path(a.out).with_suffix(".json")
     text = markdown(meta, train, samp, quality, ref) + (lean_markdown(lean) if lean else "")
     out.write_text(keep_sections(out.read_text() if out.is_file() else "", text))
-    data = json.loads(out_json.read_text()) if out_json.is_file() else {}  # other commands' keys stay
-    data.update({"meta": meta, "train": train, "sampling": samp, "quality": quality, "reference": ref, "lean": lean})
-    out_json.write_text(json.dumps(data, indent=1))
+    old.update({"meta": meta, "train": train, "sampling": samp, "quality": quality, "reference": ref, "lean": lean})
+    out_json.write_text(json.dumps(old, indent=1))  # other commands' keys stay
     print(f"wrote {a.out}")
     return 0
 

@@ -47,11 +47,10 @@ RUNS = [
     ("tscd", ["teacher=embedded", "student=lora", "method.adversarial=true", "mixed_precision=bf16", "max_steps=4"]),
     ("lcm", ["teacher=embedded", "student=full", "mixed_precision=fp16"]),
 ]
-FAST: set[int] = set()  # all in the slow set (a few seconds each); the default set checks the planner offline
 
 
-@pytest.mark.parametrize("i", [pytest.param(i, marks=() if i in FAST else pytest.mark.slow,
-                                            id=f"{m}-{'-'.join(o)}") for i, (m, o) in enumerate(RUNS)])
+@pytest.mark.slow  # a real run each (a few seconds); the default set checks the planner offline
+@pytest.mark.parametrize("i", [pytest.param(i, id=f"{m}-{'-'.join(o)}") for i, (m, o) in enumerate(RUNS)])
 def test_counted_figures_equal_the_runs_memory_json(i, tmp_path):
     """The planner builds the run on the meta device through the library's own code: its counted figures are the
     memory.json of a real run, exactly (trainable per role, frozen, gradient peak, optimizer states, total)."""
