@@ -15,6 +15,8 @@ from typing import Any
 
 from .errors import UserError
 
+LORA_MERGE_MODES = ("auto", "always", "no_grad", "off")  # TrainConfig.lora_merge; distill_diffusion.models.Models
+
 
 @dataclass
 class DataConfig:
@@ -82,6 +84,13 @@ class TrainConfig:
     # steps; a failure to compile prints one warning line and training continues eagerly. BENCHMARKS.md: its effect.
     compile: bool = False
     channels_last: bool = False  # channels-last memory format for the UNets' weights and the latents fed to them
+    # LoRA students: how an adapter's forwards run. no_grad: forwards without gradient (EMA targets, a critic read
+    # under torch.no_grad) run plain layers on W + s·B·A, merged layer by layer (no peft wrappers, no extra memory);
+    # always: forwards with gradient too (their backward keeps a merged copy of the targeted weights, and computes
+    # its full-size gradient; not with gradient_checkpointing); off: peft's wrappers everywhere; auto: always on a
+    # CPU, no_grad on an accelerator. A float32 base only (half-precision bases run peft's). Same maths, rounded in
+    # another order (distill_diffusion.lora_merge; BENCHMARKS.md: its effect).
+    lora_merge: str = "auto"
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume: str | None = None  # "latest" or a checkpoint folder
@@ -128,6 +137,8 @@ def parse_config(argv: list[str], registry: dict[str, type]) -> Any:
         cfg.output_dir = f"runs/{name}"
     if cfg.mixed_precision in ("False", "false"):  # YAML reads a bare `no` (accelerate's word) as false
         cfg.mixed_precision = "no"
+    if cfg.lora_merge in ("False", "false"):  # and a bare `off` as false
+        cfg.lora_merge = "off"
     validate(cfg)
     return cfg, args.print_config
 
@@ -272,6 +283,7 @@ def validate(cfg: Any) -> None:
     need(cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha}: must be positive")
     need(cfg.learning_rate > 0, f"learning_rate={cfg.learning_rate}: must be positive")
     need(cfg.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision={cfg.mixed_precision!r}: no, fp16 or bf16")
+    need(cfg.lora_merge in LORA_MERGE_MODES, f"lora_merge={cfg.lora_merge!r}: {', '.join(LORA_MERGE_MODES)}")
     need(cfg.checkpointing_steps > 0, "checkpointing_steps must be at least 1")
     need(cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit > 0,
          "checkpoints_total_limit must be at least 1 (or null for no limit)")

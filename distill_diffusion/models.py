@@ -30,6 +30,7 @@ from . import schedule
 from .encoders import Encoders, PromptStore
 from .errors import UserError
 from .families import FAMILIES, family_for, supported
+from .lora_merge import MergedLora
 from .method import Cond, MethodSpec, TargetSpec
 
 # The small Fashion-MNIST teachers shipped inside the package, by the name ``teacher=`` takes: a UNet
@@ -193,6 +194,7 @@ class Models:
         max_sequence_length: int | None = None,
         full_copies_on_cpu: bool = False,
         pipe: Any | None = None,
+        lora_merge: str = "auto",
     ) -> None:
         self.device, self.weight_dtype = torch.device(device), weight_dtype
         self.teacher_path = resolve_teacher(teacher)
@@ -226,6 +228,11 @@ class Models:
         self.denoiser = self.family.net
         self.student_w_embedding = False
         self._teacher_net: nn.Module | None = None  # LoRA students: the base's weights without the LoRA wrappers
+        self._merged: MergedLora | None = None  # LoRA students: adapters run on merged weights (lora_merge)
+        # auto: on a CPU the wrappers, not the arithmetic, dominate a small network's LoRA forward, with gradient too;
+        # on an accelerator a merged forward with gradient adds a full-size weight gradient to the backward.
+        self._merge_asked = lora_merge
+        self.lora_merge = ("always" if self.device.type == "cpu" else "no_grad") if lora_merge == "auto" else lora_merge
         if student == "lora":
             self._build_lora(lora_rank, lora_alpha, lora_targets)
         elif student == "full":
@@ -286,6 +293,14 @@ class Models:
             if spec.decay is not None:
                 self._copy_adapter(spec.source, name)
         self._teacher_net = tied_plain_net(net)
+        if self.lora_merge != "off":  # its own tied view: the teacher's must never see an adapter's merged weights
+            merged = MergedLora(net, tied_plain_net(net))
+            reason = next((r for r in map(merged.unsupported, adapters) if r is not None), None)
+            if reason is None:
+                self._merged = merged
+            elif self._merge_asked in ("always", "no_grad"):
+                print(f"note: lora_merge={self._merge_asked}: adapters run through peft here ({reason} cannot run "
+                      "merged)", file=sys.stderr)
         # Each adapter's LoRA tensors, listed once (the Parameter objects never change; loads copy into them).
         for n, p in net.named_parameters():
             for a in [a for a in networked + list(self.targets) if "lora_" in n and f".{a}." in n + "."]:
@@ -315,6 +330,7 @@ class Models:
                 net.to(memory_format=torch.channels_last)
         self._compiled = False
         if compile_nets:
+            self._merged = None  # the compiled graphs are peft's: merged forwards would run eagerly beside them
             for net in self.denoisers():
                 net.compile()
             self._compiled = True
@@ -400,9 +416,7 @@ class Models:
             yield self.net(name)
             return
         prev = (self._base_active, self._base_disabled)
-        adapter = name
-        if name in self.targets and self.targets[name].decay is None:
-            adapter = self.targets[name].source
+        adapter = self._adapter(name)
         want = (adapter, False)
         if want != prev:
             self._activate(*want)
@@ -411,6 +425,25 @@ class Models:
         finally:
             if want != prev:
                 self._activate(*prev)
+
+    def _adapter(self, role: str) -> str:
+        """The LoRA adapter that computes ``role`` (a target with ``decay=None`` runs its source's)."""
+        if role in self.targets and self.targets[role].decay is None:
+            return self.targets[role].source
+        return role
+
+    @contextlib.contextmanager
+    def _network(self, role: str) -> Iterator[nn.Module]:
+        """:meth:`role`'s module for one forward: with LoRA and ``lora_merge`` on, the merged plain view of the
+        adapter (:mod:`distill_diffusion.lora_merge`) when the forward builds no graph (``no_grad``) or always."""
+        with self.role(role) as net:
+            merged = self._merged is not None and role != "teacher" and role not in self.headless and (
+                self.lora_merge == "always" or not torch.is_grad_enabled())
+            if not merged:
+                yield net
+                return
+            with self._merged.active(self._adapter(role)) as plain:
+                yield plain
 
     def _activate(self, adapter: str, disabled: bool) -> None:
         """The adapter state of every LoRA layer, as peft's properties read it (``active_adapters``,
@@ -454,6 +487,12 @@ class Models:
     def set_gradient_checkpointing(self, on: bool) -> None:
         mods = [self.denoiser] if self.student_kind == "lora" else [
             self._nets[r] for r in self.roles if r not in self.headless]
+        if on and self.lora_merge == "always":
+            # A checkpointed block recomputes its forward in the backward, after the merged weights are gone.
+            if self._merge_asked == "always":
+                print("note: gradient_checkpointing=true: LoRA forwards with gradient run through peft "
+                      "(lora_merge=always applies without gradient only)", file=sys.stderr)
+            self.lora_merge = "no_grad"
         for m in mods:
             if on:
                 m.enable_gradient_checkpointing()
@@ -509,7 +548,7 @@ class Models:
     ) -> Tensor:
         """:meth:`net_out` with the network's own timestep input ``net_t`` (B,) instead of a training timestep: a
         float between training timesteps for continuous-time methods (``distill_diffusion.trigflow``)."""
-        with self.role(role) as net:
+        with self._network(role) as net:
             # Networks held in half precision take half-precision inputs; full students compute in their own fp32.
             dtype = self.weight_dtype if role == "teacher" or self.student_kind == "lora" else None
 
@@ -561,7 +600,7 @@ class Models:
     def features(self, role: str, x: Tensor, t: Tensor, cond: Cond, names: list[str], stop: bool) -> list[Tensor]:
         """Outputs of blocks ``names`` of ``role``'s network at (x_t, t) as feature maps (B, C_l, h_l, w_l), from one
         ordinary forward (``stop``: cut after the last of them). Inputs are cast as :meth:`net_out` casts them."""
-        with self.role(role) as net:
+        with self._network(role) as net:
             dtype = self.weight_dtype if role == "teacher" or self.student_kind == "lora" else x.dtype
             return self.family.features(net, x.to(dtype), self.schedule.net_timestep(t), cond.to(dtype), names,
                                         stop)
@@ -637,7 +676,7 @@ def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu",
         guidance_embedding_dim=spec.student_guidance_embedding if cfg.student == "full" else None,
         resolution=cfg.resolution, device=device, weight_dtype=dtype, headless_roles=spec.headless,
         channels_last=cfg.channels_last, compile_nets=cfg.compile, max_sequence_length=cfg.max_sequence_length,
-        full_copies_on_cpu=sharded, pipe=pipe,
+        full_copies_on_cpu=sharded, pipe=pipe, lora_merge=cfg.lora_merge,
     )
     data = getattr(cfg, "data", None)
     if data is not None:

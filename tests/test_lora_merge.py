@@ -1,0 +1,98 @@
+"""LoRA forwards on merged weights (distill_diffusion.lora_merge): the same function and gradients as peft's."""
+
+import pytest
+import torch
+from torch import nn
+
+from distill_diffusion.config import parse_config
+from distill_diffusion.errors import UserError
+from distill_diffusion.lora_merge import unsupported_reason
+from distill_diffusion.models import Models
+
+
+def _models(path: str, lora_merge: str, **kw) -> Models:
+    torch.manual_seed(0)  # peft draws A at random: two builds compared must draw the same
+    m = Models(path, "lora", roles=("student", "critic"), lora_rank=2, lora_alpha=4, lora_merge=lora_merge, **kw)
+    with torch.no_grad():  # adapters away from B = 0, so they change the output
+        for i, r in enumerate(("student", "critic")):
+            for p in m.parameters(r):
+                p.add_(0.05 * (i + 1))
+    return m
+
+
+def _student_grads(m: Models, xt, t, cond) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    with m.trainable("student"):
+        out = m.net_out("student", xt, t, cond)
+        out.square().mean().backward()
+    grads = [p.grad.clone() for p in m.parameters("student")]
+    for p in m.parameters("student"):
+        p.grad = None
+    return out.detach(), grads
+
+
+def test_gradients_match_peft(tiny_teachers):
+    """With gradient, merged forwards give peft's output and peft's LoRA gradients (to float32 rounding)."""
+    xt, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+    ref = _models(tiny_teachers["sd"], "off")
+    ours = _models(tiny_teachers["sd"], "always")
+    cond = ref.encode_prompts(["a cat", "a dog"])
+    out_ref, g_ref = _student_grads(ref, xt[:, :, : ref.latent_shape[1], : ref.latent_shape[2]], t, cond)
+    out, g = _student_grads(ours, xt[:, :, : ref.latent_shape[1], : ref.latent_shape[2]], t, cond)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    assert len(g) == len(g_ref) and any(x.abs().sum() > 0 for x in g)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_no_grad_mode_merges_only_without_gradient(tiny_teachers):
+    """lora_merge=no_grad: a forward with gradient is peft's, bit for bit; one without gradient is merged."""
+    off, ng = _models(tiny_teachers["sd"], "off"), _models(tiny_teachers["sd"], "no_grad")
+    xt, t = torch.randn(2, *off.latent_shape, generator=torch.Generator().manual_seed(1)), torch.tensor([50, 700])
+    cond = off.encode_prompts(["a cat", "a dog"])
+    assert torch.equal(_student_grads(off, xt, t, cond)[0], _student_grads(ng, xt, t, cond)[0])
+    with torch.no_grad():
+        a, b = off.net_out("critic", xt, t, cond), ng.net_out("critic", xt, t, cond)
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_weights_never_outlive_a_forward(tiny_teachers):
+    """A forward cut short (features' early stop) leaves no merged weight behind, and the base tensors are
+    untouched: the teacher's forward is the same before and after."""
+    m = _models(tiny_teachers["sd"], "always")
+    xt, t = torch.randn(2, *m.latent_shape), torch.tensor([10, 900])
+    cond = m.encode_prompts(["a cat", "a dog"])
+    with torch.no_grad():
+        before = m.net_out("teacher", xt, t, cond)
+        names = m.feature_blocks(all_levels=False)[:1]
+        feats = m.features("critic", xt, t, cond, names, stop=True)
+        assert len(feats) == 1
+        assert not [layer for layer in m._merged.layers if "weight" in layer.__dict__]
+        assert torch.equal(m.net_out("teacher", xt, t, cond), before)
+
+
+def test_auto_and_fallbacks(tiny_teachers, capsys):
+    """auto is always on a CPU; a half-precision base runs peft's wrappers (and says so when merging was asked)."""
+    assert Models(tiny_teachers["sd"], "lora", lora_rank=2).lora_merge == "always"
+    m = Models(tiny_teachers["sd"], "lora", lora_rank=2, lora_merge="always", weight_dtype=torch.bfloat16)
+    assert m._merged is None and "half-precision base" in capsys.readouterr().err
+    assert Models(tiny_teachers["sd"], "lora", lora_rank=2, lora_merge="off")._merged is None
+
+
+@pytest.mark.parametrize("extra, reason", [({}, None), ({"lora_dropout": 0.1}, "lora_dropout"),
+                                           ({"use_dora": True}, "DoRA or an adapter bias")])
+def test_unsupported_layers(extra, reason):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    net = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["0"], **extra),
+                                  nn.Sequential(nn.Linear(4, 4)), adapter_name="a")
+    assert unsupported_reason(net[0], "a") == reason
+
+
+def test_config_values():
+    from methods import METHODS
+
+    assert parse_config(["--method", "lcm", "lora_merge=off"], METHODS)[0].lora_merge == "off"
+    assert parse_config(["--method", "lcm"], METHODS)[0].lora_merge == "auto"
+    with pytest.raises(UserError, match="lora_merge='sometimes'"):
+        parse_config(["--method", "lcm", "lora_merge=sometimes"], METHODS)
