@@ -16,6 +16,10 @@ Micro-benchmarks (in this process, one torch thread, the two ways interleaved ``
 End to end (``--before-tree``: a git worktree of the commit before the change, run with this interpreter): seconds
 per step of ``benchmarks.train_step`` for each method's LoRA default, before and after, interleaved per repeat.
 Flags: ``channels_last=true`` and ``compile=true`` against neither, on LCM-LoRA, interleaved per repeat.
+``--merge``: each method's LoRA default with ``lora_merge=off`` (peft's wrappers everywhere), ``no_grad`` and ``auto``
+(merged weights with gradient too, on a CPU), interleaved per repeat (issue 23).
+``--keep``: rows of the earlier lean section (BENCHMARKS.json) that this run did not measure stay, with the command
+and date that measured them.
 
 Writes its section into ``--out`` (between the lean markers, replacing an earlier one) and ``"lean"`` into the
 JSON next to it; ``python -m benchmarks --lean`` re-renders that section from the JSON.
@@ -316,6 +320,46 @@ def flag_rows(repeats: int, steps: int, warmup: int, threads: int, compile_repea
     return rows, raw
 
 
+def merge_rows(methods: list[str], repeats: int, steps: int, warmup: int, threads: int) -> tuple[list[dict], dict]:
+    """Whole-step s/step of each method's LoRA default through peft's wrappers and on merged weights."""
+    variants = ("off", "no_grad", "auto")
+    times: dict[str, dict[str, list[float]]] = {m: {v: [] for v in variants} for m in methods}
+    raw: dict[str, Any] = {}
+    for rep in range(repeats):
+        for m in methods:
+            for v in variants:
+                print(f"[lean] {m} lora_merge={v} repeat {rep + 1}/{repeats}", flush=True)
+                res = train_step(ROOT, m, steps, warmup, threads, [f"lora_merge={v}"])
+                raw.setdefault(f"{m}/{v}", []).append(res)
+                if "error" not in res:
+                    times[m][v].append(res["sec_per_step_median"])
+    rows = []
+    for m in methods:
+        off = times[m]["off"]
+        for v, what in (("no_grad", "forwards without gradient"), ("auto", "every forward (auto on a CPU)")):
+            if off and times[m][v]:
+                rows.append(row(f"LoRA on merged weights, {what}: {m} (issue 23)", f"benchmarks.train_step s/step, "
+                                f"lora_merge=off vs {v}, medians of {len(off)} interleaved runs of {steps} steps",
+                                statistics.median(off), statistics.median(times[m][v]), unit="s",
+                                status="default" if v == "auto" else "option"))
+    return rows, raw
+
+
+def kept_rows(new: list[dict], json_path: Path) -> list[dict]:
+    """The earlier lean section's rows that ``new`` does not re-measure, each naming the command that did."""
+    try:
+        old = json.loads(json_path.read_text()).get("lean") or {}
+    except (OSError, ValueError):
+        return []
+    measured = {r["item"] for r in new}
+    out = []
+    for r in old.get("rows", []):
+        if r["item"] not in measured:
+            src = r.get("source") or f"`{old.get('command', '?')}` ({old.get('date', '?')})"
+            out.append({**r, "source": src})
+    return out
+
+
 def markdown(lean: dict[str, Any]) -> str:
     L = [START, "## Lean step (issue 10): before and after, item by item", "",
          f"Command: `{lean['command']}` ({lean['date']}, {lean['threads']} torch thread(s)). Ratio = before / after "
@@ -324,7 +368,8 @@ def markdown(lean: dict[str, Any]) -> str:
          "| item | how measured | before | after | ratio | status |", "|---|---|---|---|---|---|"]
     for r in lean["rows"]:
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
-        L.append(f"| {r['item']} | {r['how']} | {r['before']:.3f} {r['unit']} | {r['after']:.3f} {r['unit']} | "
+        how = r["how"] + (f"; measured by {r['source']}" if r.get("source") else "")
+        L.append(f"| {r['item']} | {how} | {r['before']:.3f} {r['unit']} | {r['after']:.3f} {r['unit']} | "
                  f"{ratio} | {r['status']} |")
     L += ["", *lean.get("notes", []), END]
     return "\n".join(L) + "\n"
@@ -353,6 +398,12 @@ NOTES = [
     "role-switch row is the direct figure: before, every role entry cost about 20 ms (snapshot of every LoRA "
     "tensor's requires_grad, peft's set_adapter on 129 layers, both again on exit), even when the role was already "
     "active; an LCM-LoRA step enters roles 4 times (about 80 ms of a 0.65 s step), a SiD-LoRA step 7 times.",
+    "- LoRA on merged weights (issue 23; distill_diffusion.lora_merge): a LoRA forward through peft runs the base "
+    "layer, then the adapter's two small products, through a Python wrapper per layer; on the embedded teacher that "
+    "wrapper, not the arithmetic, is most of the adapter's cost (a LoRA student's forward cost about 1.4x a full "
+    "student's in the training table). The merged forward runs one plain layer on W + s*B*A. With gradient, the "
+    "backward then computes a full-size weight gradient per layer, cheap here and costly on a large network on a "
+    "GPU, so lora_merge=auto merges every forward on a CPU and only forwards without gradient on an accelerator.",
     "- CFG in one forward of 2B is not faster than two forwards of B on this one-thread CPU (no parallelism to "
     "fill); it stays, as it is on GPUs, where the batched pass is the usual win.",
 ]
@@ -385,6 +436,13 @@ def run(a: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     if not a.no_flags:
         r, raw["flags"] = flag_rows(a.repeats, a.steps, a.warmup, a.threads, a.compile_repeats)
         rows += r
+    if a.merge:
+        r, raw["merge"] = merge_rows(a.methods, a.repeats, a.steps, a.warmup, a.threads)
+        rows += r
+    if a.keep:
+        rows = kept_rows(rows, Path(a.out).with_suffix(".json")) + rows
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            raw["earlier"] = json.loads(Path(a.out).with_suffix(".json").read_text())["lean"]["raw"]
     return {"command": "python -m benchmarks.lean " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M UTC",
             time.gmtime()), "threads": a.threads, "rows": rows, "notes": NOTES, "raw": raw}
 
@@ -401,6 +459,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-flags", action="store_true")
     ap.add_argument("--no-micro", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="lora_merge=off / no_grad / auto, each method's LoRA step")
+    ap.add_argument("--keep", action="store_true", help="keep the earlier section's rows this run does not measure")
     ap.add_argument("--out", default="BENCHMARKS.md")
     return ap
 

@@ -327,3 +327,32 @@ def test_factor_emas_against_a_hand_computation():
     f = e.figures()[0.5]
     assert abs(f["gap"] - float((eb @ ea - eba).norm() / eba.norm())) < 1e-6 and f["gap"] > 0
     assert abs(f["lag"] - float((b1 @ a1 - eba).norm() / eba.norm())) < 1e-6
+
+
+def test_lean_merge_rows_and_kept_rows(tmp_path, monkeypatch):
+    """--merge times lora_merge=off / no_grad / auto per method (interleaved); --keep keeps the earlier section's
+    other rows, naming the command that measured them."""
+    from benchmarks import lean
+
+    calls = []
+
+    def fake(tree, method, steps, warmup, threads, overrides):
+        calls.append((method, overrides[0]))
+        return {"sec_per_step_median": {"lora_merge=off": 2.0, "lora_merge=no_grad": 1.6, "lora_merge=auto": 1.0}[
+            overrides[0]]}
+
+    monkeypatch.setattr(lean, "train_step", fake)
+    rows, raw = lean.merge_rows(["lcm", "sid"], repeats=2, steps=4, warmup=1, threads=1)
+    assert calls[:3] == [("lcm", "lora_merge=off"), ("lcm", "lora_merge=no_grad"), ("lcm", "lora_merge=auto")]
+    assert len(calls) == 12 and len(raw["sid/auto"]) == 2
+    by = {r["item"]: r for r in rows}
+    auto = by["LoRA on merged weights, every forward (auto on a CPU): lcm (issue 23)"]
+    assert auto["ratio"] == 2.0 and auto["status"] == "default" and auto["unit"] == "s"
+    old = {"lean": {"command": "python -m benchmarks.lean --old", "date": "2026-01-01 00:00 UTC",
+                    "rows": [lean.row("CFG", "x", 1.0, 0.5), {**auto, "before": 9.0}], "raw": {}}}
+    (tmp_path / "B.json").write_text(json.dumps(old))
+    kept = lean.kept_rows(rows, tmp_path / "B.json")
+    assert [r["item"] for r in kept] == ["CFG"]
+    assert kept[0]["source"] == "`python -m benchmarks.lean --old` (2026-01-01 00:00 UTC)"
+    assert "measured by `python -m benchmarks.lean --old`" in lean.markdown(
+        {"command": "c", "date": "d", "threads": 1, "rows": kept + rows})
