@@ -6,6 +6,12 @@ measured at 12–15 GFLOP/s a thread (we take the midpoint, 13.5). A wall time m
 ratio, estimates the same command's wall time on the reference machine. The ratio is only a guide for
 matmul-bound work (UNet forwards and backwards); Python overhead scales less.
 
+``python -m benchmarks.machine --step-json BENCHMARKS.json`` also prints a second ratio, for work like this project's
+(small networks, where Python and small kernels weigh as much as matmul peak): the diffusers LCM-LoRA script's
+float32 step, which issue 23 measured on the reference machine (3.44 s/step, ``benchmarks.reference_lcm --repeats 1
+--short 5 --long 20``), against the same program's step in that JSON's ``reference`` section (measured here by
+``benchmarks.reference_lcm``). A fixed program on both machines, so the ratio is the machines' alone.
+
 ``python -m benchmarks.machine --hold SECONDS`` instead keeps one core busy with one-thread 1024² matmuls for that
 long: the "another job on the second core" under which the test command's time is budgeted, made repeatable.
 """
@@ -21,6 +27,7 @@ import time
 from distill_diffusion.provenance import cpu_name
 
 REFERENCE_GFLOPS = 13.5  # AMD EPYC, AVX2, no AVX-512; 12-15 GFLOP/s on one thread
+REFERENCE_SCRIPT_STEP = 3.44  # s/step of diffusers' LCM-LoRA script in float32 there (issue 23)
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:
@@ -63,9 +70,19 @@ def machine_info() -> dict[str, object]:
             "reference_slowdown": round(rate / REFERENCE_GFLOPS, 2)}
 
 
+def script_step_ratio(path: str) -> dict[str, object]:
+    """The reference machine's script step over this machine's, from a benchmarks.reference_lcm JSON section."""
+    ref = json.loads(open(path).read())["reference"]
+    here = ref["summary"]["median"]["ref_autocast_off"]
+    return {"script_step_here": round(here, 3), "script_step_reference": REFERENCE_SCRIPT_STEP,
+            "script_step_slowdown": round(REFERENCE_SCRIPT_STEP / here, 2), "script_step_measured": ref["date"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.machine", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    ap.add_argument("--step-json", default=None, metavar="FILE",
+                    help="a JSON with benchmarks.reference_lcm's section (BENCHMARKS.json): also the script-step ratio")
     ap.add_argument("--hold", type=float, default=None, metavar="SECONDS",
                     help="keep one core busy with matmuls for SECONDS (a stand-in for another job), then exit")
     args = ap.parse_args(argv)
@@ -76,12 +93,23 @@ def main(argv: list[str] | None = None) -> int:
         hold_core(args.hold)
         return 0
     info = machine_info()
+    if args.step_json:
+        try:
+            info.update(script_step_ratio(args.step_json))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: --step-json {args.step_json}: no benchmarks.reference_lcm section with the script's float32 "
+                  f"step ({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(info))
     else:
         print(f"{info['cpu']}: 1024x1024 float32 matmul {info['matmul_gflops_1thread']} GFLOP/s on one thread; "
               f"the reference machine (AVX2, {REFERENCE_GFLOPS} GFLOP/s) is about "
               f"{info['reference_slowdown']}x slower for matmul-bound work")
+        if "script_step_slowdown" in info:
+            print(f"diffusers' LCM-LoRA script, float32 step: {info['script_step_here']} s here "
+                  f"({info['script_step_measured']}), {REFERENCE_SCRIPT_STEP} s on the reference machine: about "
+                  f"{info['script_step_slowdown']}x slower for small-network work like this project's tests")
     return 0
 
 

@@ -356,3 +356,16 @@ def test_lean_merge_rows_and_kept_rows(tmp_path, monkeypatch):
     assert kept[0]["source"] == "`python -m benchmarks.lean --old` (2026-01-01 00:00 UTC)"
     assert "measured by `python -m benchmarks.lean --old`" in lean.markdown(
         {"command": "c", "date": "d", "threads": 1, "rows": kept + rows})
+
+
+def test_machine_script_step_ratio(tmp_path, capsys):
+    """--step-json: the reference machine's script step (issue 23) over the one measured here; a JSON without
+    the section is one error line and exit code 2."""
+    from benchmarks import machine
+
+    f = tmp_path / "B.json"
+    f.write_text(json.dumps({"reference": {"date": "today", "summary": {"median": {"ref_autocast_off": 1.72}}}}))
+    assert machine.script_step_ratio(str(f))["script_step_slowdown"] == 2.0
+    (tmp_path / "bad.json").write_text("{}")
+    assert machine.main(["--step-json", str(tmp_path / "bad.json")]) == 2
+    assert "no benchmarks.reference_lcm section" in capsys.readouterr().err
