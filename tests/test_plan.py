@@ -112,6 +112,13 @@ def test_lora_students_are_never_sharded():
     assert sum(r["bytes"] for r in p.frozen) == p.counted["frozen_bytes"]
 
 
+def test_lora_merge_always_is_named_as_uncounted():
+    """lora_merge=always keeps merged weights for the backward: the plan says it does not count them."""
+    always = _built(["teacher=embedded", "student=lora", "lora_merge=always"])
+    assert any("lora_merge=always" in n for n in plan.summarize(always).notes)
+    assert not any("lora_merge" in n for n in plan.summarize(_built(["teacher=embedded", "student=lora"])).notes)
+
+
 def test_the_output_says_activations_are_not_counted(capsys):
     """One line says what is not counted and where the measured peak is."""
     assert plan.main(["--method", "lcm", "teacher=embedded"]) == 0
