@@ -345,12 +345,16 @@ def merge_rows(methods: list[str], repeats: int, steps: int, warmup: int, thread
     return rows, raw
 
 
-def kept_rows(new: list[dict], json_path: Path) -> list[dict]:
-    """The earlier lean section's rows that ``new`` does not re-measure, each naming the command that did."""
+def earlier_section(json_path: Path) -> dict[str, Any]:
+    """The lean section already in ``json_path`` (BENCHMARKS.json), or {} when there is none."""
     try:
-        old = json.loads(json_path.read_text()).get("lean") or {}
-    except (OSError, ValueError):
-        return []
+        return json.loads(json_path.read_text()).get("lean") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def kept_rows(new: list[dict], old: dict[str, Any]) -> list[dict]:
+    """The earlier lean section's rows that ``new`` does not re-measure, each naming the command that did."""
     measured = {r["item"] for r in new}
     out = []
     for r in old.get("rows", []):
@@ -440,9 +444,10 @@ def run(a: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         r, raw["merge"] = merge_rows(a.methods, a.repeats, a.steps, a.warmup, a.threads)
         rows += r
     if a.keep:
-        rows = kept_rows(rows, Path(a.out).with_suffix(".json")) + rows
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            raw["earlier"] = json.loads(Path(a.out).with_suffix(".json").read_text())["lean"]["raw"]
+        old = earlier_section(Path(a.out).with_suffix(".json"))
+        rows = kept_rows(rows, old) + rows
+        if "raw" in old:
+            raw["earlier"] = old["raw"]
     return {"command": "python -m benchmarks.lean " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M UTC",
             time.gmtime()), "threads": a.threads, "rows": rows, "notes": NOTES, "raw": raw}
 

@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from distill_diffusion.provenance import cpu_name
 
@@ -72,7 +73,7 @@ def machine_info() -> dict[str, object]:
 
 def script_step_ratio(path: str) -> dict[str, object]:
     """The reference machine's script step over this machine's, from a benchmarks.reference_lcm JSON section."""
-    ref = json.loads(open(path).read())["reference"]
+    ref = json.loads(Path(path).read_text())["reference"]
     here = ref["summary"]["median"]["ref_autocast_off"]
     return {"script_step_here": round(here, 3), "script_step_reference": REFERENCE_SCRIPT_STEP,
             "script_step_slowdown": round(REFERENCE_SCRIPT_STEP / here, 2), "script_step_measured": ref["date"]}

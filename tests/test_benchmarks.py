@@ -351,7 +351,7 @@ def test_lean_merge_rows_and_kept_rows(tmp_path, monkeypatch):
     old = {"lean": {"command": "python -m benchmarks.lean --old", "date": "2026-01-01 00:00 UTC",
                     "rows": [lean.row("CFG", "x", 1.0, 0.5), {**auto, "before": 9.0}], "raw": {}}}
     (tmp_path / "B.json").write_text(json.dumps(old))
-    kept = lean.kept_rows(rows, tmp_path / "B.json")
+    kept = lean.kept_rows(rows, lean.earlier_section(tmp_path / "B.json"))
     assert [r["item"] for r in kept] == ["CFG"]
     assert kept[0]["source"] == "`python -m benchmarks.lean --old` (2026-01-01 00:00 UTC)"
     assert "measured by `python -m benchmarks.lean --old`" in lean.markdown(
