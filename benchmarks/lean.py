@@ -17,7 +17,8 @@ End to end (``--before-tree``: a git worktree of the commit before the change, r
 per step of ``benchmarks.train_step`` for each method's LoRA default, before and after, interleaved per repeat.
 Flags: ``channels_last=true`` and ``compile=true`` against neither, on LCM-LoRA, interleaved per repeat.
 ``--merge``: each method's LoRA default with ``lora_merge=off`` (peft's wrappers everywhere), ``no_grad`` and ``auto``
-(merged weights with gradient too, on a CPU), interleaved per repeat (issue 23).
+(merged weights with gradient too, on a CPU), interleaved per repeat (issue 23); with ``--bf16``, also
+``mixed_precision=bf16`` with ``lora_merge=off`` (a bf16 base through peft) and ``auto`` (a float32 base, merged).
 ``--keep``: rows of the earlier lean section (BENCHMARKS.json) that this run did not measure stay, with the command
 and date that measured them.
 
@@ -320,28 +321,40 @@ def flag_rows(repeats: int, steps: int, warmup: int, threads: int, compile_repea
     return rows, raw
 
 
-def merge_rows(methods: list[str], repeats: int, steps: int, warmup: int, threads: int) -> tuple[list[dict], dict]:
-    """Whole-step s/step of each method's LoRA default through peft's wrappers and on merged weights."""
-    variants = ("off", "no_grad", "auto")
+MERGE_VARIANTS = {"off": ["lora_merge=off"], "no_grad": ["lora_merge=no_grad"], "auto": ["lora_merge=auto"],
+                  "bf16 off": ["mixed_precision=bf16", "lora_merge=off"], "bf16 auto": ["mixed_precision=bf16"]}
+MERGE_PAIRS = [  # (before, after, item, status)
+    ("off", "no_grad", "LoRA on merged weights, forwards without gradient", "option"),
+    ("off", "auto", "LoRA on merged weights, every forward (auto on a CPU)", "default"),
+    ("bf16 off", "bf16 auto", "mixed_precision=bf16 on a CPU: bf16 base through peft vs float32 base merged",
+     "default"),
+]
+
+
+def merge_rows(methods: list[str], repeats: int, steps: int, warmup: int, threads: int,
+               bf16: bool = False) -> tuple[list[dict], dict]:
+    """Whole-step s/step of each method's LoRA default through peft's wrappers and on merged weights; ``bf16``: also
+    under mixed_precision=bf16, the bf16 base through peft (before) against the float32 base merged (after)."""
+    variants = [v for v in MERGE_VARIANTS if bf16 or not v.startswith("bf16")]
     times: dict[str, dict[str, list[float]]] = {m: {v: [] for v in variants} for m in methods}
     raw: dict[str, Any] = {}
     for rep in range(repeats):
         for m in methods:
             for v in variants:
-                print(f"[lean] {m} lora_merge={v} repeat {rep + 1}/{repeats}", flush=True)
-                res = train_step(ROOT, m, steps, warmup, threads, [f"lora_merge={v}"])
+                print(f"[lean] {m} {' '.join(MERGE_VARIANTS[v])} repeat {rep + 1}/{repeats}", flush=True)
+                res = train_step(ROOT, m, steps, warmup, threads, MERGE_VARIANTS[v])
                 raw.setdefault(f"{m}/{v}", []).append(res)
                 if "error" not in res:
                     times[m][v].append(res["sec_per_step_median"])
     rows = []
     for m in methods:
-        off = times[m]["off"]
-        for v, what in (("no_grad", "forwards without gradient"), ("auto", "every forward (auto on a CPU)")):
-            if off and times[m][v]:
-                rows.append(row(f"LoRA on merged weights, {what}: {m} (issue 23)", f"benchmarks.train_step s/step, "
-                                f"lora_merge=off vs {v}, medians of {len(off)} interleaved runs of {steps} steps",
-                                statistics.median(off), statistics.median(times[m][v]), unit="s",
-                                status="default" if v == "auto" else "option"))
+        for before, after, item, status in MERGE_PAIRS:
+            b, a = times[m].get(before), times[m].get(after)
+            if b and a:
+                how = (f"benchmarks.train_step s/step, `{' '.join(MERGE_VARIANTS[before])}` vs "
+                       f"`{' '.join(MERGE_VARIANTS[after])}`, medians of {len(b)} interleaved runs of {steps} steps")
+                rows.append(row(f"{item}: {m} (issue 23)", how, statistics.median(b), statistics.median(a), unit="s",
+                                status=status))
     return rows, raw
 
 
@@ -441,7 +454,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         r, raw["flags"] = flag_rows(a.repeats, a.steps, a.warmup, a.threads, a.compile_repeats)
         rows += r
     if a.merge:
-        r, raw["merge"] = merge_rows(a.methods, a.repeats, a.steps, a.warmup, a.threads)
+        r, raw["merge"] = merge_rows(a.methods, a.repeats, a.steps, a.warmup, a.threads, a.bf16)
         rows += r
     if a.keep:
         old = earlier_section(Path(a.out).with_suffix(".json"))
@@ -465,6 +478,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-flags", action="store_true")
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--merge", action="store_true", help="lora_merge=off / no_grad / auto, each method's LoRA step")
+    ap.add_argument("--bf16", action="store_true", help="with --merge: mixed_precision=bf16 too, "
+                    "lora_merge=off / auto")
     ap.add_argument("--keep", action="store_true", help="keep the earlier section's rows this run does not measure")
     ap.add_argument("--out", default="BENCHMARKS.md")
     return ap

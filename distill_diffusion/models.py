@@ -669,7 +669,7 @@ def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu",
     place the loop, the tests, the benchmarks and the memory planner build :class:`Models`. ``sharded``: the loop
     will shard the full copies (:mod:`distill_diffusion.sharding`), so they are built on the CPU; ``pipe``: a
     teacher pipeline already built, see :class:`Models`."""
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    dtype = frozen_dtype(cfg, torch.device(device))
     models = Models(
         cfg.teacher, student=cfg.student, roles=spec.roles, targets=spec.targets, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, lora_targets=list(cfg.lora_targets) if cfg.lora_targets else None,
@@ -682,6 +682,21 @@ def build_models(cfg: Any, spec: MethodSpec, device: torch.device | str = "cpu",
     if data is not None:
         models.encoders = configure_encoders(models, data)
     return models
+
+
+def frozen_dtype(cfg: Any, device: torch.device) -> torch.dtype:
+    """The dtype the frozen weights are held in: ``cfg.mixed_precision``'s, except for a LoRA student trained with
+    bf16 on a CPU, whose frozen base stays float32.
+
+    Autocast computes in bf16 either way (it casts a float32 weight per op), and only a float32 base lets the
+    adapters run on merged weights (``lora_merge``; a bf16 sum would round the adapter's update away), which is the
+    faster path on a CPU (BENCHMARKS.md, lean: bf16 rows). ``lora_merge=off`` or ``compile=true`` (peft's path
+    either way) keep the bf16 base. On an accelerator the bf16 base is kept for its memory."""
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    if dtype == torch.bfloat16 and device.type == "cpu" and cfg.student == "lora" and cfg.lora_merge != "off" \
+            and not cfg.compile:
+        return torch.float32
+    return dtype
 
 
 def configure_encoders(models: Models, data: Any) -> Encoders:

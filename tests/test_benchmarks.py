@@ -335,11 +335,12 @@ def test_lean_merge_rows_and_kept_rows(tmp_path, monkeypatch):
     from benchmarks import lean
 
     calls = []
+    secs = {"lora_merge=off": 2.0, "lora_merge=no_grad": 1.6, "lora_merge=auto": 1.0,
+            "mixed_precision=bf16 lora_merge=off": 1.5, "mixed_precision=bf16": 0.5}
 
     def fake(tree, method, steps, warmup, threads, overrides):
-        calls.append((method, overrides[0]))
-        return {"sec_per_step_median": {"lora_merge=off": 2.0, "lora_merge=no_grad": 1.6, "lora_merge=auto": 1.0}[
-            overrides[0]]}
+        calls.append((method, " ".join(overrides)))
+        return {"sec_per_step_median": secs[" ".join(overrides)]}
 
     monkeypatch.setattr(lean, "train_step", fake)
     rows, raw = lean.merge_rows(["lcm", "sid"], repeats=2, steps=4, warmup=1, threads=1)
@@ -348,6 +349,10 @@ def test_lean_merge_rows_and_kept_rows(tmp_path, monkeypatch):
     by = {r["item"]: r for r in rows}
     auto = by["LoRA on merged weights, every forward (auto on a CPU): lcm (issue 23)"]
     assert auto["ratio"] == 2.0 and auto["status"] == "default" and auto["unit"] == "s"
+    calls.clear()
+    bf16_rows, _ = lean.merge_rows(["lcm"], repeats=1, steps=4, warmup=1, threads=1, bf16=True)
+    assert calls[3:] == [("lcm", "mixed_precision=bf16 lora_merge=off"), ("lcm", "mixed_precision=bf16")]
+    assert [r["ratio"] for r in bf16_rows if r["item"].startswith("mixed_precision=bf16")] == [3.0]
     old = {"lean": {"command": "python -m benchmarks.lean --old", "date": "2026-01-01 00:00 UTC",
                     "rows": [lean.row("CFG", "x", 1.0, 0.5), {**auto, "before": 9.0}], "raw": {}}}
     (tmp_path / "B.json").write_text(json.dumps(old))

@@ -96,3 +96,33 @@ def test_config_values():
     assert parse_config(["--method", "lcm"], METHODS)[0].lora_merge == "auto"
     with pytest.raises(UserError, match="lora_merge='sometimes'"):
         parse_config(["--method", "lcm", "lora_merge=sometimes"], METHODS)
+
+
+def test_bf16_on_a_cpu_keeps_a_float32_base(tiny_teachers):
+    """mixed_precision=bf16 with a LoRA student on a CPU holds the frozen base in float32 (so adapters merge); and
+    under bf16 autocast the merged forward is no further from the float32 output than peft's on a bf16 base."""
+    from types import SimpleNamespace
+
+    from distill_diffusion.models import frozen_dtype
+
+    def cfg(**kw):
+        return SimpleNamespace(**{"mixed_precision": "bf16", "student": "lora", "lora_merge": "auto",
+                                  "compile": False, **kw})
+
+    cpu = torch.device("cpu")
+    assert frozen_dtype(cfg(), cpu) == torch.float32
+    assert frozen_dtype(cfg(lora_merge="off"), cpu) == frozen_dtype(cfg(compile=True), cpu) == torch.bfloat16
+    assert frozen_dtype(cfg(student="full"), cpu) == frozen_dtype(cfg(), torch.device("meta")) == torch.bfloat16
+    assert frozen_dtype(cfg(mixed_precision="no"), cpu) == torch.float32
+
+    exact, merged = _models(tiny_teachers["sd"], "off"), _models(tiny_teachers["sd"], "always")
+    peft_bf16 = _models(tiny_teachers["sd"], "off", weight_dtype=torch.bfloat16)
+    xt = torch.randn(4, *exact.latent_shape, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([5, 300, 600, 990])
+    cond = exact.encode_prompts(["a cat", "a dog", "a cow", "a hen"])
+    with torch.no_grad():
+        ref = exact.net_out("student", xt, t, cond)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            err_merged = (merged.net_out("student", xt, t, cond) - ref).norm()
+            err_peft = (peft_bf16.net_out("student", xt, t, cond) - ref).norm()
+    assert 0 < err_merged <= 1.2 * err_peft, (err_merged, err_peft)
