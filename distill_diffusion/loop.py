@@ -275,6 +275,8 @@ def run_steps(tr: Trainer, stream: Stream, start: int, out: Path) -> None:
     for step in bar:
         batches = [make_batch(tr, next(samples), step, stream.source) for _ in range(cfg.gradient_accumulation_steps)]
         logs: dict[str, float] = {}
+        for role in tr.method.resets(step):
+            restart_role(tr, role)
         roles = tr.method.updates(step)
         for role in roles:
             try:
@@ -289,6 +291,13 @@ def run_steps(tr: Trainer, stream: Stream, start: int, out: Path) -> None:
             log_step(tr, out, done, start, logs, clock)
         bar.set_postfix({k.replace("/loss", ""): f"{v:.4g}" for k, v in logs.items() if k.endswith("/loss")})
         after_step(tr, out, done)
+
+
+def restart_role(tr: Trainer, role: str) -> None:
+    """``role`` from the teacher again (:meth:`Models.reset_role`) with a fresh optimizer state (Adam's moments
+    of the weights it had); its learning-rate schedule and extra modules go on."""
+    tr.models.reset_role(role)
+    tr.optimizers[role].state.clear()
 
 
 def make_batch(tr: Trainer, s: Samples, step: int, source: Source) -> Batch:

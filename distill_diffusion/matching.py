@@ -57,14 +57,25 @@ def subinterval_pair(x_s: Tensor, eps: Tensor, a_s: Tensor, s_s: Tensor, a_t: Te
     target is its usual function of (x̃0, ε̃, t) (``Models.denoising_target``). Both targets grow as 1 / σ_{t|s} near
     t = s; the paper weights the squared error by min(1, 10 σ²_{t|s}) there (eq. 13).
 
-    x_s, eps (B, ...); the α, σ are (B,) (broadcast over the rest) or scalars. Returns (x_t, x̃0, ε̃). Not used by a
-    method yet: README, DMD2, says what Phased DMD still needs.
+    x_s, eps (B, ...); the α, σ are (B,) (broadcast over the rest) or scalars. Returns (x_t, x̃0, ε̃). DMD2's
+    ``phased`` option trains its critic on these targets.
     """
     def b(v: Tensor) -> Tensor:
         return v.reshape(-1, *[1] * (x_s.ndim - 1)) if v.ndim == 1 else v
 
     a_s, s_s, a_t, s_t = b(a_s), b(s_s), b(a_t), b(s_t)
-    a_ts = a_t / a_s
-    s_ts = (s_t**2 - a_ts**2 * s_s**2).clamp(min=0).sqrt()
-    x_t = a_ts * x_s + s_ts * eps
+    s_ts = subinterval_sigma2(a_s, s_s, a_t, s_t).sqrt()
+    x_t = a_t / a_s * x_s + s_ts * eps
     return x_t, x_s / a_s - a_t * s_s**2 / (a_s**2 * s_ts) * eps, s_t / s_ts * eps
+
+
+def subinterval_sigma2(a_s: Tensor, s_s: Tensor, a_t: Tensor, s_t: Tensor) -> Tensor:
+    """σ²_{t|s} = σ_t² − (α_t / α_s)² σ_s², the variance of q(x_t | x_s) (Phased DMD eq. 2), clamped at 0; any
+    broadcastable shapes."""
+    return (s_t**2 - (a_t / a_s) ** 2 * s_s**2).clamp(min=0)
+
+
+def subinterval_weight(sigma2_ts: Tensor, cap: float = 10.0) -> Tensor:
+    """Phased DMD's weight min(1, cap σ²_{t|s}) on the subinterval denoising loss (eq. 13, cap 10): its targets
+    grow as 1 / σ_{t|s} when t nears s, and this keeps their squared error bounded."""
+    return (cap * sigma2_ts).clamp(max=1.0)

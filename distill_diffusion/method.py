@@ -202,7 +202,7 @@ class Method:
     """One distillation algorithm. Owns the maths; never calls backward, step or the accelerator.
 
     Subclasses set ``Config`` (a dataclass of the paper's defaults), declare themselves in :meth:`spec` and
-    implement :meth:`loss` and :meth:`sampling`; :meth:`updates`, :meth:`optimizer_settings`,
+    implement :meth:`loss` and :meth:`sampling`; :meth:`updates`, :meth:`resets`, :meth:`optimizer_settings`,
     :meth:`extra_modules` and :meth:`exports` are optional. Inherit only from this class; never from a concrete
     method.
     """
@@ -220,6 +220,11 @@ class Method:
     def updates(self, step: int) -> tuple[str, ...]:
         """Which roles update at this step (two time-scale rules live here)."""
         return self.models.roles
+
+    def resets(self, step: int) -> tuple[str, ...]:
+        """Roles to start over from the teacher before this step's updates, their optimizer state dropped (Phased
+        DMD restarts its critic at each phase start). A function of the step alone, so a resumed run matches."""
+        return ()
 
     def optimizer_settings(self, role: str) -> OptimizerSettings:
         return OptimizerSettings()

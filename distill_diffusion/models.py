@@ -352,6 +352,21 @@ class Models:
             else:
                 self._nets[name].load_state_dict(self._nets[spec.source].state_dict())
 
+    @torch.no_grad()
+    def reset_role(self, role: str) -> None:
+        """Start ``role`` over from the teacher: a LoRA adapter's B factors to zero (its output is then the base's,
+        whatever A holds), a full copy to the teacher's weights. For methods that restart a critic (Phased DMD's
+        phase starts); the loop also drops the role's optimizer state (``Method.resets``)."""
+        if role in self.unsharded_class:
+            raise UserError(f"restarting the {role} from the teacher is not supported with fsdp=true; set fsdp=false")
+        if self.student_kind == "lora":
+            for name, p in self.named_parameters(role):
+                if "lora_B" in name:
+                    p.zero_()
+        else:
+            self._nets[role].load_state_dict({k.replace(".base_layer", ""): v for k, v in
+                                              self.denoiser.state_dict().items() if "lora_" not in k})
+
     def _copy_adapter(self, src: str, dst: str) -> None:
         from peft.utils import set_peft_model_state_dict
 

@@ -32,6 +32,18 @@ noisy than the step's input, t = 1 clean in their notation) and τ_DM ~ U(0, 1).
 [min_step, max_step]:  ∇ = dm_weight (x̂_fake − x̂_cond)/N_DM + ca_weight (x̂_uncond − x̂_cond)/N_CA, every x̂ at
 its own term's timestep, N the DMD2 normaliser mean|x − x̂_cfg| at that timestep (our choice: the paper's
 Algorithm 1 shows no normaliser; with one shared τ it is DMD2's gradient exactly). The critic and GAN are unchanged.
+
+Phased DMD (``phased``; Fan, Qiu, Wu, Wang, Lin, Ren, Lin, Gong, Yang, "Phased DMD: Few-step Distribution Matching
+Distillation via Score Matching within Subintervals", arXiv:2510.27684). The K conditioning timesteps cut the noise
+range into K phases, trained one after another (progressive distribution matching, sec. 2.2.1): in phase k the
+generator runs steps 0..k−1 without gradient as deterministic DDIM jumps (x̂0, ε̂) -> t_{j+1}, then step k, and its
+output is x_s = the jump to s = t_{k+1} (x0 in the last phase). Its loss matches the marginal at s through levels
+t in (s, T) with x_t ~ q(x_t | x_s) (eq. 10); the fake score has no clean sample there and learns the subinterval
+targets (eq. 11–12, ``distill_diffusion.matching.subinterval_pair``) weighted min(1, 10 σ²_{t|s}) (eq. 13), and
+starts over from the teacher at each phase start. The last phase is DMD2's losses on a deterministic rollout. The
+sampler is the same deterministic rollout (TCDScheduler, γ = 0). Not the paper's: one network serves every phase
+(the paper trains one expert per phase, LoRA on a shared base, and keeps earlier experts frozen), so a later phase
+can move what an earlier one learnt; the export stays one network that loads in the vanilla pipeline.
 """
 
 from __future__ import annotations
@@ -45,7 +57,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill_diffusion.errors import UserError
-from distill_diffusion.matching import dm_loss, gradient_loss
+from distill_diffusion.matching import (
+    dm_gradient,
+    dm_loss,
+    gradient_loss,
+    subinterval_pair,
+    subinterval_sigma2,
+    subinterval_weight,
+)
 from distill_diffusion.method import (
     Batch,
     Cond,
@@ -101,6 +120,13 @@ class DMD2Config:
     ca_weight: float | None = None  # weight of the CA term; None = real_guidance_scale − 1 (eq. 6/8: α − 1)
     ca_schedule: str = "constrained"  # τ_CA: "constrained" (Alg. 1 line 11, τ_CA ~ U(t, 1)) or "full"
     dm_schedule: str = "full"  # τ_DM: "full" (Alg. 1 line 12, τ_DM ~ U(0, 1)) or "constrained"
+    # Phased DMD (Fan et al. 2025, arXiv:2510.27684): the run's iterations split into one phase per conditioning
+    # timestep; phase k trains step k only, on a deterministic rollout of steps < k, its output the noisy x_{t_{k+1}}
+    # (the last phase: x0); the critic learns with subinterval targets and starts over from the teacher at each
+    # phase start. One network for every phase (the paper trains an expert per phase): see the module docstring.
+    phased: bool = False
+    phase_critic_reset: bool = True  # the critic (and its optimizer state) from the teacher at each phase start
+    subinterval_weight_cap: float = 10.0  # eq. 13's min(1, 10 σ²_{t|s}) on the critic's subinterval loss
 
     def check(self) -> None:
         if self.real_guidance_scale < 1:
@@ -131,6 +157,10 @@ class DMD2Config:
         for key in ("ca_schedule", "dm_schedule"):
             if getattr(self, key) not in ("full", "constrained"):
                 raise UserError(f"method.{key}={getattr(self, key)!r}: full or constrained")
+        if self.phased and self.decoupled:
+            raise UserError("method.phased=true and method.decoupled=true: choose one")
+        if self.subinterval_weight_cap <= 0:
+            raise UserError(f"method.subinterval_weight_cap={self.subinterval_weight_cap}: must be positive")
 
 
 # ---- pure maths ---------------------------------------------------------------------------------------------------
@@ -169,6 +199,12 @@ def ca_term(x0: Tensor, x0_cond: Tensor, x0_uncond: Tensor, w: float) -> Tensor:
     s_real_uncond)) in DMD2's x0 form at its own τ_CA: (x̂_uncond − x̂_cond) / guided_normaliser, all x̂ at τ_CA;
     (B, C, h, w). ``w`` only sets the normaliser (DMD2's guided x̂ at τ_CA)."""
     return (x0_uncond - x0_cond) / guided_normaliser(x0, x0_cond, x0_uncond, w)
+
+
+def phase_of(step: int, max_steps: int, phases: int) -> int:
+    """Phased DMD's progressive schedule (Fan et al. sec. 2.2.1): the phase of an iteration, the run's
+    ``max_steps`` iterations cut into ``phases`` consecutive blocks of (nearly) equal length."""
+    return min(phases - 1, step * phases // max(max_steps, 1))
 
 
 def initial_latent(z: Tensor, noise_level: float, scaled: bool) -> Tensor:
@@ -232,6 +268,9 @@ class DMD2(Method):
             raise UserError("method.scaled_init_noise=true: flow pipelines start from unit noise; set it to false")
         if cfg.decoupled:
             self._check_decoupled()
+        if cfg.phased and any(t + 1 > self.max_step for t in self.timesteps[1:]):
+            raise UserError(f"method.conditioning_timesteps={self.timesteps}: with phased=true every phase boundary "
+                            f"(each timestep after the first) must lie below max_step={self.max_step}")
         if cfg.gan:
             c, s = models.feature_shapes([models.bottleneck_block()])[0]
             self.head = GANHead(c, s, models.feature_groups()).to(models.device)
@@ -259,6 +298,15 @@ class DMD2(Method):
 
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"critic": self.head} if self.head is not None else {}
+
+    def resets(self, step: int) -> tuple[str, ...]:
+        """Phased DMD: the critic starts over from the teacher at each phase start after the first (sec. 2.2.1: the
+        fake score of phase k models the new generator's distribution, not the previous phase's)."""
+        c, n = self.cfg, len(self.timesteps)
+        if not (c.phased and c.phase_critic_reset) or step == 0:
+            return ()
+        new_phase = phase_of(step, self.run.max_steps, n) != phase_of(step - 1, self.run.max_steps, n)
+        return ("critic",) if new_phase else ()
 
     def updates(self, step: int) -> tuple[str, ...]:
         """TTUR: the critic every step, the generator every ``student_update_every``-th step.
@@ -330,15 +378,20 @@ class DMD2(Method):
 
     # ---- losses --------------------------------------------------------------------------------------------------
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        phase = phase_of(step, self.run.max_steps, len(self.timesteps)) if self.cfg.phased else None
+        if phase is not None and phase < len(self.timesteps) - 1:
+            return self._phased_generator_loss(batch, phase) if role == "student" else \
+                self._phased_critic_loss(batch, phase)
         if role == "student":
-            return self._generator_loss(batch)
+            return self._generator_loss(batch, phase)
         if role == "critic":
-            return self._critic_loss(batch)
+            return self._critic_loss(batch, phase)
         raise KeyError(role)
 
-    def _generator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def _generator_loss(self, batch: Batch, phase: int | None = None) -> tuple[Tensor, dict[str, float]]:
+        """DMD2's generator loss; ``phase``: Phased DMD's last phase (step k = phase on a deterministic rollout)."""
         m, c, rng = self.models, self.cfg, batch.rng
-        x0, k = self.generate(batch, grad=True)
+        x0, k = self.generate(batch, grad=True) if phase is None else (self.phased_output(batch, phase, True)[1], phase)
         if c.decoupled:
             per_sample, ok, logs = self._decoupled_dm(x0, k, batch)
         else:
@@ -349,6 +402,8 @@ class DMD2(Method):
             logs = {"t": float(t.float().mean())}
         loss = per_sample.sum() / ok.sum().clamp(min=1)  # masked samples give 0 and count for nothing
         logs = {"dm": float(loss.detach()), "nonfinite": float((~ok).sum()), "k": float(k), **logs}
+        if phase is not None:
+            logs["phase"] = float(phase)
         if self.head is not None and c.gan_generator_weight > 0:
             t_g = rng.randint(0, c.gan_max_timestep, "dmd2-gan-fake-t")
             xg = m.schedule.add_noise(x0, rng.randn(m.latent_shape, "dmd2-gan-fake-noise"), t_g)
@@ -382,10 +437,73 @@ class DMD2(Method):
         per_sample, ok = gradient_loss(x0, grad)
         return per_sample, ok, logs
 
-    def _critic_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    # ---- Phased DMD ----------------------------------------------------------------------------------------------
+    def phased_output(self, batch: Batch, phase: int, grad: bool) -> tuple[Tensor, Tensor, int]:
+        """Phase k's generator output (Fan et al. sec. 2.2.1, Fig. 1): from noise, steps 0..k−1 of the student
+        without gradient, each a deterministic DDIM jump (x̂0, ε̂) -> t_{j+1}; then step k (with gradient when
+        ``grad``), its jump to s = t_{k+1}, or its x0 at the last step (s = −1, clean).
+
+        Returns (x_s, x̂0 of step k, s), x_s and x̂0 (B, C, h, w)."""
+        m, ts = self.models, self.timesteps
+        x = initial_latent(batch.rng.randn(m.latent_shape, "dmd2-gen-noise-0"),
+                           m.schedule.noise_level(ts[0]), self.cfg.scaled_init_noise)
+
+        def at(t: int) -> Tensor:
+            return torch.full((len(batch),), t, dtype=torch.long, device=x.device)
+
+        with torch.no_grad():
+            for j in range(phase):
+                x = m.schedule.step(*m.predict("student", x, at(ts[j]), batch.cond), at(ts[j + 1]))
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            x0, eps = m.predict("student", x, at(ts[phase]), batch.cond)
+            if phase == len(ts) - 1:
+                return x0, x0, -1
+            return m.schedule.step(x0, eps, at(ts[phase + 1])), x0, ts[phase + 1]
+
+    def subinterval_noising(self, x_s: Tensor, s: int, t: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor,
+                                                                                           Tensor]:
+        """x_t ~ q(x_t | x_s) at t > s and the subinterval targets (x̃0, ε̃) (``matching.subinterval_pair``, eq.
+        11–12), with σ²_{t|s} (B,)."""
+        m = self.models
+        a_s, s_s = m.schedule.alpha_sigma(torch.full_like(t, s))
+        a_t, s_t = m.schedule.alpha_sigma(t)
+        xt, x0_t, eps_t = subinterval_pair(x_s, eps, a_s, s_s, a_t, s_t)
+        return xt, x0_t, eps_t, subinterval_sigma2(a_s, s_s, a_t, s_t)
+
+    def _phased_generator_loss(self, batch: Batch, phase: int) -> tuple[Tensor, dict[str, float]]:
+        """Phase k < K−1 (Fan et al. eq. 10): distribution matching of the noisy output x_s at levels t in (s, T),
+        x_t ~ q(x_t | x_s). The score difference at x_t is α_t (x̂_fake − x̂_real) / σ_t² and ∂x_t/∂x_s = α_{t|s}:
+        the gradient on x_s is DMD2's direction (x̂_fake − x̂_real), normalised as DMD2 does with step k's own x̂0
+        in place of the clean sample (our choice; the paper leaves the weighting open). No GAN term (its real
+        images are clean, x_s is not)."""
+        m, rng = self.models, batch.rng
+        x_s, x0, s = self.phased_output(batch, phase, grad=True)
+        t = rng.randint(max(self.min_step, s + 1), self.max_step + 1, "dmd2-dm-t")
+        xt = self.subinterval_noising(x_s.detach(), s, t, rng.randn(m.latent_shape, "dmd2-dm-noise"))[0]
+        x0_real, x0_fake = self.scores(xt, t, batch)
+        per_sample, ok = gradient_loss(x_s, dm_gradient(x0.detach(), x0_real, x0_fake))
+        loss = per_sample.sum() / ok.sum().clamp(min=1)
+        return loss, {"dm": float(loss.detach()), "nonfinite": float((~ok).sum()), "k": float(phase),
+                      "phase": float(phase), "t": float(t.float().mean())}
+
+    def _phased_critic_loss(self, batch: Batch, phase: int) -> tuple[Tensor, dict[str, float]]:
+        """Phase k < K−1: score matching within the subinterval (Fan et al. eq. 11–13): the critic denoises x_t ~
+        q(x_t | x_s), t ~ U(s, T), towards the subinterval targets, weighted min(1, cap σ²_{t|s})."""
+        m, rng = self.models, batch.rng
+        with torch.no_grad():
+            x_s, _, s = self.phased_output(batch, phase, grad=False)
+        t = rng.randint(s + 1, m.num_train_timesteps, "dmd2-critic-t")
+        xt, x0_t, eps_t, sigma2 = self.subinterval_noising(x_s, s, t, rng.randn(m.latent_shape, "dmd2-critic-noise"))
+        out = m.net_out("critic", xt, t, batch.cond)
+        err = ((out - m.denoising_target(x0_t, eps_t, t)) ** 2).flatten(1).mean(1)
+        loss, dropped = masked_mean(subinterval_weight(sigma2, self.cfg.subinterval_weight_cap) * err)
+        return loss, {"denoise": float(loss.detach()), "nonfinite": float(dropped), "phase": float(phase)}
+
+    def _critic_loss(self, batch: Batch, phase: int | None = None) -> tuple[Tensor, dict[str, float]]:
+        """The fake score's denoising loss on the generator's x0 (+ the GAN's); ``phase``: Phased DMD's last."""
         m, c, rng = self.models, self.cfg, batch.rng
         with torch.no_grad():
-            x0, _ = self.generate(batch, grad=False)
+            x0 = self.generate(batch, grad=False)[0] if phase is None else self.phased_output(batch, phase, False)[1]
         t = density_timesteps(rng, "dmd2-critic-t", m.num_train_timesteps, c.critic_t_density,
                               c.critic_t_logit_mean, c.critic_t_logit_std, c.critic_t_mode_scale)
         eps = rng.randn(m.latent_shape, "dmd2-critic-noise")
@@ -394,6 +512,8 @@ class DMD2(Method):
         per_sample = ((out - m.denoising_target(x0, eps, t)) ** 2).flatten(1).mean(1)
         loss, dropped = masked_mean(per_sample)
         logs = {"denoise": float(loss.detach()), "nonfinite": float(dropped)}
+        if phase is not None:
+            logs["phase"] = float(phase)
         if self.head is not None:
             if batch.latents is None:
                 raise UserError("method.gan=true needs real images (data.images or data.dataset)")
@@ -412,11 +532,13 @@ class DMD2(Method):
     def sampling(self) -> SamplingSpec:
         """LCMScheduler (flow: FlowMatchLCMScheduler) with exactly the trained conditioning timesteps: between steps
         it re-noises x0 with fresh noise to the next timestep, as backward simulation does in training; no CFG.
-        Only the trained count."""
+        Phased: TCDScheduler with γ = 0 (flow: FlowMatchEulerDiscreteScheduler), the deterministic DDIM jumps of
+        its rollout. Only the trained count."""
         n, m = len(self.timesteps), self.models
         scale = float(initial_latent(torch.ones(()), m.schedule.noise_level(self.timesteps[0]),
                                      self.cfg.scaled_init_noise))
         # every timestep is on the k = 1 grid, so LCMScheduler warns about none of them
-        s = m.schedule.sampler("consistency", self.timesteps, init_noise_scale=scale,
+        kind = "deterministic" if self.cfg.phased else "consistency"
+        s = m.schedule.sampler(kind, self.timesteps, init_noise_scale=scale,
                                vp_kwargs={"original_inference_steps": m.num_train_timesteps})
         return SamplingSpec(steps={n: s}, default_steps=n)

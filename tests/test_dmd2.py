@@ -637,3 +637,151 @@ def test_warmup_counts_iterations_not_updates(tiny_teachers, image_folder, tmp_p
     # logged after the iteration's schedule step: iteration i leaves the factor min(1, (i + 2) / 4)
     assert [r["critic/lr"] for r in rows] == pytest.approx([1e-3 * min(1, (i + 2) / 4) for i in range(4)])
     assert [r["student/lr"] for r in rows if "student/lr" in r] == pytest.approx([1e-3 * 3 / 4, 1e-3])
+
+
+# ---- Phased DMD (Fan et al., arXiv:2510.27684) ---------------------------------------------------------------------
+
+
+def test_phase_schedule_and_critic_restarts(tiny_teachers):
+    """Phases are equal consecutive blocks of the run; the critic restarts at each phase start after the first."""
+    from methods.dmd2 import phase_of
+
+    assert [phase_of(s, 1000, 4) for s in (0, 249, 250, 499, 500, 999, 1200)] == [0, 0, 1, 1, 2, 3, 3]
+    assert [phase_of(s, 10, 3) for s in range(10)] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    models, method, tcfg = build(DMD2, tiny_teachers["sd"], "lora", conditioning_timesteps=FOUR, gan=False,
+                                 phased=True)
+    starts = [s for s in range(tcfg.max_steps) if method.resets(s)]
+    assert starts == [250, 500, 750] and method.resets(250) == ("critic",)
+    method.cfg.phase_critic_reset = False
+    assert not any(method.resets(s) for s in range(tcfg.max_steps))
+    for bad in (dict(phased=True, decoupled=True), dict(subinterval_weight_cap=0.0)):
+        with pytest.raises(UserError):
+            DMD2Config(**bad).check()
+
+
+def test_subinterval_variance_and_weight_closed_form():
+    from distill_diffusion.matching import subinterval_sigma2, subinterval_weight
+
+    a_s, s_s, a_t, s_t = (torch.tensor(v) for v in (0.8, 0.6, 0.6, 0.8))
+    # σ²_{t|s} = 0.64 − (0.6 / 0.8)² 0.36 = 0.4375; eq. 13: min(1, 10 × 0.4375) = 1, and 10 × 0.01 = 0.1
+    torch.testing.assert_close(subinterval_sigma2(a_s, s_s, a_t, s_t), torch.tensor(0.4375))
+    torch.testing.assert_close(subinterval_weight(torch.tensor([0.4375, 0.01])), torch.tensor([1.0, 0.1]))
+
+
+def _phased(tiny_teachers, student="lora"):
+    models, method, tcfg = build(DMD2, tiny_teachers["sd"], student, conditioning_timesteps=FOUR, gan=False,
+                                 phased=True)
+    with torch.no_grad():
+        for p in models.parameters("student") + models.parameters("critic"):
+            p.add_(0.05 * torch.randn_like(p))
+    return models, method, tcfg
+
+
+def test_phased_output_is_the_deterministic_rollout(tiny_teachers):
+    """Phase k: DDIM jumps (x̂0, ε̂) -> t_{j+1} for j < k, then step k's jump to t_{k+1} (its x0 in the last)."""
+    torch.manual_seed(0)
+    models, method, _ = _phased(tiny_teachers)
+    batch = fixed_batch(models, b=2)
+    ac = models.schedule.alphas_cumprod
+    x = batch.rng.randn(models.latent_shape, "dmd2-gen-noise-0")
+    with torch.no_grad():
+        for k in range(4):
+            x0, eps = models.predict("student", x, torch.full((2,), FOUR[k]), batch.cond)
+            x_s, x0_k, s = method.phased_output(batch, k, grad=False)
+            torch.testing.assert_close(x0_k, x0)
+            if k == 3:
+                assert s == -1 and torch.equal(x_s, x0)
+                break
+            a = ac[FOUR[k + 1]]
+            x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            assert s == FOUR[k + 1]
+            torch.testing.assert_close(x_s, x)
+
+
+def test_phased_generator_gradient_is_dmd_on_the_noisy_output(tiny_teachers):
+    """Phase k < K−1: ∂loss/∂x_s = (x̂_fake − x̂_real) / mean|x̂0 − x̂_real| / (B·C·H·W), both scores at x_t ~
+    q(x_t | x_s) with t in (s, max_step]."""
+    torch.manual_seed(1)
+    models, method, _ = _phased(tiny_teachers)
+    batch = fixed_batch(models, b=3)
+    x_s = torch.randn(3, *models.latent_shape, requires_grad=True)
+    x0 = torch.randn(3, *models.latent_shape)
+    s = FOUR[2]
+    method.phased_output = lambda batch, phase, grad: (x_s, x0, s)
+    loss, logs = method.loss("student", batch, 500)  # step 500 of 1000: phase 2
+    loss.backward()
+    t = batch.rng.randint(s + 1, method.max_step + 1, "dmd2-dm-t")
+    assert logs["phase"] == 2 and t.min() > s
+    eps = batch.rng.randn(models.latent_shape, "dmd2-dm-noise")
+    ac = models.schedule.alphas_cumprod
+    a_ts = (ac[t] / ac[s]).sqrt().reshape(-1, 1, 1, 1)
+    xt = a_ts * x_s.detach() + (1 - ac[t] - a_ts.flatten() ** 2 * (1 - ac[s])).sqrt().reshape(-1, 1, 1, 1) * eps
+    real, fake = method.scores(xt, t, batch)
+    expected = (fake - real) / (x0 - real).abs().mean((1, 2, 3), keepdim=True) / x_s[0].numel() / 3
+    torch.testing.assert_close(x_s.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_phased_critic_loss_is_eq_11_to_13(tiny_teachers):
+    """Phase k < K−1: the critic regresses the subinterval target at x_t ~ q(x_t | x_s), weighted min(1, 10 σ²)."""
+    torch.manual_seed(2)
+    models, method, _ = _phased(tiny_teachers)
+    batch = fixed_batch(models, b=3)
+    with torch.no_grad():
+        x_s, _, s = method.phased_output(batch, 1, grad=False)
+        loss, logs = method.loss("critic", batch, 300)  # phase 1
+        t = batch.rng.randint(s + 1, models.num_train_timesteps, "dmd2-critic-t")
+        eps = batch.rng.randn(models.latent_shape, "dmd2-critic-noise")
+        ac = models.schedule.alphas_cumprod
+        a_s, s2_s, a_t, s2_t = ac[s].sqrt(), 1 - ac[s], ac[t].sqrt(), 1 - ac[t]
+        var = s2_t - (a_t / a_s) ** 2 * s2_s  # eq. 2
+        b = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+        xt = b(a_t / a_s) * x_s + b(var.sqrt()) * eps
+        # ε target: the conditional score −ε / σ_{t|s} in place of the marginal one (eq. 11–12): ε̃ = σ_t ε / σ_{t|s}
+        target = b(s2_t.sqrt() / var.sqrt()) * eps
+        out = models.net_out("critic", xt, t, batch.cond)
+        expected = ((10 * var).clamp(max=1) * ((out - target) ** 2).mean((1, 2, 3))).mean()
+    assert logs["phase"] == 1 and t.min() > s
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+def test_reset_role_gives_the_teacher_back(student, tiny_teachers):
+    models, _, _ = _phased(tiny_teachers, student)
+    xt, t = torch.randn(2, *models.latent_shape), torch.tensor([100, 800])
+    cond = models.encode_prompts(["a red square", "x"])
+    with torch.no_grad():
+        teacher = models.net_out("teacher", xt, t, cond)
+        assert not torch.allclose(models.net_out("critic", xt, t, cond), teacher)
+        student_before = models.net_out("student", xt, t, cond)
+        models.reset_role("critic")
+        torch.testing.assert_close(models.net_out("critic", xt, t, cond), teacher, rtol=1e-5, atol=1e-6)
+        assert torch.equal(models.net_out("student", xt, t, cond), student_before)
+
+
+def test_phased_run_restarts_the_critic_and_exports_the_deterministic_sampler(tiny_teachers, image_folder, tmp_path):
+    from distill_diffusion import loop
+    from distill_diffusion.loop import train
+
+    restarts = []
+    real_restart = loop.restart_role
+
+    def spy(tr, role):
+        restarts.append((role, len(tr.optimizers[role].state)))
+        real_restart(tr, role)
+        assert len(tr.optimizers[role].state) == 0
+
+    cfg, _ = parse_config(["--method", "dmd2", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
+                           "max_steps=4", "batch_size=2", f"output_dir={tmp_path}", "report_to=none",
+                           "validation_seeds=0", "method.student_update_every=1", "method.phased=true",
+                           "method.conditioning_timesteps=[999,499]", "method.gan=false", "lora_rank=2",
+                           "logging_steps=1"], METHODS)
+    loop.restart_role = spy
+    try:
+        train(cfg, DMD2)
+    finally:
+        loop.restart_role = real_restart
+    assert restarts and restarts[0][0] == "critic" and restarts[0][1] > 0 and len(restarts) == 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("student/phase") for r in rows] == [0.0, 0.0, 1.0, 1.0]
+    info = json.loads((tmp_path / "sampling.json").read_text())["steps"]["2"]
+    assert info["scheduler"] == "TCDScheduler" and info["timesteps"] == [999, 499]
