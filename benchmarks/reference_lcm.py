@@ -160,8 +160,9 @@ def reference_argv(wrapper: Path, script: Path, times: Path, autocast: str, shar
 
 
 def ours_argv(out: Path, steps: int, root: Path = ROOT, bf16: bool = False) -> list[str]:
-    """Our train.py with the matched settings; ``bf16``: our bf16 option (frozen weights in bfloat16 and accelerate's
-    CPU autocast), against the script as shipped."""
+    """Our train.py with the matched settings; ``bf16``: our bf16 option (accelerate's CPU autocast; on a CPU the LoRA
+    run's frozen base stays float32 so its adapters run merged, ``models.frozen_dtype``), against the script as
+    shipped."""
     keys = [k for _, _, ours in MATCHED for k in ours] + (["mixed_precision=bf16"] if bf16 else [])
     return [sys.executable, str(root / "train.py"), "--method", "lcm", "teacher=embedded", "student=lora",
             f"output_dir={out}", f"max_steps={steps}", "checkpointing_steps=1000000", "validation_steps=0",
@@ -323,7 +324,7 @@ def measure(script: Path, work: Path, repeats: int, short: int, long: int, autoc
 
 START, END = "<!-- reference-lcm:start -->", "<!-- reference-lcm:end -->"
 LABELS = {"ours": "distill-diffusion `train.py --method lcm` (LoRA)",
-          "ours_bf16": "distill-diffusion, `mixed_precision=bf16` (frozen weights bfloat16, CPU autocast)",
+          "ours_bf16": "distill-diffusion, `mixed_precision=bf16` (CPU autocast; float32 LoRA base, merged adapters)",
           "ref_autocast_off": "diffusers script, its CPU autocast disabled (float32, the same arithmetic as ours)",
           "ref_autocast_on": "diffusers script as shipped (teacher and target forwards under CPU bfloat16 autocast)"}
 

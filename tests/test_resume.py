@@ -41,18 +41,29 @@ def prompts_file(image_folder):
 
 @pytest.mark.parametrize("name", default_only(sorted(METHODS), {"dmd2"}))
 def test_resume_equals_uninterrupted(name, tiny_teachers, image_folder, prompts_file, tmp_path, monkeypatch):
+    _resume_matches(name, tiny_teachers, image_folder, tmp_path, monkeypatch)
+
+
+def test_phased_dmd2_resume_restarts_the_critic_the_same(tiny_teachers, image_folder, tmp_path, monkeypatch):
+    """Phased DMD restarts its critic at step 2 of 4: a run resumed from the checkpoint at step 2 restarts it too."""
+    _resume_matches("dmd2", tiny_teachers, image_folder, tmp_path, monkeypatch, "method.phased=true",
+                    "method.conditioning_timesteps=[999,499]", "method.gan=false", "method.student_update_every=1")
+
+
+def _resume_matches(name, tiny_teachers, image_folder, tmp_path, monkeypatch, *extra: str) -> None:
     steps = 4
     full = tmp_path / "full"
-    cfg, _ = parse_config(_args(name, tiny_teachers["sd"], image_folder, full, steps), METHODS)
+    cfg, _ = parse_config(_args(name, tiny_teachers["sd"], image_folder, full, steps, *extra), METHODS)
     train(cfg, METHODS[name])
     part = tmp_path / "part"
-    cfg, _ = parse_config(_args(name, tiny_teachers["sd"], image_folder, part, steps), METHODS)
+    cfg, _ = parse_config(_args(name, tiny_teachers["sd"], image_folder, part, steps, *extra), METHODS)
     with monkeypatch.context() as m:
         m.setattr(data.Stream, "get", data.Stream.get)  # restored on exit
         crash_at(3, kill=False)
         with pytest.raises(RuntimeError, match="injected fault"):
             train(cfg, METHODS[name])
-    cfg, _ = parse_config(_args(name, tiny_teachers["sd"], image_folder, part, steps, "resume=latest"), METHODS)
+    cfg, _ = parse_config(_args(name, tiny_teachers["sd"], image_folder, part, steps, *extra, "resume=latest"),
+                          METHODS)
     train(cfg, METHODS[name])
     a, b = _student(full), _student(part)
     assert a.keys() == b.keys()
