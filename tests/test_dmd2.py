@@ -785,3 +785,24 @@ def test_phased_run_restarts_the_critic_and_exports_the_deterministic_sampler(ti
     assert [r.get("student/phase") for r in rows] == [0.0, 0.0, 1.0, 1.0]
     info = json.loads((tmp_path / "sampling.json").read_text())["steps"]["2"]
     assert info["scheduler"] == "TCDScheduler" and info["timesteps"] == [999, 499]
+
+
+def test_phased_on_a_flow_teacher(flow_teachers, tmp_path):
+    """SD3: every phase's student and critic losses are finite with gradient; the rollout is the flow Euler jump;
+    the export is FlowMatchEulerDiscreteScheduler at the trained sigmas."""
+    models, method, tcfg = build(DMD2, flow_teachers["sd3"], "lora", gan=False, phased=True,
+                                 conditioning_timesteps=[999, 600, 300])
+    batch = fixed_batch(models, b=2)
+    for step in (0, 400, 900):  # phases 0, 1, 2 of 1000
+        for role in ("student", "critic"):
+            with models.trainable(role), models.role(role):
+                loss, logs = method.loss(role, batch, step)
+                loss.backward()
+            assert torch.isfinite(loss) and logs["phase"] == step * 3 // 1000
+    with torch.no_grad():
+        x_s, x0, s = method.phased_output(batch, 1, grad=False)
+        x1 = method.phased_output(batch, 0, grad=False)[0]
+        _, eps = models.predict("student", x1, torch.full((2,), 600), batch.cond)
+        sig = models.schedule.sigmas[s]
+        torch.testing.assert_close(x_s, (1 - sig) * x0 + sig * eps)  # x_σ = (1 − σ) x0 + σ ε at σ_s
+    assert method.sampling().steps[3].scheduler == "FlowMatchEulerDiscreteScheduler"
