@@ -364,8 +364,11 @@ class Models:
                 if "lora_B" in name:
                     p.zero_()
         else:
-            self._nets[role].load_state_dict({k.replace(".base_layer", ""): v for k, v in
-                                              self.denoiser.state_dict().items() if "lora_" not in k})
+            self._nets[role].load_state_dict(self._teacher_state())
+
+    def _teacher_state(self) -> dict[str, Tensor]:
+        """The teacher network's state dict under plain module names (LoRA wrappers and adapters stripped)."""
+        return {k.replace(".base_layer", ""): v for k, v in self.denoiser.state_dict().items() if "lora_" not in k}
 
     def _copy_adapter(self, src: str, dst: str) -> None:
         from peft.utils import set_peft_model_state_dict
@@ -523,9 +526,8 @@ class Models:
         """
         if self.weight_dtype != torch.float32:
             return None
-        state = {k.replace(".base_layer", ""): v for k, v in self.denoiser.state_dict().items() if "lora_" not in k}
         net = type(self.denoiser).from_config(self.denoiser.config)
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(self._teacher_state(), strict=True)
         net.to(self.device, torch.float32).eval().requires_grad_(False)
         comps = {**self.pipe.components, self.family.denoiser: net}
         comps["scheduler"] = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)

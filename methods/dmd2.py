@@ -152,6 +152,10 @@ class DMD2Config:
             raise UserError(f"method.critic_t_density={self.critic_t_density!r}: uniform, logit_normal or mode")
         if self.critic_t_logit_std <= 0:
             raise UserError(f"method.critic_t_logit_std={self.critic_t_logit_std}: must be positive")
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        """Decoupled DMD's and Phased DMD's keys."""
         if self.dm_weight < 0 or (self.ca_weight is not None and self.ca_weight < 0):
             raise UserError("method.dm_weight and method.ca_weight must be >= 0")
         for key in ("ca_schedule", "dm_schedule"):
