@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import artifacts, sharding
 from .errors import UserError
+from .method import MethodSpec
 from .models import Models, resolve_teacher
 
 if TYPE_CHECKING:
@@ -53,6 +54,23 @@ def candidates(resume: str | None, out: Path) -> list[Path]:
             raise UserError(f"resume={resume!r} is not a checkpoint folder (no state.json)")
         return [p]
     return listed(out / "checkpoints")[::-1]
+
+
+def check_length(path: Path, cfg: Any, spec: MethodSpec) -> None:
+    """UserError when the method's schedule is cut from ``max_steps`` (``MethodSpec.fixed_length``) and checkpoint
+    ``path`` was written with another one: its phases or stages would move under the half-trained run. Not a broken
+    checkpoint (``resume=latest`` must not skip it and start over), so the loop asks before anything loads.
+    Checkpoints from before ``max_steps`` was recorded, and unreadable ones (:func:`load` names those), pass."""
+    if not spec.fixed_length:
+        return
+    try:
+        written = json.loads((path / "state.json").read_text()).get("max_steps")
+    except (OSError, ValueError, AttributeError):
+        return
+    if written is not None and written != cfg.max_steps:
+        raise UserError(f"checkpoint {path} was written with max_steps={written}, and {cfg.method_name}'s phases or "
+                        f"stages are cut from max_steps: resume with max_steps={written}, or start a longer run from "
+                        "this one's export with init_from")
 
 
 def role_tensors(models: Models) -> dict[str, nn.Parameter]:
@@ -94,7 +112,7 @@ def _loop_state(tr: Trainer) -> dict:
 
 
 def _write_state(folder: Path, step: int, tr: Trainer) -> None:
-    info = {"step": step, "method": tr.cfg.method_name, "student": tr.cfg.student}
+    info = {"step": step, "method": tr.cfg.method_name, "student": tr.cfg.student, "max_steps": tr.cfg.max_steps}
     if tr.sharded:
         info["sharded"] = True
     (folder / "state.json").write_text(json.dumps(info))

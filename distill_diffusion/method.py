@@ -179,6 +179,8 @@ class MethodSpec:
     student_guidance_embedding: a full student that also embeds the guidance scale (LCM's w-conditioning), of this
     size; the family builds it where its architecture can (UNets: ``time_cond_proj_dim``). init_roles: the roles
     ``init_from`` starts from the earlier run (the student from its export, any other from its last checkpoint).
+    fixed_length: the method's schedule is cut from ``max_steps`` (TSCD's stages, Phased DMD's phases), so a resume
+    with another ``max_steps`` would move its boundaries under a half-trained run; the loop refuses it.
     """
 
     roles: tuple[str, ...] = ("student",)
@@ -188,6 +190,7 @@ class MethodSpec:
     checkpointing_safe: bool = True
     student_guidance_embedding: int | None = None
     init_roles: tuple[str, ...] = ("student",)
+    fixed_length: bool = False
 
 
 @dataclass(frozen=True)

@@ -257,7 +257,7 @@ class DMD2(Method):
         # (gan=false reads only their captions). Checkpointing is safe: the one gradient through another role's
         # forward (the generator's GAN term through the critic) runs with checkpointing off (no_checkpointing).
         init = ("student", "critic") if cfg.init_critic else ("student",)
-        return MethodSpec(roles=("student", "critic"), init_roles=init)
+        return MethodSpec(roles=("student", "critic"), init_roles=init, fixed_length=cfg.phased)
 
     def __init__(self, cfg: DMD2Config, run: RunContext, models: Any) -> None:
         super().__init__(cfg, run, models)

@@ -250,7 +250,8 @@ class TSCD(Method):
         # The adversarial critic is only the heads: its features are the frozen teacher's (a headless role).
         return MethodSpec(roles=("student", "critic") if cfg.adversarial else ("student",),
                           headless=("critic",) if cfg.adversarial else (),
-                          targets={"target": TargetSpec("student", cfg.ema_decay if ema else None)})
+                          targets={"target": TargetSpec("student", cfg.ema_decay if ema else None)},
+                          fixed_length=True)  # stage_fractions of max_steps
 
     def __init__(self, cfg: TSCDConfig, run: RunContext, models: Any) -> None:
         super().__init__(cfg, run, models)

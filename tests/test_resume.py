@@ -48,6 +48,9 @@ def test_phased_dmd2_resume_restarts_the_critic_the_same(tiny_teachers, image_fo
     """Phased DMD restarts its critic at step 2 of 4: a run resumed from the checkpoint at step 2 restarts it too."""
     _resume_matches("dmd2", tiny_teachers, image_folder, tmp_path, monkeypatch, "method.phased=true",
                     "method.conditioning_timesteps=[999,499]", "method.gan=false", "method.student_update_every=1")
+    import json
+    state = json.loads((tmp_path / "part" / "checkpoints" / "checkpoint-2" / "state.json").read_text())
+    assert state["max_steps"] == 4  # what check_length compares a resume's max_steps with
 
 
 def _resume_matches(name, tiny_teachers, image_folder, tmp_path, monkeypatch, *extra: str) -> None:
@@ -135,3 +138,34 @@ def test_checkpoint_keyed_by_position_still_resumes(tiny_teachers, image_folder,
     assert "resumed from" in capsys.readouterr().out  # not skipped and restarted at step 0
     a, b = _student(full), _student(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+FIXED_LENGTH = {"dmd2": ("method.phased=true", "method.conditioning_timesteps=[999,499]"), "tscd": ()}
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_LENGTH))
+def test_resume_with_another_max_steps_is_refused_where_phases_are_cut_from_it(name, tiny_teachers, image_folder,
+                                                                               tmp_path):
+    """Phased DMD's phases and TSCD's stages are fractions of max_steps: resuming with another max_steps would move
+    them under a half-trained run, so it is refused before anything loads (resume=latest must not skip the checkpoint
+    and start over), and the checkpoint is left as it was. The same max_steps, or a method without such a schedule,
+    passes."""
+    from distill_diffusion.config import method_object
+    from distill_diffusion.errors import UserError
+    from distill_diffusion.loop import check_start
+
+    out = tmp_path / "run"
+    ck = out / "checkpoints" / "checkpoint-2"
+    ck.mkdir(parents=True)
+    state = '{"step": 2, "method": "%s", "student": "lora", "max_steps": 4}' % name
+    (ck / "state.json").write_text(state)
+    extra = FIXED_LENGTH[name]
+    cfg, _ = parse_config(_args(name, tiny_teachers["sd"], image_folder, out, 8, *extra, "resume=latest"), METHODS)
+    assert METHODS[name].spec(method_object(cfg), "lora").fixed_length
+    with pytest.raises(UserError, match="max_steps=4"):
+        train(cfg, METHODS[name])
+    assert (ck / "state.json").read_text() == state and sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    cfg, _ = parse_config(_args(name, tiny_teachers["sd"], image_folder, out, 4, *extra, "resume=latest"), METHODS)
+    assert check_start(cfg, METHODS[name].spec(method_object(cfg), "lora"), out) == [ck]
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, out, 8, "resume=latest"), METHODS)
+    assert check_start(cfg, METHODS["lcm"].spec(method_object(cfg), "lora"), out) == [ck]
