@@ -102,9 +102,30 @@ def tscd_bars() -> list[Bar]:
     ]
 
 
+def _diversity_share(row: Row, teacher: Row | None, share: float) -> tuple[float, float, bool, str] | None:
+    if teacher is None or row.get("diversity") is None or teacher.get("diversity") is None:
+        return None
+    r = row["diversity"] / teacher["diversity"]
+    return (r, share, r >= share, f"diversity {row['diversity']:.4f} / teacher {teacher['steps']} steps "
+            f"{teacher['diversity']:.4f} = {r:.3f}x (bar >= {share}x)")
+
+
+def dmd2_few_step_bars() -> list[Bar]:
+    """Issue 21's DMD2 bars at 4 steps: FID <= 1.2x the 25-step teacher and diversity >= 0.8x the teacher's at 4
+    steps. Its third bar, FID below DMD2's own one-step student, needs a row of another run: the README compares."""
+    def four(r: Row) -> bool:
+        return r["method"] == "dmd2" and r["steps"] == 4
+
+    return [
+        Bar("DMD2 4-step FID vs teacher 25 steps", four,
+            lambda r, t: _fid_ratio(r, t.get(25), 1.2, "teacher 25 steps")),
+        Bar("DMD2 4-step diversity vs teacher 4 steps", four, lambda r, t: _diversity_share(r, t.get(4), 0.8)),
+    ]
+
+
 BARS: dict[str, list[Bar]] = {
     "embedded-flow": one_step_bars(("dmd2", "sid")) + few_step_bars(),
-    "embedded": one_step_bars(("dmd2", "sid")) + tscd_bars(),
+    "embedded": one_step_bars(("dmd2", "sid")) + tscd_bars() + dmd2_few_step_bars(),
 }
 
 

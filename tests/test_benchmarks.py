@@ -168,6 +168,29 @@ def test_bars_judge_ratios_against_the_same_report(tmp_path):
     assert bars.main([str(only)]) == 2
 
 
+def test_dmd2_four_step_bars_by_hand():
+    """Issue 21's DMD2 bars at 4 steps: FID <= 1.2x the 25-step teacher, diversity >= 0.8x the 4-step teacher's;
+    one-step DMD2 rows and other methods' 4-step rows are not judged by them."""
+    from benchmarks import bars
+
+    teachers = {4: {"kind": "teacher", "steps": 4, "nfe": 8.0, "fid": 3.3, "diversity": 0.13},
+                25: {"kind": "teacher", "steps": 25, "nfe": 50.0, "fid": 3.0, "diversity": 0.15}}
+
+    def s(run, method, steps, fid, div):
+        return {"kind": "student", "label": run, "run": run, "method": method, "steps": steps, "nfe": float(steps),
+                "fid": fid, "diversity": div}
+
+    rows = [s("a", "dmd2", 4, 3.6, 0.105), s("b", "dmd2", 4, 3.61, 0.1039), s("c", "dmd2", 1, 4.0, 0.05),
+            s("d", "sid", 4, 9.0, 0.01)]
+    res = {(x["student"], x["bar"]): x for x in bars.judge(teachers, rows, {}, bars.dmd2_few_step_bars())}
+    assert {k[0] for k in res} == {"a", "b"}
+    fid, div = res[("a", "DMD2 4-step FID vs teacher 25 steps")], res[("a", "DMD2 4-step diversity vs teacher 4 steps")]
+    assert abs(fid["value"] - 1.2) < 1e-12 and fid["pass"] and abs(div["value"] - 0.105 / 0.13) < 1e-12 and div["pass"]
+    assert not res[("b", "DMD2 4-step FID vs teacher 25 steps")]["pass"]  # 3.61 / 3.0 > 1.2
+    assert not res[("b", "DMD2 4-step diversity vs teacher 4 steps")]["pass"]  # 0.1039 < 0.8 x 0.13 = 0.104
+    assert any(b.name.startswith("DMD2 4-step") for b in bars.BARS["embedded"])
+
+
 def test_quality_spread_over_seed_runs_and_bars_on_the_mean(tmp_path):
     """Mean ± sample std, min and max per step count over the seed runs; stage students and the untrained run stay
     out of the spread; the bars judge the mean; a run counts as finished only at its last step."""
