@@ -1,6 +1,7 @@
 """Crash and resume: a run interrupted and resumed ends with the same student as an uninterrupted one (every
 registered method); a SIGKILL mid-run leaves no half checkpoint; resume=latest skips broken checkpoints."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,6 @@ def test_phased_dmd2_resume_restarts_the_critic_the_same(tiny_teachers, image_fo
     """Phased DMD restarts its critic at step 2 of 4: a run resumed from the checkpoint at step 2 restarts it too."""
     _resume_matches("dmd2", tiny_teachers, image_folder, tmp_path, monkeypatch, "method.phased=true",
                     "method.conditioning_timesteps=[999,499]", "method.gan=false", "method.student_update_every=1")
-    import json
     state = json.loads((tmp_path / "part" / "checkpoints" / "checkpoint-2" / "state.json").read_text())
     assert state["max_steps"] == 4  # what check_length compares a resume's max_steps with
 
@@ -157,7 +157,7 @@ def test_resume_with_another_max_steps_is_refused_where_phases_are_cut_from_it(n
     out = tmp_path / "run"
     ck = out / "checkpoints" / "checkpoint-2"
     ck.mkdir(parents=True)
-    state = '{"step": 2, "method": "%s", "student": "lora", "max_steps": 4}' % name
+    state = json.dumps({"step": 2, "method": name, "student": "lora", "max_steps": 4})
     (ck / "state.json").write_text(state)
     extra = FIXED_LENGTH[name]
     cfg, _ = parse_config(_args(name, tiny_teachers["sd"], image_folder, out, 8, *extra, "resume=latest"), METHODS)
