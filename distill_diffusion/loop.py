@@ -100,8 +100,8 @@ def check_start(cfg: Any, spec: MethodSpec, out: Path) -> list[Path]:
         raise UserError(f"this {cfg.method_name} config starts the {', '.join(extra)} from an earlier run: set "
                         "init_from=<that run's folder>")
     candidates = checkpoints.candidates(cfg.resume, out)
-    if candidates:
-        checkpoints.check_length(candidates[0], cfg, spec)
+    for cand in candidates:  # every one: resume=latest may skip a broken newest checkpoint and load an older one
+        checkpoints.check_length(cand, cfg, spec)
     if not cfg.resume and (out / artifacts.SAMPLING_FILE).exists() and not cfg.allow_overwrite:
         raise UserError(f"output_dir {out} already holds a run; resume=latest continues it, or choose another "
                         "output_dir (allow_overwrite=true replaces it)")
