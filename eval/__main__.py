@@ -13,6 +13,7 @@ the reference is the test images. Bad input: one line ``error: ...`` on stderr a
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -149,7 +150,8 @@ def resolve_runs(a: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
 
 
 def unique_names(dirs: list[str]) -> list[str]:
-    names = [Path(d).resolve().name or "run" for d in dirs]
+    """Row labels: each run folder's name as given (a symlinked run keeps its link's name), numbered if repeated."""
+    names = [Path(os.path.abspath(d)).name or "run" for d in dirs]
     out = []
     for i, n in enumerate(names):
         out.append(n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}")
