@@ -191,6 +191,26 @@ def test_dmd2_four_step_bars_by_hand():
     assert any(b.name.startswith("DMD2 4-step") for b in bars.BARS["embedded"])
 
 
+def test_same_nfe_bar_judges_every_few_step_row_against_the_teacher_at_its_cost():
+    """Issue 21: a k-step student (k > 1) against the teacher row of NFE k (k / 2 steps with CFG); one-step rows and
+    rows without such a teacher row are not judged."""
+    from benchmarks import bars
+
+    teachers = {2: {"kind": "teacher", "steps": 2, "nfe": 4.0, "fid": 5.0}, 4: {"kind": "teacher", "steps": 4,
+                                                                              "nfe": 8.0, "fid": 3.2}}
+
+    def s(run, steps, fid):
+        return {"kind": "student", "label": run, "run": run, "method": "lcm", "steps": steps, "nfe": float(steps),
+                "fid": fid}
+
+    rows = [s("a", 4, 4.9), s("b", 8, 3.3), s("c", 1, 2.0), s("d", 2, 1.0)]
+    res = {x["student"]: x for x in bars.judge(teachers, rows, {}, bars.same_nfe_bars())}
+    assert set(res) == {"a", "b"}
+    assert res["a"]["pass"] and abs(res["a"]["value"] - 4.9 / 5.0) < 1e-12
+    assert not res["b"]["pass"] and abs(res["b"]["value"] - 3.3 / 3.2) < 1e-12
+    assert any(b.name == "few-step FID vs teacher at the same NFE" for b in bars.BARS["embedded"])
+
+
 def test_quality_spread_over_seed_runs_and_bars_on_the_mean(tmp_path):
     """Mean ± sample std, min and max per step count over the seed runs; stage students and the untrained run stay
     out of the spread; the bars judge the mean; a run counts as finished only at its last step."""
