@@ -444,8 +444,8 @@ def test_teacher_rows_share_their_cache_key_between_teacher_only_and_runs(tiny_t
 
 
 def test_row_labels_keep_a_symlinked_run_folder_s_own_name(tmp_path, monkeypatch):
-    """A run linked under another name (benchmarks.quality reuses sweep runs so) is labelled by the link, not its target;
-    repeated names are numbered and "." takes the folder's name."""
+    """A run linked under another name (benchmarks.quality reuses sweep runs so) is labelled by the link, not its
+    target; repeated names are numbered and "." takes the folder's name."""
     from eval.__main__ import unique_names
 
     (tmp_path / "sweeps" / "point=1").mkdir(parents=True)
@@ -453,5 +453,6 @@ def test_row_labels_keep_a_symlinked_run_folder_s_own_name(tmp_path, monkeypatch
     (tmp_path / "a" / "run").mkdir(parents=True)
     (tmp_path / "b" / "run").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "a" / "run")
-    assert unique_names([str(tmp_path / "dmd2_seed3"), str(tmp_path / "sweeps" / "point=1")]) == ["dmd2_seed3", "point=1"]
+    linked = [str(tmp_path / "dmd2_seed3"), str(tmp_path / "sweeps" / "point=1")]
+    assert unique_names(linked) == ["dmd2_seed3", "point=1"]
     assert unique_names([".", str(tmp_path / "b" / "run/")]) == ["run#1", "run#2"]
