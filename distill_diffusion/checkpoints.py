@@ -60,17 +60,20 @@ def check_length(path: Path, cfg: Any, spec: MethodSpec) -> None:
     """UserError when the method's schedule is cut from ``max_steps`` (``MethodSpec.fixed_length``) and checkpoint
     ``path`` was written with another one: its phases or stages would move under the half-trained run. Not a broken
     checkpoint (``resume=latest`` must not skip it and start over), so the loop asks before anything loads.
-    Checkpoints from before ``max_steps`` was recorded, and unreadable ones (:func:`load` names those), pass."""
-    if not spec.fixed_length:
+    Checkpoints from before ``max_steps`` was recorded, and unreadable ones (:func:`load` names those), pass.
+    A decaying learning rate (``lr_schedule`` cosine or linear) is cut from ``max_steps`` too."""
+    decays = cfg.lr_schedule != "constant"
+    if not (spec.fixed_length or decays):
         return
     try:
         written = json.loads((path / "state.json").read_text()).get("max_steps")
     except (OSError, ValueError, AttributeError):
         return
     if written is not None and written != cfg.max_steps:
-        raise UserError(f"checkpoint {path} was written with max_steps={written}, and {cfg.method_name}'s phases or "
-                        f"stages are cut from max_steps: resume with max_steps={written}, or start a longer run from "
-                        "this one's export with init_from")
+        what = f"{cfg.method_name}'s phases or stages are" if spec.fixed_length else \
+            f"lr_schedule={cfg.lr_schedule} is"
+        raise UserError(f"checkpoint {path} was written with max_steps={written}, and {what} cut from max_steps: "
+                        f"resume with max_steps={written}, or start a longer run from this one's export with init_from")
 
 
 def role_tensors(models: Models) -> dict[str, nn.Parameter]:

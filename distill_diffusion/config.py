@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import UserError
 
+LR_SCHEDULES = ("constant", "cosine", "linear")  # TrainConfig.lr_schedule; distill_diffusion.loop.lr_factor
 LORA_MERGE_MODES = ("auto", "always", "no_grad", "off")  # TrainConfig.lora_merge; distill_diffusion.models.Models
 
 
@@ -64,6 +65,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
     lr_warmup_steps: int = 0
+    # After the warm-up: constant, or cosine / linear decay to 0 at max_steps (diffusers' --lr_scheduler names)
+    lr_schedule: str = "constant"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
@@ -271,6 +274,7 @@ def validate(cfg: Any) -> None:
 
     need(cfg.student in ("lora", "full"), f"student={cfg.student!r}: choose 'lora' or 'full'")
     need(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, f"ema_decay={cfg.ema_decay}: must be in (0, 1), or null")
+    need(cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule={cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     need(cfg.max_steps > 0, f"max_steps={cfg.max_steps}: must be at least 1")
     need(cfg.batch_size > 0, f"batch_size={cfg.batch_size}: must be at least 1")
     need(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers}: must be 0 (decode in the training "

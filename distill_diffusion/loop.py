@@ -9,6 +9,7 @@ skips or steps together.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -212,6 +213,19 @@ def build_stream(cfg: Any, spec: MethodSpec, models: Models, accelerator: Any) -
                   cfg.gradient_accumulation_steps, cfg.data.empty_prompt_prob, load_images=load_images)
 
 
+def lr_factor(i: int, warmup: int, total: int, kind: str = "constant") -> float:
+    """The learning rate of iteration ``i`` (0-based) as a fraction of the base rate: a linear warm-up over
+    ``warmup`` iterations ((i + 1) / warmup), then constant, or a cosine (0.5 (1 + cos(pi p))) or linear (1 - p) decay
+    with p = (i + 1 - warmup) / (total - warmup + 1), which reaches 1 one iteration past the run's last (``total``
+    iterations), so the last update still moves; decays end runs in a settled state where a constant rate keeps the
+    generator wandering (issue 21: the seed spread of few-step SiD)."""
+    w = max(warmup, 1)
+    if i + 1 < w or kind == "constant":
+        return min(1.0, (i + 1) / w)
+    p = min(1.0, (i + 1 - w) / max(total - w + 1, 1))
+    return 0.5 * (1.0 + math.cos(math.pi * p)) if kind == "cosine" else 1.0 - p
+
+
 def build_optimizers(tr: Trainer) -> None:
     """One AdamW per role over its trainable tensors and extra modules; frozen parts never enter one."""
     cfg = tr.cfg
@@ -226,8 +240,8 @@ def build_optimizers(tr: Trainer) -> None:
             weight_decay=cfg.adam_weight_decay if s.weight_decay is None else s.weight_decay,
             eps=s.eps or cfg.adam_epsilon,
         )
-        warm = max(cfg.lr_warmup_steps, 1)
-        tr.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(opt, lambda i, w=warm: min(1.0, (i + 1) / w))
+        tr.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(
+            opt, functools.partial(lr_factor, warmup=cfg.lr_warmup_steps, total=cfg.max_steps, kind=cfg.lr_schedule))
         tr.optimizers[role] = tr.accelerator.prepare(opt)
 
 

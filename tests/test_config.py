@@ -27,6 +27,7 @@ def test_defaults_overrides_and_nested_keys():
     (["--method", "lcm", "max_steps=0"], "max_steps=0"),
     (["--method", "lcm", "lora_rank=0"], "lora_rank=0"),
     (["--method", "lcm", "student=half"], "student='half'"),
+    (["--method", "lcm", "lr_schedule=cosin"], "lr_schedule='cosin': choose one of constant, cosine, linear"),
     (["--method", "lcm", "method.w_maxx=3"], "unknown key 'method.w_maxx' for method 'lcm'"),
     (["--method", "lcm", "method.w_min=20"], "w_min"),
     (["--method", "lcm", "data.foo=1"], "data keys"),
@@ -91,3 +92,19 @@ def test_teacher_defaults_by_name_or_path(tmp_path):
         assert cfg.validation_guidance == 3.0 and "a trouser" in cfg.validation_prompts, teacher
     cfg, _ = parse_config(["--method", "lcm", f"teacher={tmp_path}"], METHODS)
     assert cfg.validation_guidance == 7.5 and "a trouser" not in cfg.validation_prompts
+
+
+def test_lr_factor_closed_forms():
+    """Warm-up (i + 1) / w as before for every kind; constant afterwards; cosine and linear decay over
+    p = (i + 1 - w) / (total - w + 1), so the last of ``total`` iterations still has a positive rate."""
+    import math
+
+    from distill_diffusion.loop import lr_factor
+
+    assert [lr_factor(i, 4, 10) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(0, 0, 10) == 1.0 and lr_factor(9, 0, 10, "constant") == 1.0
+    for kind in ("cosine", "linear"):
+        assert [lr_factor(i, 4, 10, kind) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert math.isclose(lr_factor(6, 4, 10, "linear"), 4 / 7) and math.isclose(lr_factor(9, 4, 10, "linear"), 1 / 7)
+    assert math.isclose(lr_factor(6, 4, 10, "cosine"), 0.5 * (1 + math.cos(math.pi * 3 / 7)))
+    assert 0 < lr_factor(9, 0, 10, "cosine") < lr_factor(8, 0, 10, "cosine") < 1

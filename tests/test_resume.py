@@ -169,3 +169,7 @@ def test_resume_with_another_max_steps_is_refused_where_phases_are_cut_from_it(n
     assert check_start(cfg, METHODS[name].spec(method_object(cfg), "lora"), out) == [ck]
     cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, out, 8, "resume=latest"), METHODS)
     assert check_start(cfg, METHODS["lcm"].spec(method_object(cfg), "lora"), out) == [ck]
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, out, 8, "lr_schedule=cosine",
+                                "resume=latest"), METHODS)
+    with pytest.raises(UserError, match="lr_schedule=cosine is cut from max_steps"):
+        check_start(cfg, METHODS["lcm"].spec(method_object(cfg), "lora"), out)
