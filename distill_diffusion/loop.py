@@ -217,8 +217,8 @@ def lr_factor(i: int, warmup: int, total: int, kind: str = "constant") -> float:
     """The learning rate of iteration ``i`` (0-based) as a fraction of the base rate: a linear warm-up over
     ``warmup`` iterations ((i + 1) / warmup), then constant, or a cosine (0.5 (1 + cos(pi p))) or linear (1 - p) decay
     with p = (i + 1 - warmup) / (total - warmup + 1), which reaches 1 one iteration past the run's last (``total``
-    iterations), so the last update still moves; decays end runs in a settled state where a constant rate keeps the
-    generator wandering (issue 21: the seed spread of few-step SiD)."""
+    iterations), so the last update still moves. A decay is meant to end a run settled rather than wherever a constant
+    rate leaves it (issue 21's seed spread; the README's SiD section has the one measurement, not conclusive)."""
     w = max(warmup, 1)
     if i + 1 < w or kind == "constant":
         return min(1.0, (i + 1) / w)
