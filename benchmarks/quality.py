@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def train_all(cmds: list[tuple[Path, list[str]]], env: dict[str, str]) -> bool:
             continue
         if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
             cmd = [*cmd, "resume=latest"]  # an interrupted run continues from its last checkpoint
-        print(f"[train] {' '.join(cmd[1:])}", flush=True)
+        print(f"[train] {shlex.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
             print(f"error: training {run} failed (command above); finished runs are kept, run again to resume",
                   file=sys.stderr)
@@ -74,7 +75,7 @@ def train_all(cmds: list[tuple[Path, list[str]]], env: dict[str, str]) -> bool:
 def score(runs: list[str], out: Path, threads: int, eval_args: list[str], env: dict[str, str]) -> bool:
     """One ``python -m eval --runs ...`` over ``runs`` into ``out`` (report.json); False, with one line, on failure."""
     ev = [sys.executable, "-m", "eval", "--runs", *runs, "--threads", str(threads), "--out", str(out), *eval_args]
-    print(f"[eval] {' '.join(ev[1:])}", flush=True)
+    print(f"[eval] {shlex.join(ev[1:])}", flush=True)
     if subprocess.run(ev, cwd=ROOT, env=env).returncode != 0:
         print("error: python -m eval failed (command above)", file=sys.stderr)
         return False
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = json.loads((ROOT / out / "eval" / "report.json").read_text())
     rows = aggregate(report, runs[:-1], runs[-1])
-    command = "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "-m", "benchmarks.quality", *(sys.argv[1:] if argv is None else argv)])
     text = markdown(rows, command)
     if a.bars:
         seeds = [r for r in rows if r.get("spread")]

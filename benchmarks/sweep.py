@@ -18,6 +18,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if not train_all(cmds, env) or not score(list(runs), Path(a.out) / "eval", a.threads, ev, env):
         return 1
     report = json.loads((ROOT / a.out / "eval" / "report.json").read_text())
-    command = "python -m benchmarks.sweep " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "-m", "benchmarks.sweep", *(sys.argv[1:] if argv is None else argv)])
     rows = table(report, runs)
     text = markdown(rows, command)
     (ROOT / a.out / "sweep.md").write_text(text)

@@ -292,12 +292,13 @@ def test_sweep_grid_points_and_table(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "score", fake_score)
     monkeypatch.setattr(sweep, "ROOT", tmp_path)
     assert sweep.main(["--method", "dmd2", "--grid", "learning_rate=1e-5,3e-4", "--out", str(tmp_path / "out"),
-                       "--runs-dir", str(tmp_path / "runs"), "max_steps=10"]) == 0
+                       "--runs-dir", str(tmp_path / "runs"), "max_steps=10", "lora_targets=[to_q,to_k]"]) == 0
     run0, cmd0 = calls["cmds"][0]
     assert run0 == tmp_path / "runs" / "dmd2" / "learning_rate=1e-5"
-    assert cmd0[-3:] == ["max_steps=10", "learning_rate=1e-5", f"output_dir={run0}"]
+    assert cmd0[-4:] == ["max_steps=10", "lora_targets=[to_q,to_k]", "learning_rate=1e-5", f"output_dir={run0}"]
     assert calls["score"][1][:2] == ["--num-images", "500"]
     md = (tmp_path / "out" / "sweep.md").read_text()
+    assert "max_steps=10 'lora_targets=[to_q,to_k]'`" in md  # the printed command pastes into a shell as it ran
     assert "| learning_rate=1e-5 | 1 | 1 | 5.00 | 90.0% | 0.050 |" in md and "| teacher (w=3) | 25 |" in md
     assert sweep.main(["--method", "dmd2", "--grid", "oops"]) == 2
 
