@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = json.loads((ROOT / out / "eval" / "report.json").read_text())
     rows = aggregate(report, runs[:-1], runs[-1])
-    command = shlex.join(["python", "-m", "benchmarks.quality", *(sys.argv[1:] if argv is None else argv)])
+    from eval.__main__ import command_line  # the quoting eval's reports use
+
+    command = command_line(sys.argv[1:] if argv is None else argv, "python -m benchmarks.quality")
     text = markdown(rows, command)
     if a.bars:
         seeds = [r for r in rows if r.get("spread")]

@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -118,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     if not train_all(cmds, env) or not score(list(runs), Path(a.out) / "eval", a.threads, ev, env):
         return 1
     report = json.loads((ROOT / a.out / "eval" / "report.json").read_text())
-    command = shlex.join(["python", "-m", "benchmarks.sweep", *(sys.argv[1:] if argv is None else argv)])
+    from eval.__main__ import command_line  # the quoting eval's reports use
+
+    command = command_line(sys.argv[1:] if argv is None else argv, "python -m benchmarks.sweep")
     rows = table(report, runs)
     text = markdown(rows, command)
     (ROOT / a.out / "sweep.md").write_text(text)
