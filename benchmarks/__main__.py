@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distill_diffusion.provenance import command_line
+
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
 
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
     import torch
 
-    meta = {"command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = {"command": command_line("python -m benchmarks", argv),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, diffusers "
                         f"{diffusers.__version__}", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -135,7 +135,7 @@ def write(out: Path, r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill_diffusion.provenance import cpu_name
+    from distill_diffusion.provenance import command_line, cpu_name
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.data_scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=48)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         write_images(Path(d), a.images, a.size)
         workers = time_workers(Path(d), a.batch, a.steps, a.workers, a.size)
-    r = {"command": "python -m benchmarks.data_scale " + " ".join(sys.argv[1:] if argv is None else argv),
+    r = {"command": command_line("python -m benchmarks.data_scale", argv),
          "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "threads": a.threads,
          "args": vars(a), "workers": workers, "text": time_text(a.prompts)}
     print(json.dumps(r, indent=1, default=str))

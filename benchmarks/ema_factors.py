@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from distill_diffusion.provenance import command_line
+
 
 def lora_pairs(net: torch.nn.Module, adapter: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(A, B) weights of ``adapter`` in every LoRA layer of ``net``, as matrices: A (r, in·k·k), B (out, r)."""
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(a.threads)
     figs = run(a.method, a.steps, a.decays, a.overrides)
-    cmd = "python -m benchmarks.ema_factors " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = command_line("python -m benchmarks.ema_factors", argv)
     print(f"`{cmd}`: {a.method} LoRA student, {a.steps} steps, factors read after every student update\n")
     print("| decay | gap ‖EMA(B)EMA(A) − EMA(BA)‖ / ‖EMA(BA)‖ | lag ‖BA − EMA(BA)‖ / ‖EMA(BA)‖ |\n|---|---|---|")
     for d, f in figs.items():

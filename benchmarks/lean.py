@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from distill_diffusion.provenance import command_line
+
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- lean:start -->", "<!-- lean:end -->"
 PROMPTS = ["a photo of a sneaker", "a trouser", "a product photo of a bag", "a photo of a dress"]
@@ -461,7 +463,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         rows = kept_rows(rows, old) + rows
         if "raw" in old:
             raw["earlier"] = old["raw"]
-    return {"command": "python -m benchmarks.lean " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+    return {"command": command_line("python -m benchmarks.lean", argv), "date": time.strftime("%Y-%m-%d %H:%M UTC",
             time.gmtime()), "threads": a.threads, "rows": rows, "notes": NOTES, "raw": raw}
 
 

@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = json.loads((ROOT / out / "eval" / "report.json").read_text())
     rows = aggregate(report, runs[:-1], runs[-1])
-    from eval.__main__ import command_line  # the quoting eval's reports use
+    from distill_diffusion.provenance import command_line
 
-    command = command_line(sys.argv[1:] if argv is None else argv, "python -m benchmarks.quality")
+    command = command_line("python -m benchmarks.quality", argv)
     text = markdown(rows, command)
     if a.bars:
         seeds = [r for r in rows if r.get("spread")]

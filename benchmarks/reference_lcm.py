@@ -40,6 +40,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from distill_diffusion.provenance import command_line
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT_NAME = "train_lcm_distill_lora_sd_wds.py"
 SCRIPT_URL = ("https://raw.githubusercontent.com/huggingface/diffusers/{commit}/examples/consistency_distillation/"
@@ -307,7 +309,7 @@ def measure(script: Path, work: Path, repeats: int, short: int, long: int, autoc
 
     return {"script": {**script_info(script), "commit": commit,
                        "url": SCRIPT_URL.format(commit=commit or "main")},
-            "command": "python -m benchmarks.reference_lcm " + " ".join(sys.argv[1:]),
+            "command": command_line("python -m benchmarks.reference_lcm"),
             "ours": {"commit": ours_sha, "uncommitted_changes": dirty, "from": "git archive" if ours_rev else "tree"},
             "settings": {"batch": BATCH, "resolution": RESOLUTION, "lora_rank": RANK, "lora_alpha": RANK,
                          "lora_targets": LORA_TARGETS, "learning_rate": LR, "warmup": WARMUP, "w_ours": [W_MIN, W_MAX],

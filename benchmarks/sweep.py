@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     if not train_all(cmds, env) or not score(list(runs), Path(a.out) / "eval", a.threads, ev, env):
         return 1
     report = json.loads((ROOT / a.out / "eval" / "report.json").read_text())
-    from eval.__main__ import command_line  # the quoting eval's reports use
+    from distill_diffusion.provenance import command_line
 
-    command = command_line(sys.argv[1:] if argv is None else argv, "python -m benchmarks.sweep")
+    command = command_line("python -m benchmarks.sweep", argv)
     rows = table(report, runs)
     text = markdown(rows, command)
     (ROOT / a.out / "sweep.md").write_text(text)

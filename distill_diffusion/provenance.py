@@ -40,3 +40,12 @@ def machine() -> dict[str, Any]:
     import torch
 
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def command_line(prog: str, argv: list[str] | None = None) -> str:
+    """The command as a shell would take it back: ``prog`` and each argument shell-quoted (``argv`` None: this
+    process's ``sys.argv[1:]``), so a recorded list override such as ``lora_targets=[a,b]`` pastes back as it ran."""
+    import shlex
+    import sys
+
+    return " ".join([prog, *(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))])

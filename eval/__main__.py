@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from distill_diffusion.errors import UserError
+from distill_diffusion.provenance import command_line
 
 DEFAULT_TEACHER_STEPS = [1, 2, 4, 25]
 DEFAULT_GUIDANCE = 2.5  # the embedded teacher's best is low (≈2-3, diffusers convention); --guidance-grid searches
@@ -227,10 +227,6 @@ def set_teacher_sampling(ctx: Any, teacher: str, runs: list[dict[str, Any]]) -> 
         ctx.teacher_sampler = "FlowMatchEulerDiscreteScheduler (the teacher's own flow schedule)"
 
 
-def command_line(argv: list[str], prog: str = "python -m eval") -> str:
-    return " ".join([prog, *(shlex.quote(x) for x in argv)])
-
-
 def run(a: argparse.Namespace, argv: list[str]) -> Path:
     from datetime import datetime
 
@@ -247,7 +243,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
     out = Path(a.out or f"reports/{datetime.now():%Y%m%d-%H%M%S}")
     steps = a.teacher_steps or DEFAULT_TEACHER_STEPS
     grid = a.guidance_grid or [a.teacher_guidance if a.teacher_guidance is not None else DEFAULT_GUIDANCE]
-    meta = report.meta(a, command_line(argv), ctx, teacher, grid)
+    meta = report.meta(a, command_line("python -m eval", argv), ctx, teacher, grid)
     if a.teacher_only:
         from .teacher_table import teacher_table
 

@@ -418,3 +418,16 @@ def test_machine_script_step_ratio(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     assert machine.main(["--step-json", str(tmp_path / "bad.json")]) == 2
     assert "no benchmarks.reference_lcm section" in capsys.readouterr().err
+
+
+def test_recorded_commands_paste_back_as_they_ran(monkeypatch):
+    import shlex
+
+    from distill_diffusion.provenance import command_line
+
+    argv = ["--grid", "lora_targets=[a,b]", "out dir/x", "plain", "it's"]
+    line = command_line("python -m benchmarks.sweep", argv)
+    assert shlex.split(line) == ["python", "-m", "benchmarks.sweep", *argv]
+    assert line.startswith("python -m benchmarks.sweep --grid 'lora_targets=[a,b]' ")
+    monkeypatch.setattr("sys.argv", ["prog", "a b"])
+    assert command_line("p") == "p 'a b'"  # no argv: this process's own
