@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distill_diffusion.provenance import command_line
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL = ["--num-images", "2000", "--teacher-steps", "1", "2", "4", "25", "--guidance-grid", "2", "3", "4"]
 METRICS = ("fid", "accuracy", "diversity")
@@ -173,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = json.loads((ROOT / out / "eval" / "report.json").read_text())
     rows = aggregate(report, runs[:-1], runs[-1])
-    from distill_diffusion.provenance import command_line
-
     command = command_line("python -m benchmarks.quality", argv)
     text = markdown(rows, command)
     if a.bars:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.quality import ROOT, cells, score, train_all
+from distill_diffusion.provenance import command_line
 
 DEFAULT_EVAL = ["--teacher-steps", "1", "2", "4", "25", "--guidance-grid", "2.5", "3"]
 
@@ -117,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     if not train_all(cmds, env) or not score(list(runs), Path(a.out) / "eval", a.threads, ev, env):
         return 1
     report = json.loads((ROOT / a.out / "eval" / "report.json").read_text())
-    from distill_diffusion.provenance import command_line
-
     command = command_line("python -m benchmarks.sweep", argv)
     rows = table(report, runs)
     text = markdown(rows, command)
