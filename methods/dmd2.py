@@ -127,6 +127,9 @@ class DMD2Config:
     phased: bool = False
     phase_critic_reset: bool = True  # the critic (and its optimizer state) from the teacher at each phase start
     subinterval_weight_cap: float = 10.0  # eq. 13's min(1, 10 σ²_{t|s}) on the critic's subinterval loss
+    # The GAN term in every phase, not only the last (ours, not the paper's): in phase k, D compares the output x_s
+    # and real images, both noised to t ~ U(s, gan_max_timestep), where their marginals should agree.
+    gan_all_phases: bool = False
 
     def check(self) -> None:
         if self.real_guidance_scale < 1:
@@ -165,6 +168,11 @@ class DMD2Config:
             raise UserError("method.phased=true and method.decoupled=true: choose one")
         if self.subinterval_weight_cap <= 0:
             raise UserError(f"method.subinterval_weight_cap={self.subinterval_weight_cap}: must be positive")
+        if self.gan_all_phases and not (self.phased and self.gan):
+            raise UserError("method.gan_all_phases=true needs method.phased=true and method.gan=true")
+        if self.gan_all_phases and self.gan_max_timestep <= max(self.conditioning_timesteps[1:], default=0) + 1:
+            raise UserError(f"method.gan_max_timestep={self.gan_max_timestep}: with gan_all_phases=true it must "
+                            "lie above every phase boundary (each conditioning timestep after the first) + 1")
 
 
 # ---- pure maths ---------------------------------------------------------------------------------------------------
@@ -478,8 +486,9 @@ class DMD2(Method):
         """Phase k < K−1 (Fan et al. eq. 10): distribution matching of the noisy output x_s at levels t in (s, T),
         x_t ~ q(x_t | x_s). The score difference at x_t is α_t (x̂_fake − x̂_real) / σ_t² and ∂x_t/∂x_s = α_{t|s}:
         the gradient on x_s is DMD2's direction (x̂_fake − x̂_real), normalised as DMD2 does with step k's own x̂0
-        in place of the clean sample (our choice; the paper leaves the weighting open). No GAN term (its real
-        images are clean, x_s is not)."""
+        in place of the clean sample (our choice; the paper leaves the weighting open). With ``gan_all_phases``
+        (ours), DMD2's GAN term on x_s noised to t_g ~ U(s, gan_max_timestep) through q(x_t | x_s): where real images
+        noised to t_g have the same marginal if x_s has the teacher's."""
         m, rng = self.models, batch.rng
         x_s, x0, s = self.phased_output(batch, phase, grad=True)
         t = rng.randint(max(self.min_step, s + 1), self.max_step + 1, "dmd2-dm-t")
@@ -487,8 +496,15 @@ class DMD2(Method):
         x0_real, x0_fake = self.scores(xt, t, batch)
         per_sample, ok = gradient_loss(x_s, dm_gradient(x0.detach(), x0_real, x0_fake))
         loss = per_sample.sum() / ok.sum().clamp(min=1)
-        return loss, {"dm": float(loss.detach()), "nonfinite": float((~ok).sum()), "k": float(phase),
-                      "phase": float(phase), "t": float(t.float().mean())}
+        logs = {"dm": float(loss.detach()), "nonfinite": float((~ok).sum()), "k": float(phase),
+                "phase": float(phase), "t": float(t.float().mean())}
+        if self.head is not None and self.cfg.gan_all_phases and self.cfg.gan_generator_weight > 0:
+            t_g = rng.randint(s + 1, self.cfg.gan_max_timestep, "dmd2-gan-fake-t")
+            xg = self.subinterval_noising(x_s, s, t_g, rng.randn(m.latent_shape, "dmd2-gan-fake-noise"))[0]
+            g, _ = masked_mean(generator_gan_loss(self.discriminate(xg, t_g, batch.cond, train=False)))
+            loss = loss + self.cfg.gan_generator_weight * g
+            logs["gan_g"] = float(g.detach())
+        return loss, logs
 
     def _phased_critic_loss(self, batch: Batch, phase: int) -> tuple[Tensor, dict[str, float]]:
         """Phase k < K−1: score matching within the subinterval (Fan et al. eq. 11–13): the critic denoises x_t ~
@@ -501,7 +517,12 @@ class DMD2(Method):
         out = m.net_out("critic", xt, t, batch.cond)
         err = ((out - m.denoising_target(x0_t, eps_t, t)) ** 2).flatten(1).mean(1)
         loss, dropped = masked_mean(subinterval_weight(sigma2, self.cfg.subinterval_weight_cap) * err)
-        return loss, {"denoise": float(loss.detach()), "nonfinite": float(dropped), "phase": float(phase)}
+        logs = {"denoise": float(loss.detach()), "nonfinite": float(dropped), "phase": float(phase)}
+        if self.head is not None and self.cfg.gan_all_phases:
+            t_f = rng.randint(s + 1, self.cfg.gan_max_timestep, "dmd2-gan-critic-fake-t")
+            x_f = self.subinterval_noising(x_s, s, t_f, rng.randn(m.latent_shape, "dmd2-gan-critic-fake-noise"))[0]
+            loss = loss + self._discriminator_term(batch, x_f, t_f, s + 1, logs)
+        return loss, logs
 
     def _critic_loss(self, batch: Batch, phase: int | None = None) -> tuple[Tensor, dict[str, float]]:
         """The fake score's denoising loss on the generator's x0 (+ the GAN's); ``phase``: Phased DMD's last."""
@@ -519,19 +540,25 @@ class DMD2(Method):
         if phase is not None:
             logs["phase"] = float(phase)
         if self.head is not None:
-            if batch.latents is None:
-                raise UserError("method.gan=true needs real images (data.images or data.dataset)")
-            t_r = rng.randint(0, c.gan_max_timestep, "dmd2-gan-real-t")
             t_f = rng.randint(0, c.gan_max_timestep, "dmd2-gan-critic-fake-t")
-            x_r = m.schedule.add_noise(batch.latents, rng.randn(m.latent_shape, "dmd2-gan-real-noise"), t_r)
             x_f = m.schedule.add_noise(x0, rng.randn(m.latent_shape, "dmd2-gan-critic-fake-noise"), t_f)
-            d_real = self.discriminate(x_r, t_r, batch.cond, train=True)
-            d_fake = self.discriminate(x_f, t_f, batch.cond, train=True)
-            d, _ = masked_mean(discriminator_gan_loss(d_real, d_fake))
-            loss = loss + c.gan_discriminator_weight * d
-            logs.update(gan_d=float(d.detach()), p_real=float(torch.sigmoid(d_real.detach()).mean()),
-                        p_fake=float(torch.sigmoid(d_fake.detach()).mean()))
+            loss = loss + self._discriminator_term(batch, x_f, t_f, 0, logs)
         return loss, logs
+
+    def _discriminator_term(self, batch: Batch, x_f: Tensor, t_f: Tensor, t_min: int, logs: dict[str, float]) -> Tensor:
+        """λ_D × D's loss: real latents noised to t_r ~ U[t_min, gan_max_timestep) against the fakes ``x_f`` at
+        ``t_f`` (drawn from the same range by the caller); logs gan_d, p_real, p_fake."""
+        m, c, rng = self.models, self.cfg, batch.rng
+        if batch.latents is None:
+            raise UserError("method.gan=true needs real images (data.images or data.dataset)")
+        t_r = rng.randint(t_min, c.gan_max_timestep, "dmd2-gan-real-t")
+        x_r = m.schedule.add_noise(batch.latents, rng.randn(m.latent_shape, "dmd2-gan-real-noise"), t_r)
+        d_real = self.discriminate(x_r, t_r, batch.cond, train=True)
+        d_fake = self.discriminate(x_f, t_f, batch.cond, train=True)
+        d, _ = masked_mean(discriminator_gan_loss(d_real, d_fake))
+        logs.update(gan_d=float(d.detach()), p_real=float(torch.sigmoid(d_real.detach()).mean()),
+                    p_fake=float(torch.sigmoid(d_fake.detach()).mean()))
+        return c.gan_discriminator_weight * d
 
     def sampling(self) -> SamplingSpec:
         """LCMScheduler (flow: FlowMatchLCMScheduler) with exactly the trained conditioning timesteps: between steps

@@ -744,6 +744,55 @@ def test_phased_critic_loss_is_eq_11_to_13(tiny_teachers):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
 
 
+def test_gan_in_every_phase_sees_both_sides_above_the_phase_boundary(tiny_teachers):
+    """gan_all_phases (phase k < K−1): D gets real latents noised to t_r and the output x_s noised through
+    q(x_t | x_s) to t_f, both in (s, gan_max_timestep); the generator's term is λ_G × −log σ(D) on x_s so noised.
+    Off, a middle phase has no GAN term (the default's losses, bit for bit)."""
+    torch.manual_seed(3)
+    models, method, _ = build(DMD2, tiny_teachers["sd"], "lora", conditioning_timesteps=FOUR, phased=True,
+                              gan_all_phases=True, gan_generator_weight=0.5, gan_discriminator_weight=0.25)
+    batch = fixed_batch(models, b=3)
+    ac = models.schedule.alphas_cumprod
+    b = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+
+    def noised_from(x_s, s, t, tag):  # eq. 2 of Fan et al.: x_t = α_{t|s} x_s + σ_{t|s} ε
+        a = (ac[t] / ac[s]).sqrt()
+        return b(a) * x_s + b((1 - ac[t] - a ** 2 * (1 - ac[s])).sqrt()) * batch.rng.randn(models.latent_shape, tag)
+
+    with torch.no_grad():
+        x_s, _, s = method.phased_output(batch, 1, grad=False)
+        loss, logs = method.loss("critic", batch, 300)  # phase 1: s = FOUR[2]
+        t_r = batch.rng.randint(s + 1, 1000, "dmd2-gan-real-t")
+        t_f = batch.rng.randint(s + 1, 1000, "dmd2-gan-critic-fake-t")
+        x_r = models.schedule.add_noise(batch.latents, batch.rng.randn(models.latent_shape, "dmd2-gan-real-noise"),
+                                        t_r)
+        x_f = noised_from(x_s, s, t_f, "dmd2-gan-critic-fake-noise")
+        d = discriminator_gan_loss(method.discriminate(x_r, t_r, batch.cond, True),
+                                   method.discriminate(x_f, t_f, batch.cond, True)).mean()
+        method.cfg.gan_all_phases = False
+        plain, plain_logs = method.loss("critic", batch, 300)
+        method.cfg.gan_all_phases = True
+    assert s == FOUR[2] and t_r.min() > s and t_f.min() > s and "gan_d" not in plain_logs
+    torch.testing.assert_close(loss, plain + 0.25 * d)
+    torch.testing.assert_close(torch.tensor(logs["gan_d"]), d)
+
+    x_s = torch.randn(3, *models.latent_shape, requires_grad=True)
+    method.phased_output = lambda batch, phase, grad: (x_s, torch.zeros_like(x_s), s)
+    loss, logs = method.loss("student", batch, 300)
+    method.cfg.gan_all_phases = False
+    plain, _ = method.loss("student", batch, 300)
+    with torch.no_grad():
+        t_g = batch.rng.randint(s + 1, 1000, "dmd2-gan-fake-t")
+        xg = noised_from(x_s, s, t_g, "dmd2-gan-fake-noise")
+        g = generator_gan_loss(method.discriminate(xg, t_g, batch.cond, False)).mean()
+    assert t_g.min() > s
+    torch.testing.assert_close(loss, plain + 0.5 * g)
+    for bad in (dict(gan_all_phases=True), dict(gan_all_phases=True, phased=True, gan=False),
+                dict(gan_all_phases=True, phased=True, conditioning_timesteps=FOUR, gan_max_timestep=FOUR[1])):
+        with pytest.raises(UserError):
+            DMD2Config(**bad).check()
+
+
 @pytest.mark.parametrize("student", ["lora", "full"])
 def test_reset_role_gives_the_teacher_back(student, tiny_teachers):
     models, _, _ = _phased(tiny_teachers, student)
