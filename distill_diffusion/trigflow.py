@@ -83,6 +83,12 @@ def nearest_timestep(schedule: Any, t: float) -> int:
     return int((vp_log_snr(schedule.alphas_cumprod.cpu()) - target).abs().argmin())
 
 
+def nearest_timesteps(schedule: Any, t: Tensor) -> Tensor:
+    """:func:`nearest_timestep` per sample, for trig times t (B,) drawn at run time: (B,) long, on t's device."""
+    return torch.tensor([nearest_timestep(schedule, float(x)) for x in t.detach().cpu()], dtype=torch.long,
+                        device=t.device)
+
+
 def split_native(out: Tensor, x_n: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
     """(x0, ε) from a raw network output at x_n = α x0 + σ ε with float (α, σ) (B,): the continuous form of
     :func:`distill_diffusion.schedule.split_prediction` and :func:`~distill_diffusion.schedule.flow_split`."""

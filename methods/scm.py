@@ -26,6 +26,14 @@ rCM (``dmd_weight > 0``): a second role, the fake score ("critic"), learns the s
 the student's loss adds ``dmd_weight`` × DMD's reverse-divergence loss (DMD eq. 7 with DMD2's normaliser,
 ``distill_diffusion.matching``) on a sample it generates from noise in 1..``dmd_max_steps`` steps (backward
 simulation); the critic updates every step, the student every ``student_update_every`` steps (rCM: 5).
+
+SANA-Sprint's LADD term (``gan_weight > 0``; Chen et al. sec. 3.3, after Sauer et al. 2024, arXiv:2403.12015): hinge
+heads on the frozen teacher's features (``distill_diffusion.adversarial``) tell real latents from the student's own
+x̂0 = cos t x̂ − sin t F_θ at the sCM step's input, both noised to the teacher timestep nearest to t_D =
+arctan(e^τ / σ_d), τ ~ N(gan_p_mean, gan_p_std²) (one t_D per sample, shared by the pair, as the script draws it);
+the student's loss adds ``gan_weight`` × −D(fake) (the script's ``adv_loss = -mean(pred_fake)``), the heads learn
+relu(1 − D(real)) + relu(1 + D(fake)) (its ``loss_D`` without the factor 1/2, which the heads' Adam does not see).
+The heads are the "critic" role's (headless without rCM's fake score, beside it with).
 """
 
 from __future__ import annotations
@@ -38,10 +46,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill_diffusion import trigflow
+from distill_diffusion import adversarial, trigflow
 from distill_diffusion.errors import UserError
 from distill_diffusion.matching import dm_loss
-from distill_diffusion.method import Batch, Method, MethodSpec, RunContext, SamplingSpec, masked_mean
+from distill_diffusion.method import Batch, Method, MethodSpec, OptimizerSettings, RunContext, SamplingSpec, masked_mean
 from distill_diffusion.schedule import X0_TIMESTEP_SCALING
 
 TANGENT_MODES = ("normalize", "clip", "none")
@@ -73,6 +81,14 @@ class SCMConfig:
     dmd_guidance_scale: float | None = None  # the teacher's CFG inside the DMD term (None: guidance_scale)
     min_step_ratio: float = 0.02  # DMD's t ~ U[0.02 T, 0.98 T] on the teacher's own timesteps
     max_step_ratio: float = 0.98
+    # SANA-Sprint's LADD term (its diffusers script's values)
+    gan_weight: float = 0.0  # λ_adv against the sCM loss at 1 (SANA-Sprint 0.5); 0: off
+    gan_p_mean: float = -0.6  # D's times t_D = arctan(e^τ / σ_d), τ ~ N(gan_p_mean, gan_p_std²)
+    gan_p_std: float = 1.0
+    gan_lr: float | None = None  # the heads' learning rate (None: the run's learning_rate, as SANA-Sprint)
+    gan_all_levels: bool = True  # heads on every feature block (SANA-Sprint: 4 blocks across the depth); False:
+    #                              the first half (UNet: down and mid blocks)
+    gan_heads_per_level: int = 1
 
     def check(self) -> None:
         if self.sigma_data <= 0 or self.p_std <= 0:
@@ -93,6 +109,9 @@ class SCMConfig:
             raise UserError(f"method.intermediate_time={self.intermediate_time}: must be in (0, π/2)")
         if self.dmd_weight < 0 or self.dmd_max_steps < 1 or self.student_update_every < 1:
             raise UserError("method.dmd_weight must be >= 0, method.dmd_max_steps and student_update_every >= 1")
+        if self.gan_weight < 0 or self.gan_p_std <= 0 or self.gan_heads_per_level < 1 or (
+                self.gan_lr is not None and self.gan_lr <= 0):
+            raise UserError("method.gan_weight must be >= 0, method.gan_p_std and gan_lr > 0, gan_heads_per_level >= 1")
 
     def steps(self) -> list[int]:
         return sorted(self.sampling_steps) if self.sampling_steps is not None else [1, 2, 4]
@@ -130,8 +149,10 @@ class SCM(Method):
     def spec(cls, cfg: SCMConfig, student: str) -> MethodSpec:
         # Data latents feed x̂; the JVP and the rCM critic need no gradient through another role's forward, but the
         # JVP cannot run under gradient checkpointing, which the student's own call turns off around it.
-        roles = ("student", "critic") if cfg.dmd_weight > 0 else ("student",)
-        return MethodSpec(roles=roles, needs_images=True)
+        # The critic role: rCM's fake score, LADD's heads (alone: a headless role), or both.
+        roles = ("student", "critic") if cfg.dmd_weight > 0 or cfg.gan_weight > 0 else ("student",)
+        headless = ("critic",) if cfg.gan_weight > 0 and cfg.dmd_weight == 0 else ()
+        return MethodSpec(roles=roles, headless=headless, needs_images=True)
 
     def __init__(self, cfg: SCMConfig, run: RunContext, models: Any) -> None:
         super().__init__(cfg, run, models)
@@ -139,12 +160,21 @@ class SCM(Method):
         self.weight = trigflow.AdaptiveWeight(cfg.sigma_data).to(models.device) if cfg.adaptive_weight else None
         T = models.num_train_timesteps
         self.min_step, self.max_step = int(cfg.min_step_ratio * T), min(int(cfg.max_step_ratio * T), T - 1)
+        self.disc: adversarial.FeatureDiscriminator | None = None
+        if cfg.gan_weight > 0:
+            self.feature_names = models.feature_blocks(cfg.gan_all_levels)
+            self.disc = adversarial.teacher_discriminator(models, self.feature_names, cfg.gan_heads_per_level)
 
     def extra_modules(self) -> dict[str, nn.Module]:
-        return {"student": self.weight} if self.weight is not None else {}
+        mods: dict[str, nn.Module] = {"student": self.weight} if self.weight is not None else {}
+        return mods | ({"critic": self.disc} if self.disc is not None else {})
+
+    def optimizer_settings(self, role: str) -> OptimizerSettings:
+        return OptimizerSettings(learning_rate=self.cfg.gan_lr) if role == "critic" and self.cfg.dmd_weight == 0 \
+            else OptimizerSettings()
 
     def updates(self, step: int) -> tuple[str, ...]:
-        if self.cfg.dmd_weight == 0:
+        if self.cfg.dmd_weight == 0 and self.cfg.gan_weight == 0:
             return ("student",)
         r = self.cfg.student_update_every
         return ("student", "critic") if (step + 1) % r == 0 else ("critic",)
@@ -185,17 +215,27 @@ class SCM(Method):
     # ---- losses ----------------------------------------------------------------------------------------------------
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if role == "student":
-            loss, logs = self._scm_loss(batch, step)
+            loss, logs, x0 = self._scm_loss(batch, step)
             if self.cfg.dmd_weight > 0:
                 dmd, dlogs = self._dmd_loss(batch)
                 loss = loss + self.cfg.dmd_weight * dmd
                 logs.update(dlogs)
+            if self.disc is not None:
+                adv, alogs = self._gan_generator_loss(x0, batch)
+                loss = loss + self.cfg.gan_weight * adv
+                logs.update(alogs)
             return loss, logs
         if role == "critic":
-            return self._critic_loss(batch)
+            loss, logs = self._critic_loss(batch) if self.cfg.dmd_weight > 0 else (torch.zeros(()), {})
+            if self.disc is not None:
+                d, dlogs = self._gan_discriminator_loss(batch)
+                loss = loss + d
+                logs.update(dlogs)
+            return loss, logs
         raise KeyError(role)
 
-    def _scm_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def _scm_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float], Tensor]:
+        """sCM's loss (module docstring), its logs and the student's x̂0 at its input (with gradient; LADD's fake)."""
         m, c = self.models, self.cfg
         if batch.latents is None:
             raise UserError("sCM distils on data latents: give data.images or data.dataset")
@@ -217,7 +257,7 @@ class SCM(Method):
         logvar = self.weight(t) if self.weight is not None else torch.zeros_like(t)
         loss, bad = masked_mean(trigflow.scm_loss(F_theta, F_minus, g, t, logvar, c.sigma_data))
         return loss, {"nonfinite": float(bad), "g_norm": g_norm, "t": float(t.mean()),
-                      "logvar": float(logvar.detach().mean())}
+                      "logvar": float(logvar.detach().mean())}, trigflow.consistency_x0(x_hat, F_theta, t)
 
     # ---- rCM: the score regulariser ---------------------------------------------------------------------------------
     def generate(self, batch: Batch, grad: bool) -> Tensor:
@@ -258,6 +298,42 @@ class SCM(Method):
         out = m.net_out("critic", m.schedule.add_noise(x0, eps, t), t, batch.cond)
         loss, bad = masked_mean(((out - m.denoising_target(x0, eps, t)) ** 2).flatten(1).mean(1))
         return loss, {"denoise": float(loss.detach()), "nonfinite": float(bad)}
+
+    # ---- SANA-Sprint's LADD term -------------------------------------------------------------------------------------
+    def gan_timesteps(self, batch: Batch) -> Tensor:
+        """The teacher timesteps nearest to t_D = arctan(e^τ / σ_d), τ ~ N(gan_p_mean, gan_p_std²), per sample (B,)."""
+        c = self.cfg
+        tau = c.gan_p_mean + c.gan_p_std * batch.rng.randn((), "scm-gan-tau")
+        return trigflow.nearest_timesteps(self.models.schedule, trigflow.time_proposal(tau, c.sigma_data))
+
+    def _discriminate(self, x0: Tensor, t: Tensor, tag: str, batch: Batch, train: bool) -> list[Tensor]:
+        """D on x0 noised to the teacher timesteps t with the keyed noise ``tag``."""
+        m = self.models
+        x = m.schedule.add_noise(x0, batch.rng.randn(m.latent_shape, tag), t)
+        return adversarial.discriminate(m, self.disc, self.feature_names, x, t, batch.cond, train,
+                                        stop=not self.cfg.gan_all_levels)
+
+    def _gan_generator_loss(self, x0: Tensor, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """−D(x̂0 noised to t_D), mean over heads and positions (SANA-Sprint's adv_loss)."""
+        g, _ = masked_mean(adversarial.hinge_g_loss(
+            self._discriminate(x0, self.gan_timesteps(batch), "scm-gan-fake-noise", batch, False), saturating=False))
+        return g, {"adv_g": float(g.detach())}
+
+    def _gan_discriminator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """The heads' hinge loss: real latents against the student's x̂0 at a fresh sCM input (no gradient), the
+        pair noised to the same t_D with their own noise."""
+        m = self.models
+        if batch.latents is None:
+            raise UserError("sCM distils on data latents: give data.images or data.dataset")
+        t = self.draw_time(batch)
+        x_hat = trigflow.add_noise(batch.latents, batch.rng.randn(m.latent_shape, "scm-eps"), t)
+        with torch.no_grad():
+            x0 = trigflow.consistency_x0(x_hat, self.velocity("student", x_hat, t, batch), t)
+        t_d = self.gan_timesteps(batch)
+        d, bad = masked_mean(adversarial.hinge_d_loss(
+            self._discriminate(x0, t_d, "scm-gan-fake-noise", batch, True),
+            self._discriminate(batch.latents, t_d, "scm-gan-real-noise", batch, True)))
+        return d, {"adv_d": float(d.detach()), "adv_nonfinite": float(bad)}
 
     # ---- export ----------------------------------------------------------------------------------------------------
     def sampling(self) -> SamplingSpec:

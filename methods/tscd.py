@@ -38,7 +38,6 @@ adapter or network copy of its own).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +47,13 @@ import torch
 from torch import Tensor, nn
 
 from distill_diffusion import schedule
+from distill_diffusion.adversarial import (
+    FeatureDiscriminator,
+    discriminate,
+    hinge_d_loss,
+    hinge_g_loss,
+    teacher_discriminator,
+)
 from distill_diffusion.errors import UserError
 from distill_diffusion.method import (
     Batch,
@@ -61,7 +67,6 @@ from distill_diffusion.method import (
     TargetSpec,
     masked_mean,
 )
-from distill_diffusion.models import frozen
 
 
 @dataclass
@@ -187,57 +192,6 @@ def consistency_target(x_prev: Tensor, on_edge: Tensor, target_jump: Callable[[T
     return target
 
 
-def hinge_d_loss(fake_logits: list[Tensor], real_logits: list[Tensor]) -> Tensor:
-    """Discriminator hinge loss per sample (B,): mean over heads of mean relu(1 + D(fake)) + mean relu(1 - D(real))."""
-    per = [torch.relu(1 + f.float()).flatten(1).mean(1) + torch.relu(1 - r.float()).flatten(1).mean(1)
-           for f, r in zip(fake_logits, real_logits)]
-    return torch.stack(per).mean(0)
-
-
-def hinge_g_loss(fake_logits: list[Tensor]) -> Tensor:
-    """Generator hinge loss per sample (B,): mean over heads of mean relu(1 - D(fake))."""
-    return torch.stack([torch.relu(1 - f.float()).flatten(1).mean(1) for f in fake_logits]).mean(0)
-
-
-# ---- the discriminator: heads on frozen teacher features ---------------------------------------------------------
-
-
-class DiscriminatorHead(nn.Module):
-    """conv3x3-GN-LeakyReLU, a residual conv3x3-GN-LeakyReLU, conv1x1 -> one logit per position: (B, C, h, w) ->
-    (B, 1, h, w). PCM's head (it notes LeakyReLU instead of the paper's GELU)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        groups = math.gcd(32, channels)
-
-        def block() -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.GroupNorm(groups, channels),
-                                 nn.LeakyReLU(0.01))
-
-        self.conv1, self.conv2 = block(), block()
-        self.out = nn.Conv2d(channels, 1, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv1(x)
-        return self.out(self.conv2(x) + x)
-
-
-class FeatureDiscriminator(nn.Module):
-    """``heads_per_level`` heads on each teacher feature level; forward(features) -> list of logits maps."""
-
-    def __init__(self, channels: list[int], heads_per_level: int = 4) -> None:
-        super().__init__()
-        self.levels = nn.ModuleList(
-            nn.ModuleList(DiscriminatorHead(c) for _ in range(heads_per_level)) for c in channels)
-
-    def forward(self, features: list[Tensor]) -> list[Tensor]:
-        if len(features) != len(self.levels):
-            raise RuntimeError(f"{len(features)} feature levels for {len(self.levels)} head groups")
-        return [h(f.float()) for f, heads in zip(features, self.levels) for h in heads]
-
-
-
-
 # ---- the method ----------------------------------------------------------------------------------------------------
 
 
@@ -269,9 +223,7 @@ class TSCD(Method):
         self.disc: FeatureDiscriminator | None = None
         if cfg.adversarial:
             self.feature_names = models.feature_blocks(cfg.adv_up_blocks)
-            channels = [c for c, _ in models.feature_shapes(self.feature_names)]
-            self.disc = FeatureDiscriminator(channels, cfg.adv_heads_per_level)
-            self.disc.to(models.device)
+            self.disc = teacher_discriminator(models, self.feature_names, cfg.adv_heads_per_level)
 
     # ---- declarations --------------------------------------------------------------------------------------------
     def segments_at(self, step: int) -> int:
@@ -326,19 +278,11 @@ class TSCD(Method):
         return pred, target, edge, on_edge
 
     def discriminate(self, x: Tensor, t: Tensor, cond: Cond, train_heads: bool) -> list[Tensor]:
-        """D(x_t, t): the heads on the frozen teacher's features, a list of (B, 1, h, w) logits.
-
-        ``train_heads=False`` (the student's turn): heads frozen, gradient flows through the teacher into x.
-        """
+        """D(x_t, t): the heads on the frozen teacher's features (:func:`distill_diffusion.adversarial.discriminate`),
+        a list of (B, 1, h, w) logits; ``train_heads=False``: the student's turn."""
         assert self.disc is not None
-        m, names, stop = self.models, self.feature_names, not self.cfg.adv_up_blocks
-        with m.no_checkpointing("teacher"):
-            if train_heads:
-                with torch.no_grad():
-                    feats = m.features("teacher", x.detach(), t, cond, names, stop)
-                return self.disc(feats)
-            with frozen(list(self.disc.parameters())):
-                return self.disc(m.features("teacher", x, t, cond, names, stop))
+        return discriminate(self.models, self.disc, self.feature_names, x, t, cond, train_heads,
+                            stop=not self.cfg.adv_up_blocks)
 
     def adversarial_timesteps(self, batch: Batch, edge: Tensor, segments: int) -> Tensor:
         """t' ~ U{edge, ..., edge + T/S - 1} per sample (B,), below T."""

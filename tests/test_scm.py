@@ -200,3 +200,51 @@ def test_rcm_roles_train_their_own_tensors(student, flow_teachers):
     assert any(not torch.equal(v, params("student")[k]) for k, v in before["student"].items())
     assert all(torch.equal(v, params("critic")[k]) for k, v in mid.items()), "the student's step moved the critic"
     assert not torch.equal(w0, method.weight.linear.bias), "the adaptive weight did not learn"
+
+
+@pytest.mark.parametrize("teacher", ["sd3", "sd"])
+def test_ladd_terms_equal_an_independent_computation(teacher, tiny_teachers, flow_teachers):
+    """SANA-Sprint's LADD term: heads on the frozen teacher's features (a headless critic role without rCM); the
+    student's loss adds λ × −D(x̂0 noised to t_D), x̂0 = cos t x̂ − sin t F_θ its own prediction at the sCM input; the
+    heads' loss is the hinge on real latents and that x̂0, both noised to the same t_D; the heads' step moves only the
+    heads, the student's step only the student."""
+    path = flow_teachers["sd3"] if teacher == "sd3" else tiny_teachers["sd"]
+    models, method, _ = build(SCM, path, "lora", gan_weight=0.5, tangent_warmup_steps=0, jvp="finite_difference")
+    assert models.roles == ("student", "critic") and models.headless == frozenset({"critic"})
+    assert method.updates(0) == ("student", "critic") and models.parameters("critic") == []
+    batch = fixed_batch(models, b=3)
+    m, rng = models, batch.rng
+    c = method.cfg
+    t_d = trigflow.nearest_timesteps(m.schedule, torch.atan(torch.exp(-0.6 + 1.0 * rng.randn((), "scm-gan-tau")) / 0.5))
+    names = m.feature_blocks(True)
+
+    def D(x0, tag):
+        x = m.schedule.add_noise(x0, rng.randn(m.latent_shape, tag), t_d)
+        with torch.no_grad():
+            return method.disc(m.features("teacher", x, t_d, batch.cond, names, False))
+
+    t = method.draw_time(batch)
+    x_hat = trigflow.add_noise(batch.latents, rng.randn(m.latent_shape, "scm-eps"), t)
+    with torch.no_grad():
+        x0 = trigflow.consistency_x0(x_hat, method.velocity("student", x_hat, t, batch), t)
+        scm, _, _ = method._scm_loss(batch, 0)
+        fake, real = D(x0, "scm-gan-fake-noise"), D(batch.latents, "scm-gan-real-noise")
+        d_ref = torch.stack([(torch.relu(1 + f).flatten(1).mean(1) + torch.relu(1 - r).flatten(1).mean(1))
+                             for f, r in zip(fake, real)]).mean(0).mean()
+        g_ref = torch.stack([-f.flatten(1).mean(1) for f in fake]).mean(0).mean()
+        g_loss, logs = method.loss("student", batch, 0)
+        d_loss, dlogs = method.loss("critic", batch, 0)
+    torch.testing.assert_close(g_loss, scm + c.gan_weight * g_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_loss, d_ref, rtol=1e-5, atol=1e-6)
+    assert logs["adv_g"] == pytest.approx(float(g_ref), rel=1e-5) and dlogs["adv_d"] == pytest.approx(float(d_ref))
+
+    opts = optimizers(models, method)
+    heads = [p.detach().clone() for p in method.disc.parameters()]
+    student = [p.detach().clone() for p in models.parameters("student")]
+    assert math.isfinite(update(models, method, "critic", batch, opts["critic"], 0))
+    assert all(torch.equal(a, b) for a, b in zip(student, models.parameters("student")))
+    assert any(not torch.equal(a, b) for a, b in zip(heads, method.disc.parameters()))
+    heads = [p.detach().clone() for p in method.disc.parameters()]
+    assert math.isfinite(update(models, method, "student", batch, opts["student"], 0))
+    assert any(not torch.equal(a, b) for a, b in zip(student, models.parameters("student")))
+    assert all(torch.equal(a, b) for a, b in zip(heads, method.disc.parameters())), "the student's step moved D"
