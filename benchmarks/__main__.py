@@ -132,79 +132,98 @@ def markdown(meta: dict, train: list[dict], samp: dict | None, quality: list[dic
     L = ["# Benchmarks", "", f"- Command: `{meta['command']}`", f"- Machine: {meta['machine']}",
          f"- Versions: {meta['versions']}", f"- Date: {meta['date']}", ""]
     if train:
-        L += ["## Training step (embedded default, each method's default config)", "",
-              f"Median seconds per step over steps {meta['warmup'] + 1}..{meta['steps']} in a fresh process, "
-              f"{meta['threads']} torch thread(s); phases are means per step.", "",
-              "| method | student | batch | s/step | steps/s | teacher fwd | student fwd | critic fwd | target fwd | "
-              "encoders | optimizer | backward + rest |", "|" + "---|" * 12]
-        for r in train:
-            if "error" in r:
-                L.append(f"| {r['method']} | {r['student']} | error: {r['error']} |" + " |" * 9)
-                continue
-            p = r["phase_sec_per_step"]
-            L.append(f"| {r['method']} | {r['student']} | {r['batch_size']} | {r['sec_per_step_median']:.3f} | "
-                     f"{r['steps_per_s']:.2f} | " + " | ".join(f"{p[k]:.3f}" for k in (
-                         "teacher forward", "student forward", "critic forward", "target forward", "encoders",
-                         "optimizer", "backward and the rest")) + " |")
-        L += ["", "## Training memory (counted from the models; peak RSS measured)", "",
-              "| method | student | trainable MB | gradients MB (peak) | optimizer MB | frozen MB | counted total MB | "
-              "LoRA / full (counted) | peak RSS above baseline MB |", "|" + "---|" * 9]
-        full = {r["method"]: r["memory"]["total_counted_bytes"] for r in train
-                if "memory" in r and r["student"] == "full"}
-        for r in train:
-            if "memory" not in r:
-                continue
-            m = r["memory"]
-            ratio = (f"{m['total_counted_bytes'] / full[r['method']]:.2f}"
-                     if r["student"] == "lora" and r["method"] in full else "")
-            L.append(f"| {r['method']} | {r['student']} | {sum(m['trainable_bytes'].values()) / MB:.1f} | "
-                     f"{m['gradient_bytes_peak'] / MB:.1f} | {sum(m['optimizer_state_bytes'].values()) / MB:.1f} | "
-                     f"{m['frozen_bytes'] / MB:.1f} | {m['total_counted_bytes'] / MB:.1f} | {ratio} | "
-                     f"{m['peak_rss_above_baseline_bytes'] / MB:.0f} |")
+        L += train_step_section(meta, train) + train_memory_section(train)
     if ref:
         from benchmarks.reference_lcm import markdown_section
 
         L += [""] + markdown_section(ref)
     if samp:
-        L += ["", f"## Sampling ({samp['images']} images per row, batch {samp['batch']}, median latency per image "
-                  "after a warm-up batch)", "",
-              "| model | steps | NFE | ms/img | UNet ms | VAE decode ms | text enc ms | other ms | speed-up realised "
-              "| ideal (NFE ratio) | realised / ideal |", "|" + "---|" * 11]
-        if "measured" in samp and samp["measured"]["command"] != meta["command"]:
-            L[-2:-2] = [f"Measured by `{samp['measured']['command']}` ({samp['measured']['date']}).", ""]
-        for r in samp["rows"]:
-            if "error" in r:
-                L.append(f"| {r['model']} | error: {r['error']} |" + " |" * 9)
-                continue
-            c = r["ms_per_image"]
-            L.append(f"| {r['model']} | {r['steps']} | {r['nfe']:g} | {r['latency_ms']:.2f} | {c['unet']:.2f} | "
-                     f"{c['vae_decode']:.2f} | {c['text_encoder']:.2f} | {c['other']:.2f} | "
-                     f"{r['speedup_realised']:.1f}× | {r['speedup_ideal']:.1f}× | {r['quotient']:.2f} |")
-        o = samp.get("overhead")
-        if o:
-            L += ["", f"Our sampling path against a plain diffusers call ({o['run']}, {o['steps']} steps, batch "
-                      f"{o['batch']}, median of 5): {o['ours_s'] * 1000:.1f} ms against {o['plain_s'] * 1000:.1f} "
-                      f"ms ({o['ours_s'] / o['plain_s']:.2f}×)."]
+        L += sampling_section(meta, samp)
     if quality:
-        L += ["", "## Quality after the default runs", "", "From " + " and ".join(
-            f"`{q['meta']['command']}`" for q in quality) + " (2k images; teacher rows cached):", "",
-              "| model | steps | FID | CLIP | accuracy | diversity |", "|---|---|---|---|---|---|"]
-        seen, rows = set(), []
-        for r in [r for q in quality for r in q["rows"]]:
-            if (r["label"], r["steps"]) in seen:  # the teacher's rows appear in every report; the first one wins
-                continue
-            seen.add((r["label"], r["steps"]))
-            rows.append(r)
-        rows.sort(key=lambda r: (not r["label"].startswith("teacher"), r["steps"] if r["label"].startswith("teacher")
-                                 else 0))  # the teacher's rows first, by steps; students in report order
-        if len(quality) > 1:
-            L[-3:-3] = ["A run's rows come from the first report that has it, so a newer report listed first replaces "
-                        "an older one's rows of the same run.", ""]
-        for r in rows:
-            acc = r.get("accuracy")
-            L.append(f"| {r['label']} | {r['steps']} | {_fmt(r.get('fid'), '.2f')} | {_fmt(r.get('clip'), '.2f')} | "
-                     f"{'—' if acc is None else f'{100 * acc:.1f}%'} | {_fmt(r.get('diversity'))} |")
+        L += quality_section(quality)
     return "\n".join(L) + "\n"
+
+
+def train_step_section(meta: dict, train: list[dict]) -> list[str]:
+    L = ["## Training step (embedded default, each method's default config)", "",
+         f"Median seconds per step over steps {meta['warmup'] + 1}..{meta['steps']} in a fresh process, "
+         f"{meta['threads']} torch thread(s); phases are means per step.", "",
+         "| method | student | batch | s/step | steps/s | teacher fwd | student fwd | critic fwd | target fwd | "
+         "encoders | optimizer | backward + rest |", "|" + "---|" * 12]
+    for r in train:
+        if "error" in r:
+            L.append(f"| {r['method']} | {r['student']} | error: {r['error']} |" + " |" * 9)
+            continue
+        p = r["phase_sec_per_step"]
+        L.append(f"| {r['method']} | {r['student']} | {r['batch_size']} | {r['sec_per_step_median']:.3f} | "
+                 f"{r['steps_per_s']:.2f} | " + " | ".join(f"{p[k]:.3f}" for k in (
+                     "teacher forward", "student forward", "critic forward", "target forward", "encoders",
+                     "optimizer", "backward and the rest")) + " |")
+    return L
+
+
+def train_memory_section(train: list[dict]) -> list[str]:
+    L = ["", "## Training memory (counted from the models; peak RSS measured)", "",
+         "| method | student | trainable MB | gradients MB (peak) | optimizer MB | frozen MB | counted total MB | "
+         "LoRA / full (counted) | peak RSS above baseline MB |", "|" + "---|" * 9]
+    full = {r["method"]: r["memory"]["total_counted_bytes"] for r in train
+            if "memory" in r and r["student"] == "full"}
+    for r in train:
+        if "memory" not in r:
+            continue
+        m = r["memory"]
+        ratio = (f"{m['total_counted_bytes'] / full[r['method']]:.2f}"
+                 if r["student"] == "lora" and r["method"] in full else "")
+        L.append(f"| {r['method']} | {r['student']} | {sum(m['trainable_bytes'].values()) / MB:.1f} | "
+                 f"{m['gradient_bytes_peak'] / MB:.1f} | {sum(m['optimizer_state_bytes'].values()) / MB:.1f} | "
+                 f"{m['frozen_bytes'] / MB:.1f} | {m['total_counted_bytes'] / MB:.1f} | {ratio} | "
+                 f"{m['peak_rss_above_baseline_bytes'] / MB:.0f} |")
+    return L
+
+
+def sampling_section(meta: dict, samp: dict) -> list[str]:
+    L = ["", f"## Sampling ({samp['images']} images per row, batch {samp['batch']}, median latency per image "
+             "after a warm-up batch)", "",
+         "| model | steps | NFE | ms/img | UNet ms | VAE decode ms | text enc ms | other ms | speed-up realised "
+         "| ideal (NFE ratio) | realised / ideal |", "|" + "---|" * 11]
+    if "measured" in samp and samp["measured"]["command"] != meta["command"]:
+        L[-2:-2] = [f"Measured by `{samp['measured']['command']}` ({samp['measured']['date']}).", ""]
+    for r in samp["rows"]:
+        if "error" in r:
+            L.append(f"| {r['model']} | error: {r['error']} |" + " |" * 9)
+            continue
+        c = r["ms_per_image"]
+        L.append(f"| {r['model']} | {r['steps']} | {r['nfe']:g} | {r['latency_ms']:.2f} | {c['unet']:.2f} | "
+                 f"{c['vae_decode']:.2f} | {c['text_encoder']:.2f} | {c['other']:.2f} | "
+                 f"{r['speedup_realised']:.1f}× | {r['speedup_ideal']:.1f}× | {r['quotient']:.2f} |")
+    o = samp.get("overhead")
+    if o:
+        L += ["", f"Our sampling path against a plain diffusers call ({o['run']}, {o['steps']} steps, batch "
+                  f"{o['batch']}, median of 5): {o['ours_s'] * 1000:.1f} ms against {o['plain_s'] * 1000:.1f} "
+                  f"ms ({o['ours_s'] / o['plain_s']:.2f}×)."]
+    return L
+
+
+def quality_section(quality: list[dict]) -> list[str]:
+    L = ["", "## Quality after the default runs", "", "From " + " and ".join(
+        f"`{q['meta']['command']}`" for q in quality) + " (2k images; teacher rows cached):", "",
+         "| model | steps | FID | CLIP | accuracy | diversity |", "|---|---|---|---|---|---|"]
+    seen, rows = set(), []
+    for r in [r for q in quality for r in q["rows"]]:
+        if (r["label"], r["steps"]) in seen:  # the teacher's rows appear in every report; the first one wins
+            continue
+        seen.add((r["label"], r["steps"]))
+        rows.append(r)
+    rows.sort(key=lambda r: (not r["label"].startswith("teacher"), r["steps"] if r["label"].startswith("teacher")
+                             else 0))  # the teacher's rows first, by steps; students in report order
+    if len(quality) > 1:
+        L[-3:-3] = ["A run's rows come from the first report that has it, so a newer report listed first replaces "
+                    "an older one's rows of the same run.", ""]
+    for r in rows:
+        acc = r.get("accuracy")
+        L.append(f"| {r['label']} | {r['steps']} | {_fmt(r.get('fid'), '.2f')} | {_fmt(r.get('clip'), '.2f')} | "
+                 f"{'—' if acc is None else f'{100 * acc:.1f}%'} | {_fmt(r.get('diversity'))} |")
+    return L
 
 
 def load_quality(paths: list[str] | None, kept: Path) -> list[dict] | None:

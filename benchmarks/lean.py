@@ -98,7 +98,6 @@ def _old_role(m: Any, name: str) -> Iterator[Any]:
 def micro_rows(repeats: int) -> list[dict[str, Any]]:
     import torch
 
-    from distill_diffusion import artifacts
     from distill_diffusion.data import build_source
     from distill_diffusion.method import TargetSpec
     from distill_diffusion.models import Models
@@ -193,6 +192,15 @@ def micro_rows(repeats: int) -> list[dict[str, Any]]:
     rows.append(row("Models.role: no requires_grad snapshot, no peft set_adapter", "two role switches (critic, "
                     "teacher), enter + exit: before vs after this change", b, a, status="changed"))
 
+    return rows + _validation_rows(m, repeats)
+
+
+def _validation_rows(m: Any, repeats: int) -> list[dict[str, Any]]:
+    """The validation grid's pipelines from disk vs from memory, and the sampling path's overhead (needs run folders:
+    untrained LCM and DMD2 exports in a temporary folder)."""
+    from distill_diffusion import artifacts
+
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         from distill_diffusion.config import parse_config
