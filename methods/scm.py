@@ -29,8 +29,11 @@ simulation); the critic updates every step, the student every ``student_update_e
 
 SANA-Sprint's LADD term (``gan_weight > 0``; Chen et al. sec. 3.3, after Sauer et al. 2024, arXiv:2403.12015): hinge
 heads on the frozen teacher's features (``distill_diffusion.adversarial``) tell real latents from the student's own
-x̂0 = cos t x̂ − sin t F_θ at the sCM step's input, both noised to the teacher timestep nearest to t_D =
-arctan(e^τ / σ_d), τ ~ N(gan_p_mean, gan_p_std²) (one t_D per sample, shared by the pair, as the script draws it);
+x̂0 = cos t x̂ − sin t F_θ, both noised to the teacher timestep nearest to t_D = arctan(e^τ / σ_d), τ ~
+N(gan_p_mean, gan_p_std²) (one t_D per sample, shared by the pair, as the script draws it). x̂0 comes from a forward
+of its own at a fresh time t and noise, t set to the largest time π/2 (pure noise: a one-step sample) with
+probability ``gan_largest_time_prob`` (the script's ``--train_largest_timestep``, 0.5, which its shell recipe sets;
+its D turn sets t to 0.5 there, not π/2, which we read as a slip); at 0 it is the sCM step's own x̂0;
 the student's loss adds ``gan_weight`` × −D(fake) (the script's ``adv_loss = -mean(pred_fake)``), the heads learn
 relu(1 − D(real)) + relu(1 + D(fake)) (its ``loss_D`` without the factor 1/2, which the heads' Adam does not see).
 The heads are the "critic" role's (headless without rCM's fake score, beside it with).
@@ -89,6 +92,8 @@ class SCMConfig:
     gan_all_levels: bool = True  # heads on every feature block (SANA-Sprint: 4 blocks across the depth); False:
     #                              the first half (UNet: down and mid blocks)
     gan_heads_per_level: int = 1
+    gan_largest_time_prob: float = 0.5  # the fake's input at π/2 (pure noise) with this probability; 0: the sCM
+    #                                     step's own x̂0
 
     def check(self) -> None:
         if self.sigma_data <= 0 or self.p_std <= 0:
@@ -112,6 +117,8 @@ class SCMConfig:
         if self.gan_weight < 0 or self.gan_p_std <= 0 or self.gan_heads_per_level < 1 or (
                 self.gan_lr is not None and self.gan_lr <= 0):
             raise UserError("method.gan_weight must be >= 0, method.gan_p_std and gan_lr > 0, gan_heads_per_level >= 1")
+        if not 0 <= self.gan_largest_time_prob <= 1:
+            raise UserError(f"method.gan_largest_time_prob={self.gan_largest_time_prob}: must be in [0, 1]")
 
     def steps(self) -> list[int]:
         return sorted(self.sampling_steps) if self.sampling_steps is not None else [1, 2, 4]
@@ -207,9 +214,9 @@ class SCM(Method):
             f1 = self.velocity("student", x_hat + (t1 - t).reshape(-1, 1, 1, 1) * F_teacher, t1, batch)
             return cs * (f2 - f1) / (t2 - t1).reshape(-1, 1, 1, 1)
 
-    def draw_time(self, batch: Batch) -> Tensor:
+    def draw_time(self, batch: Batch, tag: str = "scm-tau") -> Tensor:
         """t = arctan(e^τ / σ_d), τ ~ N(P_mean, P_std²) per sample (keyed), inside the teacher's trig range (B,)."""
-        tau = self.cfg.p_mean + self.cfg.p_std * batch.rng.randn((), "scm-tau")
+        tau = self.cfg.p_mean + self.cfg.p_std * batch.rng.randn((), tag)
         return trigflow.time_proposal(tau, self.cfg.sigma_data).clamp(self.t_lo, self.t_hi)
 
     # ---- losses ----------------------------------------------------------------------------------------------------
@@ -221,6 +228,8 @@ class SCM(Method):
                 loss = loss + self.cfg.dmd_weight * dmd
                 logs.update(dlogs)
             if self.disc is not None:
+                if self.cfg.gan_largest_time_prob > 0:
+                    x0 = self.gan_fake(batch)
                 adv, alogs = self._gan_generator_loss(x0, batch)
                 loss = loss + self.cfg.gan_weight * adv
                 logs.update(alogs)
@@ -319,16 +328,29 @@ class SCM(Method):
             self._discriminate(x0, self.gan_timesteps(batch), "scm-gan-fake-noise", batch, False), saturating=False))
         return g, {"adv_g": float(g.detach())}
 
+    def gan_fake(self, batch: Batch) -> Tensor:
+        """The student's x̂0 (B, C, h, w) at a fresh time (the sCM proposal, tag ``scm-gan-t``), set to the largest
+        time with probability ``gan_largest_time_prob``, and fresh noise; with gradient where it is enabled."""
+        m = self.models
+        t = self.draw_time(batch, "scm-gan-t")
+        t = torch.where(batch.rng.rand("scm-gan-largest") < self.cfg.gan_largest_time_prob, self.t_hi, t)
+        x_hat = trigflow.add_noise(batch.latents, batch.rng.randn(m.latent_shape, "scm-gan-eps"), t)
+        return trigflow.consistency_x0(x_hat, self.velocity("student", x_hat, t, batch), t)
+
     def _gan_discriminator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """The heads' hinge loss: real latents against the student's x̂0 at a fresh sCM input (no gradient), the
-        pair noised to the same t_D with their own noise."""
+        """The heads' hinge loss: real latents against the student's x̂0 (:meth:`gan_fake`, or at the sCM step's
+        input when ``gan_largest_time_prob`` is 0; no gradient), the pair noised to the same t_D with their own
+        noise."""
         m = self.models
         if batch.latents is None:
             raise UserError("sCM distils on data latents: give data.images or data.dataset")
-        t = self.draw_time(batch)
-        x_hat = trigflow.add_noise(batch.latents, batch.rng.randn(m.latent_shape, "scm-eps"), t)
         with torch.no_grad():
-            x0 = trigflow.consistency_x0(x_hat, self.velocity("student", x_hat, t, batch), t)
+            if self.cfg.gan_largest_time_prob > 0:
+                x0 = self.gan_fake(batch)
+            else:
+                t = self.draw_time(batch)
+                x_hat = trigflow.add_noise(batch.latents, batch.rng.randn(m.latent_shape, "scm-eps"), t)
+                x0 = trigflow.consistency_x0(x_hat, self.velocity("student", x_hat, t, batch), t)
         t_d = self.gan_timesteps(batch)
         d, bad = masked_mean(adversarial.hinge_d_loss(
             self._discriminate(x0, t_d, "scm-gan-fake-noise", batch, True),

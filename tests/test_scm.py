@@ -202,14 +202,16 @@ def test_rcm_roles_train_their_own_tensors(student, flow_teachers):
     assert not torch.equal(w0, method.weight.linear.bias), "the adaptive weight did not learn"
 
 
-@pytest.mark.parametrize("teacher", ["sd3", "sd"])
-def test_ladd_terms_equal_an_independent_computation(teacher, tiny_teachers, flow_teachers):
+@pytest.mark.parametrize("teacher,largest", [("sd3", 0.0), ("sd3", 0.5), ("sd", 0.5)])
+def test_ladd_terms_equal_an_independent_computation(teacher, largest, tiny_teachers, flow_teachers):
     """SANA-Sprint's LADD term: heads on the frozen teacher's features (a headless critic role without rCM); the
-    student's loss adds λ × −D(x̂0 noised to t_D), x̂0 = cos t x̂ − sin t F_θ its own prediction at the sCM input; the
-    heads' loss is the hinge on real latents and that x̂0, both noised to the same t_D; the heads' step moves only the
-    heads, the student's step only the student."""
+    student's loss adds λ × −D(x̂0 noised to t_D), x̂0 = cos t x̂ − sin t F_θ its own prediction (at the sCM input,
+    or at a fresh time set to π/2 with probability ``gan_largest_time_prob``); the heads' loss is the hinge on real
+    latents and that x̂0, both noised to the same t_D; the heads' step moves only the heads, the student's step only
+    the student."""
     path = flow_teachers["sd3"] if teacher == "sd3" else tiny_teachers["sd"]
-    models, method, _ = build(SCM, path, "lora", gan_weight=0.5, tangent_warmup_steps=0, jvp="finite_difference")
+    models, method, _ = build(SCM, path, "lora", gan_weight=0.5, tangent_warmup_steps=0, jvp="finite_difference",
+                              gan_largest_time_prob=largest)
     assert models.roles == ("student", "critic") and models.headless == frozenset({"critic"})
     assert method.updates(0) == ("student", "critic") and models.parameters("critic") == []
     batch = fixed_batch(models, b=3)
@@ -223,8 +225,15 @@ def test_ladd_terms_equal_an_independent_computation(teacher, tiny_teachers, flo
         with torch.no_grad():
             return method.disc(m.features("teacher", x, t_d, batch.cond, names, False))
 
-    t = method.draw_time(batch)
-    x_hat = trigflow.add_noise(batch.latents, rng.randn(m.latent_shape, "scm-eps"), t)
+    lo, hi = trigflow.trig_range(m.schedule)
+    if largest:
+        t = torch.atan(torch.exp(-0.8 + 1.6 * rng.randn((), "scm-gan-t")) / 0.5).clamp(lo, hi)
+        t = torch.where(rng.rand("scm-gan-largest") < largest, hi, t)
+        assert 0 < int((t == hi).sum()) < 3 or teacher != "sd3"  # these draws put one or two samples at π/2
+        x_hat = trigflow.add_noise(batch.latents, rng.randn(m.latent_shape, "scm-gan-eps"), t)
+    else:
+        t = torch.atan(torch.exp(-0.8 + 1.6 * rng.randn((), "scm-tau")) / 0.5).clamp(lo, hi)
+        x_hat = trigflow.add_noise(batch.latents, rng.randn(m.latent_shape, "scm-eps"), t)
     with torch.no_grad():
         x0 = trigflow.consistency_x0(x_hat, method.velocity("student", x_hat, t, batch), t)
         scm, _, _ = method._scm_loss(batch, 0)
