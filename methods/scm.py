@@ -117,6 +117,9 @@ class SCMConfig:
         if self.gan_weight < 0 or self.gan_p_std <= 0 or self.gan_heads_per_level < 1 or (
                 self.gan_lr is not None and self.gan_lr <= 0):
             raise UserError("method.gan_weight must be >= 0, method.gan_p_std and gan_lr > 0, gan_heads_per_level >= 1")
+        if self.gan_lr is not None and self.dmd_weight > 0:
+            raise UserError("method.gan_lr: with method.dmd_weight > 0 the heads train with the critic's optimizer "
+                            "(the run's learning_rate); unset gan_lr")
         if not 0 <= self.gan_largest_time_prob <= 1:
             raise UserError(f"method.gan_largest_time_prob={self.gan_largest_time_prob}: must be in [0, 1]")
 
