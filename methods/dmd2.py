@@ -419,10 +419,14 @@ class DMD2(Method):
         if self.head is not None and c.gan_generator_weight > 0:
             t_g = rng.randint(0, c.gan_max_timestep, "dmd2-gan-fake-t")
             xg = m.schedule.add_noise(x0, rng.randn(m.latent_shape, "dmd2-gan-fake-noise"), t_g)
-            g, _ = masked_mean(generator_gan_loss(self.discriminate(xg, t_g, batch.cond, train=False)))
-            loss = loss + c.gan_generator_weight * g
-            logs["gan_g"] = float(g.detach())
+            loss = loss + self._generator_gan_term(batch, xg, t_g, logs)
         return loss, logs
+
+    def _generator_gan_term(self, batch: Batch, xg: Tensor, t_g: Tensor, logs: dict[str, float]) -> Tensor:
+        """λ_G × softplus(−D) on the generator's output noised to ``t_g`` (``xg``, with gradient); logs gan_g."""
+        g, _ = masked_mean(generator_gan_loss(self.discriminate(xg, t_g, batch.cond, train=False)))
+        logs["gan_g"] = float(g.detach())
+        return self.cfg.gan_generator_weight * g
 
     def _decoupled_dm(self, x0: Tensor, k: int, batch: Batch) -> tuple[Tensor, Tensor, dict[str, float]]:
         """Decoupled DMD (Liu et al. eq. 8, Alg. 1 lines 9-27): dm_weight × :func:`dm_term` at τ_DM plus ca_weight ×
@@ -501,9 +505,7 @@ class DMD2(Method):
         if self.head is not None and self.cfg.gan_all_phases and self.cfg.gan_generator_weight > 0:
             t_g = rng.randint(s + 1, self.cfg.gan_max_timestep, "dmd2-gan-fake-t")
             xg = self.subinterval_noising(x_s, s, t_g, rng.randn(m.latent_shape, "dmd2-gan-fake-noise"))[0]
-            g, _ = masked_mean(generator_gan_loss(self.discriminate(xg, t_g, batch.cond, train=False)))
-            loss = loss + self.cfg.gan_generator_weight * g
-            logs["gan_g"] = float(g.detach())
+            loss = loss + self._generator_gan_term(batch, xg, t_g, logs)
         return loss, logs
 
     def _phased_critic_loss(self, batch: Batch, phase: int) -> tuple[Tensor, dict[str, float]]:

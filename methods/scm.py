@@ -231,7 +231,7 @@ class SCM(Method):
                 loss = loss + self.cfg.dmd_weight * dmd
                 logs.update(dlogs)
             if self.disc is not None:
-                if self.cfg.gan_largest_time_prob > 0:
+                if self.cfg.gan_largest_time_prob > 0:  # at 0 the sCM step's own x̂0 is the fake: no second forward
                     x0 = self.gan_fake(batch)
                 adv, alogs = self._gan_generator_loss(x0, batch)
                 loss = loss + self.cfg.gan_weight * adv
@@ -332,28 +332,24 @@ class SCM(Method):
         return g, {"adv_g": float(g.detach())}
 
     def gan_fake(self, batch: Batch) -> Tensor:
-        """The student's x̂0 (B, C, h, w) at a fresh time (the sCM proposal, tag ``scm-gan-t``), set to the largest
-        time with probability ``gan_largest_time_prob``, and fresh noise; with gradient where it is enabled."""
-        m = self.models
-        t = self.draw_time(batch, "scm-gan-t")
-        t = torch.where(batch.rng.rand("scm-gan-largest") < self.cfg.gan_largest_time_prob, self.t_hi, t)
-        x_hat = trigflow.add_noise(batch.latents, batch.rng.randn(m.latent_shape, "scm-gan-eps"), t)
+        """The student's x̂0 (B, C, h, w), with gradient where it is enabled: at a fresh time (the sCM proposal)
+        set to the largest time with probability ``gan_largest_time_prob`` and fresh noise; at 0, at the sCM step's
+        own input (the same keyed draws)."""
+        m, p = self.models, self.cfg.gan_largest_time_prob
+        t_tag, eps_tag = ("scm-gan-t", "scm-gan-eps") if p > 0 else ("scm-tau", "scm-eps")
+        t = self.draw_time(batch, t_tag)
+        if p > 0:
+            t = torch.where(batch.rng.rand("scm-gan-largest") < p, self.t_hi, t)
+        x_hat = trigflow.add_noise(batch.latents, batch.rng.randn(m.latent_shape, eps_tag), t)
         return trigflow.consistency_x0(x_hat, self.velocity("student", x_hat, t, batch), t)
 
     def _gan_discriminator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """The heads' hinge loss: real latents against the student's x̂0 (:meth:`gan_fake`, or at the sCM step's
-        input when ``gan_largest_time_prob`` is 0; no gradient), the pair noised to the same t_D with their own
-        noise."""
-        m = self.models
+        """The heads' hinge loss: real latents against the student's x̂0 (:meth:`gan_fake`, no gradient), the pair
+        noised to the same t_D with their own noise."""
         if batch.latents is None:
             raise UserError("sCM distils on data latents: give data.images or data.dataset")
         with torch.no_grad():
-            if self.cfg.gan_largest_time_prob > 0:
-                x0 = self.gan_fake(batch)
-            else:
-                t = self.draw_time(batch)
-                x_hat = trigflow.add_noise(batch.latents, batch.rng.randn(m.latent_shape, "scm-eps"), t)
-                x0 = trigflow.consistency_x0(x_hat, self.velocity("student", x_hat, t, batch), t)
+            x0 = self.gan_fake(batch)
         t_d = self.gan_timesteps(batch)
         d, bad = masked_mean(adversarial.hinge_d_loss(
             self._discriminate(x0, t_d, "scm-gan-fake-noise", batch, True),
