@@ -5,9 +5,12 @@ Models for One-Step Generation", ICML 2024 (arXiv:2404.04057);
 Zhou, Wang, Zheng, Huang. "Long and Short Guidance in Score identity Distillation for One-Step Text-to-Image
 Generation" / "Guided Score identity Distillation for Data-Free One-Step Text-to-Image Generation", ICLR 2025
 (arXiv:2406.01561);
-Zhou, Gu, Wang. "Few-Step Diffusion via Score identity Distillation", 2025 (arXiv:2505.12674).
+Zhou, Gu, Wang. "Few-Step Diffusion via Score identity Distillation", 2025 (arXiv:2505.12674);
+Zhou, Zheng, Gu, Wang, Huang. "Adversarial Score identity Distillation: Rapidly Surpassing the Teacher in One Step",
+ICLR 2025 (arXiv:2410.14919, SiDA).
 Checked against the reference code: mingyuanzhou/SiD (training/sid_loss.py), mingyuanzhou/SiD-LSG
-(training/sid_training_loop.py, training/sid_sd_util.py) and the few-step loop of apple-aiml-research/ml-sid-dit.
+(training/sid_training_loop.py, training/sid_sd_util.py), the few-step loop of apple-aiml-research/ml-sid-dit and
+mingyuanzhou/SiDA (sida_training/sida_loss.py, sida_training_loop.py, the EDM2 encoder's logits).
 
 Data-free: only prompts are needed. Two trainable roles start from the teacher: the generator ``student`` (G_θ) and
 the fake score ``critic`` (f_ψ); the teacher is the pretrained score f_φ. Every step updates the critic, then the
@@ -25,6 +28,13 @@ student (1:1):
 Few-step (K > 1): each step draws k ~ U{1..K}, shared by the global batch, runs steps 1..k-1 without gradient and
 matches the output of step k: the uniform mixture of all K intermediate outputs (Few-step SiD); one network
 serves every step. Sampling with the first k of the K timesteps therefore gives a trained k-step student.
+
+SiDA (``adversarial``): the critic's encoder is also a discriminator, with no head of its own: D(x_t) is the channel
+mean of the critic's encoder output (here the family's bottleneck block), one logit per position. The critic adds
+λ_D (softplus(−D(real_t)) + softplus(D(fake_t))) / 2, averaged over positions, with real latents noised by the same ε
+and t as its denoising loss; the generator minimises (1 − λ) L_SiD + λ L_adv with L_adv = softplus(−clamp(D(x_t),
+±10)) averaged over positions, × (C·h·w) / w: the same x_t, normaliser w and pixel-sum scale as L_SiD (λ = 0.5 in the
+reference loop). The reference divides the batch-mean BCE by each sample's w; we keep each sample's own BCE.
 
 Guidance follows the diffusers convention uncond + κ (cond − uncond) (κ = 1: none), as the SiD-LSG code does, so no
 conversion is needed. ``guidance_mode`` picks the scales: "lsg" uses κ1..κ4; "zero_cfg" (Few-step SiD) runs the
@@ -70,6 +80,13 @@ class SiDConfig:
     init_timestep: int = 625  # t_init: the first generation step's timestep (SiD-LSG for SD1.5/2.1)
     num_steps: int = 1  # K generation steps
     timesteps: list[int] | None = None  # τ_1 > ... > τ_K; None: τ_i = floor(t_init (1 - (i-1)/K)) (reference)
+    # SiDA: the critic's encoder doubles as a discriminator against real latents (needs data.images or the
+    # embedded dataset). Generator: (1 − λ) L_SiD + λ L_adv, λ = adv_generator_weight (the reference: 0.5 / 0.5);
+    # the critic adds adv_critic_weight × D's logistic loss (the reference weights it by EDM's λ(σ); our critic's
+    # ε-loss is unweighted, so one constant).
+    adversarial: bool = False
+    adv_generator_weight: float = 0.5
+    adv_critic_weight: float = 1.0
     max_grad_value: float | None = 1.0  # element-wise gradient clip of both roles (SiD-LSG clips G at 1 under fp16,
     #                                      SiD-DiT clips both networks at 1); null: none
 
@@ -94,6 +111,9 @@ class SiDConfig:
                                 f"method.init_timestep={self.init_timestep}")
             if any(b >= a for a, b in zip(ts, ts[1:])) or ts[-1] < 1:
                 raise UserError(f"method.timesteps={ts}: must be strictly decreasing and at least 1")
+        if not 0.0 <= self.adv_generator_weight <= 1.0 or self.adv_critic_weight < 0:
+            raise UserError(f"method.adv_generator_weight={self.adv_generator_weight}, method.adv_critic_weight="
+                            f"{self.adv_critic_weight}: need 0 <= adv_generator_weight <= 1 and adv_critic_weight >= 0")
         if self.max_grad_value is not None and self.max_grad_value <= 0:
             raise UserError(f"method.max_grad_value={self.max_grad_value}: must be positive (or null for none)")
 
@@ -144,6 +164,28 @@ def sid_student_objective(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: fl
     return masked_mean(torch.where(finite, per_sample, torch.full_like(per_sample, float("nan"))))
 
 
+def encoder_logits(h: Tensor) -> Tensor:
+    """SiDA's discriminator on the critic's encoder output: its channel mean, one logit per position (no trained
+    head). (B, C, h, w) -> (B, 1, h, w); flow transformers' token maps work the same way."""
+    return h.float().mean(1, keepdim=True)
+
+
+def sida_generator_adv_loss(logits_fake: Tensor, x_g: Tensor, y_real: Tensor) -> Tensor:
+    """Per-sample adversarial generator loss (B,) of SiDA: softplus(−clamp(D, −10, 10)) = BCE(D, 1) averaged over
+    positions, times the pixel count of x_g and divided by SiD's w = sg(mean|x_g − y_real|), so that it shares
+    L_SiD's scale (a sum over pixels, normalised by w). logits_fake (B, 1, h, w); x_g, y_real (B, C, H, W)."""
+    bce = torch.nn.functional.softplus(-logits_fake.float().clamp(-10, 10)).flatten(1).mean(1)
+    return bce * x_g[0].numel() / sid_weight(x_g, y_real)
+
+
+def sida_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Per-sample logistic discriminator loss (B,) of SiDA: (BCE(D(real), 1) + BCE(D(fake), 0)) / 2, each averaged
+    over positions: (softplus(−D_real) + softplus(D_fake)) / 2. logits (B, 1, h, w)."""
+    real = torch.nn.functional.softplus(-logits_real.float()).flatten(1).mean(1)
+    fake = torch.nn.functional.softplus(logits_fake.float()).flatten(1).mean(1)
+    return (real + fake) / 2
+
+
 def critic_loss(pred: Tensor, target: Tensor, t: Tensor, schedule: Any) -> Tensor:
     """Per-sample denoising loss of the fake score (B,), summed over pixels as the reference does.
 
@@ -170,9 +212,9 @@ class SiD(Method):
 
     @classmethod
     def spec(cls, cfg: SiDConfig, student: str) -> MethodSpec:
-        # Data-free (prompts alone); the student's gradient passes through the teacher's and the critic's forwards,
-        # so gradient checkpointing is not safe.
-        return MethodSpec(roles=("student", "critic"), needs_images=False, checkpointing_safe=False)
+        # Data-free (prompts alone) unless SiDA's discriminator needs real latents; the student's gradient passes
+        # through the teacher's and the critic's forwards, so gradient checkpointing is not safe.
+        return MethodSpec(roles=("student", "critic"), needs_images=cfg.adversarial, checkpointing_safe=False)
 
     def __init__(self, cfg: SiDConfig, run: RunContext, models: Any) -> None:
         super().__init__(cfg, run, models)
@@ -232,6 +274,13 @@ class SiD(Method):
             x0 = m.predict("student", x_in, self._t(self.gen_t[k - 1], b), batch.cond)[0]
         return x0, x_in
 
+    def discriminate(self, xt: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """SiDA's D(x_t, t): :func:`encoder_logits` of the critic's bottleneck at (x_t, t) with the prompts (the
+        forward stops there). Its weights learn only in the critic's turn (the loop freezes them otherwise).
+        Returns (B, 1, h, w)."""
+        m = self.models
+        return encoder_logits(m.features("critic", xt, t, cond, [m.bottleneck_block()], stop=True)[0])
+
     # ---- the two losses --------------------------------------------------------------------------------------------
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         k = draw_mixture_step(batch.rng, self.cfg.num_steps)  # shared by both roles at this step (reference)
@@ -257,8 +306,25 @@ class SiD(Method):
         pred = self.guided("critic", xt, t, cond, batch.uncond, self.kappa1)
         target = m.denoising_target(x_g, eps, t)
         per_sample = critic_loss(pred, target, t, m.schedule)
+        logs = {"k": float(k), "dropped_prompts": dropped}
+        if c.adversarial:
+            per_sample = per_sample + c.adv_critic_weight * self._discriminator_term(batch, x_g, eps, t, logs)
         loss, bad = masked_mean(per_sample)
-        return loss, {"nonfinite": float(bad), "k": float(k), "dropped_prompts": dropped}
+        return loss, {"nonfinite": float(bad), **logs}
+
+    def _discriminator_term(self, batch: Batch, x_g: Tensor, eps: Tensor, t: Tensor,
+                            logs: dict[str, float]) -> Tensor:
+        """SiDA's D loss per sample (B,): real latents and the generator's x_g noised with the same ε and t as the
+        critic's denoising loss (the reference's shared n and σ); logs adv_d, p_real, p_fake."""
+        if batch.latents is None:
+            raise UserError("method.adversarial=true needs real images (data.images or data.dataset)")
+        m = self.models
+        d_real = self.discriminate(m.schedule.add_noise(batch.latents.to(m.device), eps, t), t, batch.cond)
+        d_fake = self.discriminate(m.schedule.add_noise(x_g, eps, t), t, batch.cond)
+        d = sida_discriminator_loss(d_real, d_fake)
+        logs.update(adv_d=float(d.detach().mean()), p_real=float(torch.sigmoid(d_real.detach()).mean()),
+                    p_fake=float(torch.sigmoid(d_fake.detach()).mean()))
+        return d
 
     def _student_loss(self, batch: Batch, k: int) -> tuple[Tensor, dict[str, float]]:
         m, c = self.models, self.cfg
@@ -274,7 +340,12 @@ class SiD(Method):
         with torch.no_grad():
             gap = float((y_real - y_fake).abs().mean())
             w = float(sid_weight(x_g, y_real).mean())
-        return loss, {"nonfinite": float(bad), "k": float(k), "score_gap": gap, "w": w}
+        logs = {"nonfinite": float(bad), "k": float(k), "score_gap": gap, "w": w}
+        if c.adversarial:
+            adv, _ = masked_mean(sida_generator_adv_loss(self.discriminate(xt, t, batch.cond), x_g, y_real))
+            logs["adv_g"] = float(adv.detach())
+            loss = (1 - c.adv_generator_weight) * loss + c.adv_generator_weight * adv
+        return loss, logs
 
     # ---- export ----------------------------------------------------------------------------------------------------
     def sampling(self) -> SamplingSpec:

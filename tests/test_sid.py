@@ -20,6 +20,7 @@ from methods.sid import (
     draw_mixture_step,
     sid_generator_loss,
     sid_student_objective,
+    sid_weight,
 )
 from tests.helpers import build, fixed_batch, optimizers, snapshot, update
 
@@ -337,6 +338,88 @@ def test_gradient_checkpointing_is_refused_in_one_line(tiny_teachers, tmp_path, 
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "gradient_checkpointing=true is not safe for sid" in lines[0], err
+
+
+# ---- SiDA: the critic's encoder as a discriminator ------------------------------------------------------------------
+
+
+def _encoder_logits(models, xt, t, cond):
+    """D(x_t) computed apart from the method: the critic's mid-block output through a forward hook, channel mean."""
+    with models.role("critic"):
+        maps = models.features("critic", xt, t, cond, ["mid_block"], stop=True)
+    return maps[0].mean(1, keepdim=True)
+
+
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_sida_terms_equal_an_independent_computation(num_steps, tiny_teachers):
+    """SiDA (Zhou et al. 2025, arXiv:2410.14919): the critic adds λ_D (BCE(D(real_t), 1) + BCE(D(fake_t), 0)) / 2
+    with real latents noised by its own ε and t; the generator's loss is (1 − λ) L_SiD + λ BCE(D(x_t), 1) C·H·W / w
+    on its own x_t. Off, both losses are the plain SiD ones."""
+    torch.manual_seed(5)
+    models, method, _ = build(SiD, tiny_teachers["sd"], "lora", num_steps=num_steps, adversarial=True,
+                              adv_generator_weight=0.3, adv_critic_weight=0.7)
+    with torch.no_grad():  # a critic apart from the teacher, so that y_fake != y_real
+        for p in models.parameters("critic"):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    batch = fixed_batch(models, b=3)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    k = draw_mixture_step(batch.rng, num_steps)
+    with torch.no_grad():
+        loss, logs = method.loss("critic", batch, 0)
+        method.cfg.adversarial = False
+        plain, plain_logs = method.loss("critic", batch, 0)
+        method.cfg.adversarial = True
+        x_g, _ = method.generate(batch, k, "critic", grad=False)
+        t = batch.rng.randint(20, 980, "sid-critic-t")
+        eps = batch.rng.randn(models.latent_shape, "sid-critic-eps")
+        ac = models.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        real_t, fake_t = (ac.sqrt() * x + (1 - ac).sqrt() * eps for x in (batch.latents, x_g))
+        d_real, d_fake = (_encoder_logits(models, x, t, batch.cond) for x in (real_t, fake_t))
+        d = torch.stack([(bce(d_real[i], torch.ones_like(d_real[i])) + bce(d_fake[i], torch.zeros_like(d_fake[i]))) / 2
+                         for i in range(3)])
+    assert "adv_d" not in plain_logs
+    torch.testing.assert_close(loss, plain + 0.7 * d.mean())
+    torch.testing.assert_close(torch.tensor(logs["adv_d"]), d.mean())
+
+    with models.trainable("student"), models.role("student"):
+        loss, logs = method.loss("student", batch, 0)
+        method.cfg.adversarial = False
+        plain, _ = method.loss("student", batch, 0)
+        method.cfg.adversarial = True
+    with torch.no_grad():
+        x_g, _ = method.generate(batch, k, "student", grad=False)
+        t = batch.rng.randint(20, 980, "sid-student-t")
+        eps = batch.rng.randn(models.latent_shape, "sid-student-eps")
+        ac = models.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        xt = ac.sqrt() * x_g + (1 - ac).sqrt() * eps
+        y_real = method.x0("teacher", xt, t, batch.cond, batch.uncond, 2.0)
+        logits = _encoder_logits(models, xt, t, batch.cond).clamp(-10, 10)
+        w = (x_g - y_real).abs().flatten(1).mean(1).clamp(min=1e-5)
+        adv = torch.stack([bce(logits[i], torch.ones_like(logits[i])) for i in range(3)]) * x_g[0].numel() / w
+    torch.testing.assert_close(w, sid_weight(x_g, y_real))
+    torch.testing.assert_close(loss, 0.7 * plain + 0.3 * adv.mean(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(logs["adv_g"]), adv.mean(), rtol=1e-4, atol=1e-4)
+
+
+def test_sida_discriminator_learns_and_needs_images(tiny_teachers):
+    """A few critic updates on a fixed batch separate real from generated latents (p_real − p_fake grows); the
+    spec asks for images only with the option on, and a batch without latents is one clear error."""
+    models, method, _ = build(SiD, tiny_teachers["sd"], "lora", adversarial=True, adv_critic_weight=100.0)
+    assert SiD.spec(method.cfg, "lora").needs_images and not SiD.spec(SiDConfig(), "lora").needs_images
+    opt = torch.optim.Adam(models.parameters("critic"), lr=1e-2)
+    batch = fixed_batch(models, b=4)
+    gaps = []
+    for _ in range(12):
+        update(models, method, "critic", batch, opt, step=0)
+        with torch.no_grad():
+            _, logs = method.loss("critic", batch, 0)
+        gaps.append(logs["p_real"] - logs["p_fake"])
+    assert gaps[-1] > gaps[0] + 0.1, gaps
+    with pytest.raises(UserError, match="needs real images"):
+        method.loss("critic", fixed_batch(models, b=2, with_latents=False), 0)
+    for bad in (dict(adv_generator_weight=1.5), dict(adv_critic_weight=-1.0)):
+        with pytest.raises(UserError):
+            SiDConfig(**bad).check()
 
 
 def test_sid_configs_parse():
