@@ -308,19 +308,19 @@ class SiD(Method):
         per_sample = critic_loss(pred, target, t, m.schedule)
         logs = {"k": float(k), "dropped_prompts": dropped}
         if c.adversarial:
-            per_sample = per_sample + c.adv_critic_weight * self._discriminator_term(batch, x_g, eps, t, logs)
+            per_sample = per_sample + c.adv_critic_weight * self._discriminator_term(batch, xt, eps, t, logs)
         loss, bad = masked_mean(per_sample)
         return loss, {"nonfinite": float(bad), **logs}
 
-    def _discriminator_term(self, batch: Batch, x_g: Tensor, eps: Tensor, t: Tensor,
+    def _discriminator_term(self, batch: Batch, xt: Tensor, eps: Tensor, t: Tensor,
                             logs: dict[str, float]) -> Tensor:
-        """SiDA's D loss per sample (B,): real latents and the generator's x_g noised with the same ε and t as the
-        critic's denoising loss (the reference's shared n and σ); logs adv_d, p_real, p_fake."""
+        """SiDA's D loss per sample (B,): the critic's own noised sample ``xt`` against real latents noised with the
+        same ε and t (the reference's shared n and σ); logs adv_d, p_real, p_fake."""
         if batch.latents is None:
             raise UserError("method.adversarial=true needs real images (data.images or data.dataset)")
         m = self.models
         d_real = self.discriminate(m.schedule.add_noise(batch.latents.to(m.device), eps, t), t, batch.cond)
-        d_fake = self.discriminate(m.schedule.add_noise(x_g, eps, t), t, batch.cond)
+        d_fake = self.discriminate(xt, t, batch.cond)
         d = sida_discriminator_loss(d_real, d_fake)
         logs.update(adv_d=float(d.detach().mean()), p_real=float(torch.sigmoid(d_real.detach()).mean()),
                     p_fake=float(torch.sigmoid(d_fake.detach()).mean()))
