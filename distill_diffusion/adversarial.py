@@ -7,6 +7,9 @@ SANA-Sprint (Chen et al. 2025, arXiv:2503.09641, sec. 3.3) do the same for one-s
 latents (sCM's ``gan_weight``). The teacher stays frozen: only the heads train (a headless role, or heads beside a
 critic's network), and the generator's gradient flows through the frozen teacher into its sample.
 
+Logistic (non-saturating) loss (Goodfellow et al. 2014; DMD2 eq. 3-4; SiDA's BCE): D minimises softplus(D(fake)) +
+softplus(−D(real)), the generator softplus(−D(fake)), elementwise (callers average over positions).
+
 Hinge loss (Lim & Ye 2017; LADD eq. 1-2): D minimises relu(1 + D(fake)) + relu(1 − D(real)); the generator
 relu(1 − D(fake)) (PCM) or −D(fake) (LADD, SANA-Sprint): ``hinge_g_loss(..., saturating=False)``.
 """
@@ -21,6 +24,16 @@ from torch import Tensor, nn
 
 from .method import Cond
 from .models import frozen
+
+
+def logistic_g_loss(logits_fake: Tensor) -> Tensor:
+    """Non-saturating generator loss softplus(−D(fake)) = −log σ(D(fake)), elementwise."""
+    return torch.nn.functional.softplus(-logits_fake)
+
+
+def logistic_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """softplus(D(fake)) + softplus(−D(real)) = −log(1 − σ(D(fake))) − log σ(D(real)), elementwise."""
+    return torch.nn.functional.softplus(logits_fake) + torch.nn.functional.softplus(-logits_real)
 
 
 def hinge_d_loss(fake_logits: list[Tensor], real_logits: list[Tensor]) -> Tensor:

@@ -53,9 +53,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill_diffusion.adversarial import logistic_d_loss, logistic_g_loss
 from distill_diffusion.errors import UserError
 from distill_diffusion.matching import (
     dm_gradient,
@@ -178,14 +178,9 @@ class DMD2Config:
 # ---- pure maths ---------------------------------------------------------------------------------------------------
 
 
-def generator_gan_loss(logits_fake: Tensor) -> Tensor:
-    """Non-saturating generator loss softplus(−D(fake)) per sample (DMD2 eq. 3), (B,) -> (B,)."""
-    return F.softplus(-logits_fake)
-
-
-def discriminator_gan_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
-    """softplus(D(fake)) + softplus(−D(real)) per sample (DMD2 eq. 4: −log(1 − σ(D(fake))) − log σ(D(real)))."""
-    return F.softplus(logits_fake) + F.softplus(-logits_real)
+# DMD2 eq. 3 (generator) and eq. 4 (discriminator), per sample on (B,) logits: the library's logistic pair.
+generator_gan_loss = logistic_g_loss
+discriminator_gan_loss = logistic_d_loss
 
 
 def guided_normaliser(x0: Tensor, x0_cond: Tensor, x0_uncond: Tensor, w: float) -> Tensor:

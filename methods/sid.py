@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distill_diffusion.adversarial import logistic_d_loss, logistic_g_loss
 from distill_diffusion.errors import UserError
 from distill_diffusion.method import (
     Batch,
@@ -174,16 +175,14 @@ def sida_generator_adv_loss(logits_fake: Tensor, x_g: Tensor, y_real: Tensor) ->
     """Per-sample adversarial generator loss (B,) of SiDA: softplus(−clamp(D, −10, 10)) = BCE(D, 1) averaged over
     positions, times the pixel count of x_g and divided by SiD's w = sg(mean|x_g − y_real|), so that it shares
     L_SiD's scale (a sum over pixels, normalised by w). logits_fake (B, 1, h, w); x_g, y_real (B, C, H, W)."""
-    bce = torch.nn.functional.softplus(-logits_fake.float().clamp(-10, 10)).flatten(1).mean(1)
+    bce = logistic_g_loss(logits_fake.float().clamp(-10, 10)).flatten(1).mean(1)
     return bce * x_g[0].numel() / sid_weight(x_g, y_real)
 
 
 def sida_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     """Per-sample logistic discriminator loss (B,) of SiDA: (BCE(D(real), 1) + BCE(D(fake), 0)) / 2, each averaged
     over positions: (softplus(−D_real) + softplus(D_fake)) / 2. logits (B, 1, h, w)."""
-    real = torch.nn.functional.softplus(-logits_real.float()).flatten(1).mean(1)
-    fake = torch.nn.functional.softplus(logits_fake.float()).flatten(1).mean(1)
-    return (real + fake) / 2
+    return logistic_d_loss(logits_real.float(), logits_fake.float()).flatten(1).mean(1) / 2
 
 
 def critic_loss(pred: Tensor, target: Tensor, t: Tensor, schedule: Any) -> Tensor:
@@ -319,7 +318,7 @@ class SiD(Method):
         if batch.latents is None:
             raise UserError("method.adversarial=true needs real images (data.images or data.dataset)")
         m = self.models
-        d_real = self.discriminate(m.schedule.add_noise(batch.latents.to(m.device), eps, t), t, batch.cond)
+        d_real = self.discriminate(m.schedule.add_noise(batch.latents, eps, t), t, batch.cond)
         d_fake = self.discriminate(xt, t, batch.cond)
         d = sida_discriminator_loss(d_real, d_fake)
         logs.update(adv_d=float(d.detach().mean()), p_real=float(torch.sigmoid(d_real.detach()).mean()),
