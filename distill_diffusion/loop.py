@@ -603,6 +603,7 @@ def run_main(argv: list[str], registry: dict[str, type[Method]]) -> int:
             return 0
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         out = train(cfg, registry[cfg.method_name])
+        close_process_group()
     except UserError as e:
         if _is_main():  # every rank finds the same problem; one line, from rank 0
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -618,6 +619,17 @@ def run_main(argv: list[str], registry: dict[str, type[Method]]) -> int:
         print(f"\nrun written to {o}\n  evaluate: python -m eval --runs {out}\n  compare:  python -m app --runs "
               f"{out.parent}\n  load:     distill_diffusion.load_student({str(out)!r})")
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the process group after a finished run, on every rank. Without it gloo's worker threads outlive the
+    interpreter and a rank can die with SIGABRT ("terminate called without an active exception") after the run is
+    written, which the launcher reports as a failed run (pytorch/pytorch#190489). Only on success: a rank that failed
+    mid-collective must not wait here for the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _is_main() -> bool:
