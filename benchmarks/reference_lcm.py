@@ -67,6 +67,8 @@ MATCHED = [  # (what, script's flags, our overrides)
      ["adam_weight_decay=0.0", "max_grad_norm=1.0"]),
     ("guidance range", ["--w_min", str(W_MIN - 1), "--w_max", str(W_MAX - 1)],
      [f"method.w_min={W_MIN}", f"method.w_max={W_MAX}"]),
+    # The script's target is the LoRA's own weights and it exports them raw; our embedded default uses EMAs of both
+    ("target network, export", [], ["method.lora_ema_target=false", "ema_decay=null"]),
     ("loss", ["--loss_type", "huber", "--huber_c", str(HUBER_C)],
      ["method.loss_type=huber", f"method.huber_c={HUBER_C}"]),
     ("DDIM solver steps, boundary scaling",
