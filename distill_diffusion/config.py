@@ -89,10 +89,11 @@ class TrainConfig:
     channels_last: bool = False  # channels-last memory format for the UNets' weights and the latents fed to them
     # LoRA students: how an adapter's forwards run. no_grad: forwards without gradient (EMA targets, a critic read
     # under torch.no_grad) run plain layers on W + s·B·A, merged layer by layer (no peft wrappers, no extra memory);
-    # always: forwards with gradient too (their backward keeps a merged copy of the targeted weights, and computes
-    # its full-size gradient; not with gradient_checkpointing); off: peft's wrappers everywhere; auto: always on a
-    # CPU, no_grad on an accelerator. A float32 base only (half-precision bases run peft's). Same maths, rounded in
-    # another order (distill_diffusion.lora_merge; BENCHMARKS.md: its effect).
+    # always: forwards with gradient too (their backward takes the adapters' gradients through the factors, without a
+    # full-size weight gradient or a merged copy, except under autocast; not with gradient_checkpointing); off:
+    # peft's wrappers everywhere; auto: always on a CPU, no_grad on an accelerator (always there is unmeasured).
+    # A float32 base only (half-precision bases run peft's). Same maths, rounded in another order
+    # (distill_diffusion.lora_merge; BENCHMARKS.md: its effect).
     lora_merge: str = "auto"
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2

@@ -230,7 +230,7 @@ class Models:
         self._teacher_net: nn.Module | None = None  # LoRA students: the base's weights without the LoRA wrappers
         self._merged: MergedLora | None = None  # LoRA students: adapters run on merged weights (lora_merge)
         # auto: on a CPU the wrappers, not the arithmetic, dominate a small network's LoRA forward, with gradient too;
-        # on an accelerator a merged forward with gradient adds a full-size weight gradient to the backward.
+        # on an accelerator merged forwards with gradient are unmeasured, so only forwards without one merge there.
         self._merge_asked = lora_merge
         self.lora_merge = ("always" if self.device.type == "cpu" else "no_grad") if lora_merge == "auto" else lora_merge
         if student == "lora":

@@ -404,10 +404,6 @@ def _notes(b: Built, gpus: int, fsdp: bool, mods: dict[str, nn.Module]) -> list[
                      "are not counted")
     elif gpus > 1:
         notes.append(f"without --fsdp every GPU holds all of it (DDP-style replication over {gpus} GPUs)")
-    if b.models.student_kind == "lora" and b.cfg.lora_merge == "always":
-        notes.append("lora_merge=always: a forward with gradient keeps a merged copy of the LoRA-targeted base "
-                     "weights (float32) for its backward, not counted; auto merges only forwards without gradient "
-                     "on a GPU")
     if b.cfg.init_from:
         notes.append(f"init_from={b.cfg.init_from} is not read: it changes values, not sizes")
     return notes + [ACTIVATIONS_NOTE]

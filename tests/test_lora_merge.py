@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill_diffusion.config import parse_config
@@ -126,3 +127,78 @@ def test_bf16_on_a_cpu_keeps_a_float32_base(tiny_teachers):
             err_merged = (merged.net_out("student", xt, t, cond) - ref).norm()
             err_peft = (peft_bf16.net_out("student", xt, t, cond) - ref).norm()
     assert 0 < err_merged <= 1.2 * err_peft, (err_merged, err_peft)
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Linear(6, 5), nn.Linear(6, 5, bias=False), nn.Conv2d(3, 4, 3, padding=1),
+    nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=2, dilation=2)], ids=str)
+@pytest.mark.parametrize("train_factors", [True, False])
+def test_factored_backward_equals_autograd_through_the_merged_weight(layer, train_factors):
+    """The factored layer's gradients for x, A and B are autograd's through W + s·B·A, which forms dL/dW; with the
+    factors frozen (another role's adapter inside a student's loss) only x gets one."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from distill_diffusion.lora_merge import MergedLora, _FactoredConv2d, _FactoredLinear
+
+    torch.manual_seed(0)
+    wrapped = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=3, target_modules=["0"]), nn.Sequential(layer),
+                                      adapter_name="a").requires_grad_(False)
+    lora = wrapped[0]
+    A, B = lora.lora_A["a"].weight, lora.lora_B["a"].weight
+    with torch.no_grad():
+        B.normal_()  # away from B = 0
+    A.requires_grad_(train_factors), B.requires_grad_(train_factors)
+    plain = nn.Sequential(type(layer)(1, 1) if isinstance(layer, nn.Linear) else nn.Conv2d(1, 1, 1))
+    plain[0] = layer  # the base itself: the same tensors, as tied_plain_net gives
+    merged = MergedLora(wrapped, plain)
+    x = torch.randn((2, 7, 6) if isinstance(layer, nn.Linear) else (2, 3, 9, 9), requires_grad=True)
+    dy = torch.randn_like(layer(x))
+
+    with merged.active("a"):
+        y = plain(x)
+    assert y.grad_fn.name().endswith((_FactoredLinear.__name__ + "Backward", _FactoredConv2d.__name__ + "Backward"))
+    got = torch.autograd.grad(y, [x, A, B] if train_factors else [x], dy)
+    w = layer.weight + lora.get_delta_weight("a")
+    ref_y = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else layer._conv_forward(x, w, layer.bias)
+    ref = torch.autograd.grad(ref_y, [x, A, B] if train_factors else [x], dy)
+    torch.testing.assert_close(y, ref_y, rtol=0, atol=0)  # the forward is the merged one, bit for bit
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+def test_autocast_runs_the_merged_weight_through_autograd(tiny_teachers):
+    """Under CPU bf16 autocast a forward with gradient runs the merged weight through autograd (the factored
+    backward does not repeat autocast's casts), and its gradients stay close to float32 peft's."""
+    ref, ours = _models(tiny_teachers["sd"], "off"), _models(tiny_teachers["sd"], "always")
+    xt, t = torch.randn(2, *ref.latent_shape, generator=torch.Generator().manual_seed(3)), torch.tensor([20, 800])
+    cond = ref.encode_prompts(["a cat", "a dog"])
+    _, g_ref = _student_grads(ref, xt, t, cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, g = _student_grads(ours, xt, t, cond)
+    num = sum((a.float() - b).norm() ** 2 for a, b in zip(g, g_ref)) ** 0.5
+    den = sum(b.norm() ** 2 for b in g_ref) ** 0.5
+    assert 0 < num / den < 0.1, float(num / den)
+
+
+def _saved_activation_bytes(m: Models, xt, t, cond) -> int:
+    """Bytes of the tensors a student forward saves for its backward, parameters (shared, not copies) left out."""
+    params = {p.data_ptr() for p in m.denoiser.parameters()}
+    total = 0
+
+    def pack(x):
+        nonlocal total
+        if x.data_ptr() not in params:
+            total += x.numel() * x.element_size()
+        return x
+
+    with m.trainable("student"), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        m.net_out("student", xt, t, cond).sum().backward()
+    return total
+
+
+def test_a_forward_with_gradient_keeps_no_merged_weight(tiny_teachers):
+    """lora_merge=always saves no more for the backward than peft does (no merged copy of a weight)."""
+    off, always = _models(tiny_teachers["sd"], "off"), _models(tiny_teachers["sd"], "always")
+    xt, t = torch.randn(2, *off.latent_shape), torch.tensor([10, 900])
+    cond = off.encode_prompts(["a cat", "a dog"])
+    assert 0 < _saved_activation_bytes(always, xt, t, cond) <= _saved_activation_bytes(off, xt, t, cond)
