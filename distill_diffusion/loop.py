@@ -287,6 +287,7 @@ def run_steps(tr: Trainer, stream: Stream, start: int, out: Path) -> None:
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not main, desc="distill",
                dynamic_ncols=True)
     clock = {"t": time.perf_counter()}
+    window: dict[str, float] = {}  # each key's latest value since the last logged row
     samples = stream.batches(start, cfg.max_steps, cfg.data.num_workers, cfg.data.prefetch)
     for step in bar:
         batches = [make_batch(tr, next(samples), step, stream.source) for _ in range(cfg.gradient_accumulation_steps)]
@@ -303,8 +304,9 @@ def run_steps(tr: Trainer, stream: Stream, start: int, out: Path) -> None:
         step_schedulers(tr, roles, logs)
         done = step + 1
         logs["skipped_updates"] = tr.skipped_total
-        if main:
-            log_step(tr, out, done, start, logs, clock)
+        window.update(logs)
+        if main and log_step(tr, out, done, start, window, clock):
+            window = {}
         bar.set_postfix({k.replace("/loss", ""): f"{v:.4g}" for k, v in logs.items() if k.endswith("/loss")})
         after_step(tr, out, done)
 
@@ -413,11 +415,13 @@ def skip_update(tr: Trainer, role: str, step: int) -> None:
                              f"{Path(tr.cfg.output_dir) / 'checkpoints'}; lower learning_rate or check the data")
 
 
-def log_step(tr: Trainer, out: Path, done: int, start: int, logs: dict[str, float], clock: dict[str, float]) -> None:
-    """metrics.jsonl and the trackers, every ``logging_steps``, after the first step and at the last."""
+def log_step(tr: Trainer, out: Path, done: int, start: int, logs: dict[str, float], clock: dict[str, float]) -> bool:
+    """metrics.jsonl and the trackers, every ``logging_steps``, after the first step and at the last; True when a row
+    was written. ``logs`` holds each key's latest value since the last row, so a role that updates on other steps
+    than the logged ones (TSCD's adversarial heads on alternate steps, DMD2's generator every k-th) still shows."""
     cfg = tr.cfg
     if not (done % cfg.logging_steps == 0 or done == cfg.max_steps or done == start + 1):
-        return
+        return False
     now = time.perf_counter()
     logs["sec_per_step"] = (now - clock["t"]) / max(1, done - max(start, done - cfg.logging_steps))
     clock["t"] = now
@@ -425,6 +429,7 @@ def log_step(tr: Trainer, out: Path, done: int, start: int, logs: dict[str, floa
         fh.write(json.dumps({"step": done, **logs}) + "\n")
     if cfg.report_to != "none":
         tr.accelerator.log(logs, step=done)
+    return True
 
 
 def after_step(tr: Trainer, out: Path, done: int) -> None:

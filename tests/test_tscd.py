@@ -365,3 +365,22 @@ def test_published_configs_run_on_tiny_teachers(config, teacher, tiny_teachers, 
         for k in pipe.distill.steps:
             imgs, _ = artifacts.sample(pipe, ["a red square"], steps=k, seeds=[0], output_type="np")
             assert imgs.shape == (1, 16, 16, 3) and np.isfinite(imgs).all()
+
+
+def test_alternating_roles_both_reach_the_logs(tiny_teachers, image_folder, tmp_path):
+    """The adversarial heads update on even iterations and the student on odd ones; with logging_steps=2 every row
+    after the first carries both roles' latest values (rows are written after odd iterations, done = 2, 4, 6)."""
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from methods import METHODS
+
+    cfg, _ = parse_config(["--method", "tscd", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
+                           "resolution=16", "max_steps=6", "batch_size=1", "lora_rank=4", "logging_steps=2",
+                           "method.adversarial=true", "method.segments=[2,1]", "method.stage_fractions=[0.5,0.5]",
+                           "checkpointing_steps=100", f"output_dir={tmp_path}", "report_to=none",
+                           "validation_seeds=0"], METHODS)
+    train(cfg, METHODS["tscd"])
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 4, 6]
+    assert "critic/loss" in rows[0] and "student/loss" not in rows[0]
+    assert all("critic/loss" in r and "student/loss" in r for r in rows[2:])
