@@ -10,7 +10,7 @@ adapter's cost (BENCHMARKS.md: a LoRA student's forward against a full student's
 its adapters is active, each targeted plain layer runs on W + ΔW (peft's own ``get_delta_weight``), built for its
 forward and dropped after it, so at most one merged weight exists at a time.
 
-With gradient, the layer is one autograd node (:class:`_FactoredLinear`, :class:`_FactoredConv2d`): its backward
+With gradient, the layer is one autograd node (:class:`_Factored`): its backward
 takes the input's gradient through the merged weight, as a plain layer's does, and the adapter's gradients through
 the factors, never forming the full-size weight gradient dL/dW (out × in per layer) that autograd through ΔW would:
 with u = A x and v = Bᵀ dy, dL/dB = s dy uᵀ and dL/dA = s v xᵀ (a convolution's A is a k×k convolution to r
@@ -85,12 +85,10 @@ class MergedLora:
             return type(layer).forward(layer, x)
         lora = self.layers[layer]
         if torch.is_grad_enabled() and _factorable(layer, x):
-            fn = _FactoredConv2d if isinstance(layer, nn.Conv2d) else _FactoredLinear
-            return fn.apply(x, layer._parameters["weight"], layer.bias, lora.lora_A[adapter].weight,
-                            lora.lora_B[adapter].weight, lora, adapter, layer)
+            return _Factored.apply(x, lora.lora_A[adapter].weight, lora.lora_B[adapter].weight, lora, adapter, layer)
         # An instance attribute is found before nn.Module.__getattr__ reads _parameters: the layer's own forward
         # (F.linear / F.conv2d on self.weight) uses the merged tensor; the Parameter itself is untouched.
-        layer.__dict__["weight"] = layer._parameters["weight"] + lora.get_delta_weight(adapter)
+        layer.__dict__["weight"] = _merged_weight(layer, lora, adapter)
         try:
             return type(layer).forward(layer, x)
         finally:
@@ -110,63 +108,53 @@ def _factorable(layer: nn.Module, x: Tensor) -> bool:
 
 
 def _merged_weight(layer: nn.Module, lora: nn.Module, adapter: str) -> Tensor:
+    """W + ΔW of ``layer`` (the plain one, whose Parameter is the base's own) for ``adapter`` of ``lora``."""
     return layer._parameters["weight"] + lora.get_delta_weight(adapter)
 
 
-class _FactoredLinear(torch.autograd.Function):
-    """y = x (W + s B A)ᵀ + b, differentiable in x, A (r × in) and B (out × r); W and b frozen."""
+class _Factored(torch.autograd.Function):
+    """y = layer(x) on W + s B A (a Linear, or a k×k Conv2d with peft's A: (r, in, k, k), B: (out, r, 1, 1)),
+    differentiable in x, A and B; the base W and b are frozen."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, lora: nn.Module,
-                adapter: str, layer: nn.Module) -> Tensor:
+    def forward(ctx: Any, x: Tensor, A: Tensor, B: Tensor, lora: nn.Module, adapter: str, layer: nn.Module) -> Tensor:
         ctx.save_for_backward(x, A, B)
         ctx.lora, ctx.adapter, ctx.layer = lora, adapter, layer
-        return F.linear(x, _merged_weight(layer, lora, adapter), bias)
+        W = _merged_weight(layer, lora, adapter)
+        return F.linear(x, W, layer.bias) if isinstance(layer, nn.Linear) else layer._conv_forward(x, W, layer.bias)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, A, B = ctx.saved_tensors
-        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dx = dy @ _merged_weight(ctx.layer, ctx.lora, ctx.adapter) if need_x else None
-        dA = dB = None
-        if need_A or need_B:
-            s = ctx.lora.scaling[ctx.adapter]
-            x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (T, in), (T, out)
-            if need_B:
-                dB = (dy2.t() @ (x2 @ A.t())) * s  # (out, T) (T, r)
-            if need_A:
-                dA = ((dy2 @ B).t() @ x2) * s  # (r, T) (T, in)
-        return dx, None, None, dA, dB, None, None, None
+        grads = _linear_grads if isinstance(ctx.layer, nn.Linear) else _conv_grads
+        need = ctx.needs_input_grad[:3]
+        return (*grads(ctx.layer, ctx.lora, ctx.adapter, x, A, B, dy, need), None, None, None)
 
 
-class _FactoredConv2d(torch.autograd.Function):
-    """y = conv(x, W + s B∘A) + b for a k×k convolution with A: (r, in, k, k) and B: (out, r, 1, 1) (peft's Conv2d
-    LoRA), differentiable in x, A and B; W and b frozen."""
+def _linear_grads(layer: nn.Module, lora: nn.Module, adapter: str, x: Tensor, A: Tensor, B: Tensor, dy: Tensor,
+                  need: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """dL/dx, dL/dA, dL/dB of y = x (W + s B A)ᵀ + b; x (..., in), dy (..., out)."""
+    s = lora.scaling[adapter]
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (T, in), (T, out)
+    dx = dy @ _merged_weight(layer, lora, adapter) if need[0] else None
+    dA = ((dy2 @ B).t() @ x2) * s if need[1] else None  # (r, T) (T, in)
+    dB = (dy2.t() @ (x2 @ A.t())) * s if need[2] else None  # (out, T) (T, r)
+    return dx, dA, dB
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, lora: nn.Module,
-                adapter: str, layer: nn.Module) -> Tensor:
-        ctx.save_for_backward(x, A, B)
-        ctx.lora, ctx.adapter, ctx.layer = lora, adapter, layer
-        return layer._conv_forward(x, _merged_weight(layer, lora, adapter), bias)
 
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, A, B = ctx.saved_tensors
-        layer = ctx.layer
-        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        geometry = (layer.stride, layer.padding, layer.dilation, False, (0, 0), 1)
-        dx = dA = dB = None
-        if need_x:
-            W = _merged_weight(layer, ctx.lora, ctx.adapter)
-            dx = torch.ops.aten.convolution_backward(dy, x, W, None, *geometry, (True, False, False))[0]
-        if need_A or need_B:
-            s = ctx.lora.scaling[ctx.adapter]
-            if need_B:  # dL/dB[o, r] = s Σ dy[b, o, h, w] u[b, r, h, w]: the 1×1 weight gradient, u = conv(x, A)
-                u = F.conv2d(x, A, None, layer.stride, layer.padding, layer.dilation)
-                dB = torch.ops.aten.convolution_backward(dy, u, B, None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1,
-                                                         (False, True, False))[1] * s
-            if need_A:  # v = Bᵀ dy (1×1), then the k×k weight gradient of conv(x, A) against v
-                v = F.conv2d(dy, B.transpose(0, 1))
-                dA = torch.ops.aten.convolution_backward(v, x, A, None, *geometry, (False, True, False))[1] * s
-        return dx, None, None, dA, dB, None, None, None
+def _conv_grads(layer: nn.Module, lora: nn.Module, adapter: str, x: Tensor, A: Tensor, B: Tensor, dy: Tensor,
+                need: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """dL/dx, dL/dA, dL/dB of y = conv(x, W + s B∘A) + b; x (N, in, H, W), dy (N, out, H', W')."""
+    s = lora.scaling[adapter]
+    geometry = (layer.stride, layer.padding, layer.dilation, False, (0, 0), 1)
+    conv_backward = torch.ops.aten.convolution_backward
+    dx = dA = dB = None
+    if need[0]:
+        dx = conv_backward(dy, x, _merged_weight(layer, lora, adapter), None, *geometry, (True, False, False))[0]
+    if need[1]:  # v = Bᵀ dy (1×1), then the k×k weight gradient of conv(x, A) against v
+        v = F.conv2d(dy, B.transpose(0, 1))
+        dA = conv_backward(v, x, A, None, *geometry, (False, True, False))[1] * s
+    if need[2]:  # dL/dB[o, r] = s Σ dy[n, o, h, w] u[n, r, h, w]: the 1×1 weight gradient against u = conv(x, A)
+        u = F.conv2d(x, A, None, layer.stride, layer.padding, layer.dilation)
+        dB = conv_backward(dy, u, B, None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1, (False, True, False))[1] * s
+    return dx, dA, dB
