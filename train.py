@@ -6,8 +6,8 @@
 
 import sys
 
-from distill_diffusion.loop import run_main
+from distill_diffusion.loop import exit_process, run_main
 from methods import METHODS
 
 if __name__ == "__main__":
-    sys.exit(run_main(sys.argv[1:], METHODS))
+    exit_process(run_main(sys.argv[1:], METHODS))

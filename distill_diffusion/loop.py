@@ -637,5 +637,21 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def exit_process(code: int) -> None:
+    """End train.py's process with ``code``. A rank of a multi-process run (``WORLD_SIZE`` > 1) flushes its output
+    and ends with ``os._exit``: :func:`close_process_group` drops torch's references to the process group, but objects
+    that still hold its gloo backend (FSDP2's device mesh, accelerate's state) keep gloo's worker threads alive into
+    interpreter finalisation, where a rank can still die with SIGABRT after the run is written (seen in CI on
+    ``tests/test_fsdp.py::test_fsdp_sigkill_then_resume`` after the destroy was added; an upstream atexit destroy,
+    pytorch/pytorch#179291, was abandoned). Everything a run writes is closed by then (``train`` ends the trackers)."""
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0

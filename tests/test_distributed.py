@@ -67,3 +67,14 @@ def test_a_finished_run_destroys_its_process_group():
     assert dist.is_initialized()
     close_process_group()
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_process_flushes_and_keeps_the_exit_code(world_size):
+    """A rank of a multi-process run ends with os._exit (no interpreter finalisation for gloo's threads to abort in),
+    its output flushed and its exit code kept; one process exits normally."""
+    code = ("import sys; from distill_diffusion.loop import exit_process; print('written', end=''); "
+            "print('note', end='', file=sys.stderr); exit_process(3)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "WORLD_SIZE": world_size}, cwd=Path(__file__).resolve().parent.parent)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "written", "note")
