@@ -180,25 +180,11 @@ def test_autocast_runs_the_merged_weight_through_autograd(tiny_teachers):
     assert 0 < num / den < 0.1, float(num / den)
 
 
-def _saved_activation_bytes(m: Models, xt, t, cond) -> int:
-    """Bytes of the tensors a student forward saves for its backward, parameters (shared, not copies) left out."""
-    params = {p.data_ptr() for p in m.denoiser.parameters()}
-    total = 0
-
-    def pack(x):
-        nonlocal total
-        if x.data_ptr() not in params:
-            total += x.numel() * x.element_size()
-        return x
-
-    with m.trainable("student"), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        m.net_out("student", xt, t, cond).sum().backward()
-    return total
-
-
 def test_a_forward_with_gradient_keeps_no_merged_weight(tiny_teachers):
     """lora_merge=always saves no more for the backward than peft does (no merged copy of a weight)."""
+    from benchmarks.lora_backward import forward_backward
+
     off, always = _models(tiny_teachers["sd"], "off"), _models(tiny_teachers["sd"], "always")
     xt, t = torch.randn(2, *off.latent_shape), torch.tensor([10, 900])
     cond = off.encode_prompts(["a cat", "a dog"])
-    assert 0 < _saved_activation_bytes(always, xt, t, cond) <= _saved_activation_bytes(off, xt, t, cond)
+    assert 0 < forward_backward(always, xt, t, cond) <= forward_backward(off, xt, t, cond)
