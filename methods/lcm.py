@@ -13,6 +13,11 @@ One update per step for the student:
 The paper's ω (cond + ω(cond - uncond)) is ``w - 1`` of our diffusers-convention w; full students embed ω (where the
 family's network can: the SD families) exactly as diffusers' pipelines feed ``guidance_scale - 1`` at inference.
 
+Optional (``dmd_weight > 0``): rCM's score regulariser (``distill_diffusion.score_regulariser``; Zheng et al. 2025,
+arXiv:2510.08431, sec. 4) adds λ × DMD's reverse-divergence term on the student's own k-step samples (its exported
+multistep sampler, k ~ U{1..dmd_max_steps}, gradient through the last step), with a fake score (the ``critic`` role)
+that learns those samples. rCM pairs it with continuous-time consistency; on LCM it is our extension.
+
 Spaces. The paper defines everything on the discrete VP schedule: the solver step is DDIM in (x0, ε), the
 consistency function uses c_skip/c_out of the integer timestep. On a flow teacher the same update runs through the
 schedule layer: the solver step is the Euler step in (x0, ε) (= DDIM's form), c_skip = 0 and c_out = 1 (x0 = x − σv
@@ -38,10 +43,19 @@ from distill_diffusion.method import (
     TargetSpec,
     masked_mean,
 )
+from distill_diffusion.score_regulariser import (
+    RegulariserConfig,
+    consistency_sample,
+    dmd_loss,
+    dmd_timestep_range,
+    draw_steps,
+    fake_score_loss,
+    update_schedule,
+)
 
 
 @dataclass
-class LCMConfig:
+class LCMConfig(RegulariserConfig):
     num_ddim_timesteps: int = 50  # N, skipping-step solver grid (k = T / N = 20)
     w_min: float = 6.0  # guidance range, diffusers convention (the paper's ω_min = 5, plus 1)
     w_max: float = 16.0  # (the paper's ω_max = 15, plus 1)
@@ -55,8 +69,10 @@ class LCMConfig:
     sample_guidance: float = 8.0  # full students: guidance fed to the embedding at sampling (diffusers convention)
     sampling_steps: tuple[int, ...] = (1, 2, 4, 8)  # exported step counts
     default_steps: int = 4
+    # rCM's score regulariser (RegulariserConfig: dmd_weight > 0 adds a critic role; dmd_guidance_scale None: w_max)
 
     def check(self) -> None:
+        self.check_regulariser()
         if not 1 <= self.w_min <= self.w_max:
             raise UserError(f"method.w_min={self.w_min}, method.w_max={self.w_max}: need 1 <= w_min <= w_max "
                             "(diffusers convention, 1 = no guidance)")
@@ -81,7 +97,8 @@ class LCM(Method):
     def spec(cls, cfg: LCMConfig, student: str) -> MethodSpec:
         ema = student == "full" or cfg.lora_ema_target
         # A full student gets the guidance embedding (LCM's w-conditioning); LCM-LoRA keeps the teacher's network.
-        return MethodSpec(targets={"target": TargetSpec("student", cfg.ema_decay if ema else None)},
+        return MethodSpec(roles=("student", "critic") if cfg.dmd_weight > 0 else ("student",),
+                          targets={"target": TargetSpec("student", cfg.ema_decay if ema else None)},
                           student_guidance_embedding=cfg.w_embedding_dim if student == "full" else None)
 
     def __init__(self, cfg: LCMConfig, run: RunContext, models: Any) -> None:
@@ -91,8 +108,26 @@ class LCM(Method):
         self.solver_t = schedule.solver_timesteps(T, cfg.num_ddim_timesteps).to(models.device)
         # Families whose network cannot embed w (transformers) train the full student like LCM-LoRA: w unseen.
         self.w_embed = models.student_w_embedding
+        self.dmd_range = dmd_timestep_range(cfg, T)
+
+    def updates(self, step: int) -> tuple[str, ...]:
+        return update_schedule(step, self.cfg.student_update_every) if self.cfg.dmd_weight > 0 else ("student",)
 
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if role == "critic":
+            with torch.no_grad():
+                x0 = self.generate(batch, grad=False)
+            return fake_score_loss(self.models, batch, x0, "lcm-critic")
+        loss, logs = self.consistency_loss(batch)
+        if self.cfg.dmd_weight > 0:
+            w = self.cfg.w_max if self.cfg.dmd_guidance_scale is None else self.cfg.dmd_guidance_scale
+            dmd, dlogs = dmd_loss(self.models, batch, self.generate(batch, grad=True), w, self.dmd_range, "lcm-dmd")
+            loss = loss + self.cfg.dmd_weight * dmd
+            logs.update(dlogs)
+        return loss, logs
+
+    def consistency_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """LCM's update (module docstring) and its logs."""
         m, c = self.models, self.cfg
         x0 = batch.latents
         n = batch.rng.randint(0, c.num_ddim_timesteps, "lcm-n")
@@ -121,21 +156,44 @@ class LCM(Method):
         loss, dropped = masked_mean(per_sample)
         return loss, {"nonfinite": float(dropped), "w": float(w.mean()), "t": float(t_n.float().mean())}
 
-    def sampling(self) -> SamplingSpec:
-        """LCM's multistep sampler at the skipping-step grid points LCMScheduler picks for k steps (from the
-        ``num_ddim_timesteps`` grid the student was trained on); on flow teachers FlowMatchLCMScheduler at the
-        sigmas of the same grid points."""
+    # ---- rCM's score regulariser (dmd_weight > 0) ---------------------------------------------------------------
+    def generate(self, batch: Batch, grad: bool) -> Tensor:
+        """The student's sample after k ~ U{1..dmd_max_steps} steps of its exported multistep sampler (its
+        consistency output, then fresh noise to the next timestep; the last step with gradient when ``grad``); a
+        full student's guidance embedding gets ``sample_guidance`` as at sampling. (B, C, h, w)."""
+        m, c = self.models, self.cfg
+        k = draw_steps(batch, c.dmd_max_steps, "lcm-dmd-k")
+        w_cond = None
+        if self.w_embed:
+            w = torch.full((len(batch),), c.sample_guidance, device=m.device)
+            w_cond = schedule.guidance_embedding(schedule.diffusers_to_paper_guidance(w), c.w_embedding_dim)
+
+        def predict_x0(x: Tensor, t: Tensor) -> Tensor:
+            x0, _ = m.predict("student", x, t, batch.cond, timestep_cond=w_cond)
+            return consistency_output(x, x0, m.schedule.consistency_scalings(t, c.sigma_data, c.timestep_scaling))
+
+        return consistency_sample(m, batch, predict_x0, self.sampling_timesteps(k), "lcm-dmd-noise", grad)
+
+    # ---- export --------------------------------------------------------------------------------------------------
+    def sampling_timesteps(self, k: int) -> list[int]:
+        """The skipping-step grid points LCMScheduler picks for k steps from the ``num_ddim_timesteps`` grid the
+        student was trained on, from the top."""
         from diffusers import LCMScheduler
 
-        T = self.models.num_train_timesteps
-        grid = LCMScheduler(num_train_timesteps=T, original_inference_steps=self.cfg.num_ddim_timesteps,
+        grid = LCMScheduler(num_train_timesteps=self.models.num_train_timesteps,
+                            original_inference_steps=self.cfg.num_ddim_timesteps,
                             timestep_scaling=self.cfg.timestep_scaling)
+        grid.set_timesteps(k)
+        return [int(t) for t in grid.timesteps]
+
+    def sampling(self) -> SamplingSpec:
+        """LCM's multistep sampler at :meth:`sampling_timesteps`; on flow teachers FlowMatchLCMScheduler at the
+        sigmas of the same grid points."""
         kwargs = {"original_inference_steps": self.cfg.num_ddim_timesteps,
                   "timestep_scaling": self.cfg.timestep_scaling}
         steps = {}
         for k in self.cfg.sampling_steps:
-            grid.set_timesteps(k)
-            steps[k] = self.models.schedule.sampler("consistency", [int(t) for t in grid.timesteps],
+            steps[k] = self.models.schedule.sampler("consistency", self.sampling_timesteps(k),
                                                     guidance_scale=self.cfg.sample_guidance if self.w_embed else 1.0,
                                                     vp_kwargs=kwargs)
         return SamplingSpec(steps=steps, default_steps=self.cfg.default_steps)

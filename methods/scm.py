@@ -51,16 +51,24 @@ from torch import Tensor, nn
 
 from distill_diffusion import adversarial, trigflow
 from distill_diffusion.errors import UserError
-from distill_diffusion.matching import dm_loss
 from distill_diffusion.method import Batch, Method, MethodSpec, OptimizerSettings, RunContext, SamplingSpec, masked_mean
 from distill_diffusion.schedule import X0_TIMESTEP_SCALING
+from distill_diffusion.score_regulariser import (
+    RegulariserConfig,
+    consistency_sample,
+    dmd_loss,
+    dmd_timestep_range,
+    draw_steps,
+    fake_score_loss,
+    update_schedule,
+)
 
 TANGENT_MODES = ("normalize", "clip", "none")
 JVP_MODES = ("autograd", "finite_difference")
 
 
 @dataclass
-class SCMConfig:
+class SCMConfig(RegulariserConfig):
     """Paper defaults (sCM's sCD and SANA-Sprint); the rCM term is off unless ``dmd_weight`` > 0."""
 
     sigma_data: float = 0.5  # σ_d: SANA-Sprint 0.5 (latents ~ unit std); rCM 1.0
@@ -77,13 +85,8 @@ class SCMConfig:
     sampling_steps: list[int] | None = None  # exported step counts (None: [1, 2, 4])
     default_steps: int = 2
     intermediate_time: float = 1.3  # the 2-step sampler's middle trig time (SANA-Sprint 1.3; sCM 1.1)
-    # rCM's score regulariser
-    dmd_weight: float = 0.0  # 0: sCM alone; rCM scales its sCM loss by 100 with this at 1
-    dmd_max_steps: int = 4  # the student's sample for DMD comes from 1..N steps of its own sampler
-    student_update_every: int = 1  # with the critic: critic updates per student update (rCM 5)
-    dmd_guidance_scale: float | None = None  # the teacher's CFG inside the DMD term (None: guidance_scale)
-    min_step_ratio: float = 0.02  # DMD's t ~ U[0.02 T, 0.98 T] on the teacher's own timesteps
-    max_step_ratio: float = 0.98
+    # rCM's score regulariser: RegulariserConfig's fields (dmd_weight 0: sCM alone; rCM scales its sCM loss by 100
+    # with dmd_weight 1; dmd_guidance_scale None: guidance_scale)
     # SANA-Sprint's LADD term (its diffusers script's values)
     gan_weight: float = 0.0  # λ_adv against the sCM loss at 1 (SANA-Sprint 0.5); 0: off
     gan_p_mean: float = -0.6  # D's times t_D = arctan(e^τ / σ_d), τ ~ N(gan_p_mean, gan_p_std²)
@@ -112,8 +115,7 @@ class SCMConfig:
                             "be >= 1 and include the default")
         if not 0 < self.intermediate_time < math.pi / 2:
             raise UserError(f"method.intermediate_time={self.intermediate_time}: must be in (0, π/2)")
-        if self.dmd_weight < 0 or self.dmd_max_steps < 1 or self.student_update_every < 1:
-            raise UserError("method.dmd_weight must be >= 0, method.dmd_max_steps and student_update_every >= 1")
+        self.check_regulariser()
         if self.gan_weight < 0 or self.gan_p_std <= 0 or self.gan_heads_per_level < 1 or (
                 self.gan_lr is not None and self.gan_lr <= 0):
             raise UserError("method.gan_weight must be >= 0, method.gan_p_std and gan_lr > 0, gan_heads_per_level >= 1")
@@ -168,8 +170,7 @@ class SCM(Method):
         super().__init__(cfg, run, models)
         self.t_lo, self.t_hi = trigflow.trig_range(models.schedule)
         self.weight = trigflow.AdaptiveWeight(cfg.sigma_data).to(models.device) if cfg.adaptive_weight else None
-        T = models.num_train_timesteps
-        self.min_step, self.max_step = int(cfg.min_step_ratio * T), min(int(cfg.max_step_ratio * T), T - 1)
+        self.dmd_range = dmd_timestep_range(cfg, models.num_train_timesteps)
         self.disc: adversarial.FeatureDiscriminator | None = None
         if cfg.gan_weight > 0:
             self.feature_names = models.feature_blocks(cfg.gan_all_levels)
@@ -186,8 +187,7 @@ class SCM(Method):
     def updates(self, step: int) -> tuple[str, ...]:
         if self.cfg.dmd_weight == 0 and self.cfg.gan_weight == 0:
             return ("student",)
-        r = self.cfg.student_update_every
-        return ("student", "critic") if (step + 1) % r == 0 else ("critic",)
+        return update_schedule(step, self.cfg.student_update_every)
 
     # ---- TrigFlow velocities ---------------------------------------------------------------------------------------
     def velocity(self, role: str, x_hat: Tensor, t: Tensor, batch: Batch, guidance: float = 1.0) -> Tensor:
@@ -274,42 +274,25 @@ class SCM(Method):
     # ---- rCM: the score regulariser ---------------------------------------------------------------------------------
     def generate(self, batch: Batch, grad: bool) -> Tensor:
         """The student's x0 after k ~ U{1..dmd_max_steps} steps (shared by the global batch) of its own consistency
-        sampler at the nearest training timesteps; only the last step with gradient when ``grad``. (B, C, h, w)."""
+        sampler at the nearest training timesteps, from the teacher's start latent; only the last step with
+        gradient when ``grad``. (B, C, h, w)."""
         m, c = self.models, self.cfg
-        k = batch.rng.shared_randint(1, c.dmd_max_steps + 1, "scm-dmd-k") if c.dmd_max_steps > 1 else 1
+        k = draw_steps(batch, c.dmd_max_steps, "scm-dmd-k")
         ts = [trigflow.nearest_timestep(m.schedule, x) for x in trig_sampling_times(k, c.intermediate_time)]
-        noises = [batch.rng.randn(m.latent_shape, f"scm-dmd-noise-{j}") for j in range(k)]
-        b = len(batch)
-        x = m.schedule.start_latent(noises[0], torch.full((b,), ts[0], dtype=torch.long, device=m.device))
-        with torch.no_grad():
-            x = m.schedule.rollout(lambda xx, tt: m.predict("student", xx, tt, batch.cond)[0], x, ts, noises[1:])
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return m.predict("student", x, torch.full((b,), ts[k - 1], dtype=torch.long, device=m.device),
-                             batch.cond)[0]
+        t0 = torch.full((len(batch),), ts[0], dtype=torch.long, device=m.device)
+        return consistency_sample(m, batch, lambda x, t: m.predict("student", x, t, batch.cond)[0], ts,
+                                  "scm-dmd-noise", grad, start=lambda z: m.schedule.start_latent(z, t0))
 
     def _dmd_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        m, c, rng = self.models, self.cfg, batch.rng
-        x0 = self.generate(batch, grad=True)
-        t = rng.randint(self.min_step, self.max_step + 1, "scm-dmd-t")
-        xt = m.schedule.add_noise(x0.detach(), rng.randn(m.latent_shape, "scm-dmd-noise"), t)
+        c = self.cfg
         w = c.guidance_scale if c.dmd_guidance_scale is None else c.dmd_guidance_scale
-        with torch.no_grad():
-            x0_real, _ = m.predict("teacher", xt, t, batch.cond, batch.uncond, guidance=w)
-            x0_fake, _ = m.predict("critic", xt, t, batch.cond)
-        per_sample, ok = dm_loss(x0, x0_real, x0_fake)
-        loss = per_sample.sum() / ok.sum().clamp(min=1)
-        return loss, {"dm": float(loss.detach()), "dm_nonfinite": float((~ok).sum())}
+        return dmd_loss(self.models, batch, self.generate(batch, grad=True), w, self.dmd_range, "scm-dmd")
 
     def _critic_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """The fake score's denoising loss on the student's samples, the teacher's own target (DMD eq. 6)."""
-        m, rng = self.models, batch.rng
         with torch.no_grad():
             x0 = self.generate(batch, grad=False)
-        t = rng.randint(0, m.num_train_timesteps, "scm-critic-t")
-        eps = rng.randn(m.latent_shape, "scm-critic-noise")
-        out = m.net_out("critic", m.schedule.add_noise(x0, eps, t), t, batch.cond)
-        loss, bad = masked_mean(((out - m.denoising_target(x0, eps, t)) ** 2).flatten(1).mean(1))
-        return loss, {"denoise": float(loss.detach()), "nonfinite": float(bad)}
+        return fake_score_loss(self.models, batch, x0, "scm-critic")
 
     # ---- SANA-Sprint's LADD term -------------------------------------------------------------------------------------
     def gan_timesteps(self, batch: Batch) -> Tensor:

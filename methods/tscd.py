@@ -28,6 +28,13 @@ segment, from the top: [t_{N-1}, edge_{S-1}, ..., edge_1] (N = 50, S = 4: [999, 
 DDIM to the next timestep of that list and the last one to t = 0 = edge_0, exactly the jumps trained above. These
 timesteps all lie on the solver grid, i.e. they are the timesteps the student was trained at.
 
+Optional score regulariser (``dmd_weight > 0``; rCM, Zheng et al. 2025, arXiv:2510.08431, sec. 4;
+``distill_diffusion.score_regulariser``): in one-segment stages, λ × DMD's reverse-divergence term on the final
+student's own k-step samples (its re-noising sampler, k ~ U{1..dmd_max_steps}, gradient through the last step) and a
+fake score (the ``critic`` role, a network: not with the adversarial heads) that learns them. Segmented stages sample
+by deterministic jumps to their edges, which that sample does not model, so they train as before. Our extension of
+rCM's recipe, which pairs the term with continuous-time consistency.
+
 Optional adversarial term (PCM sec. 4.3, its ``_adv`` scripts): discriminator heads on the frozen teacher's features
 (every down, mid and up block, 4 heads per level; its SDXL script: down and mid blocks, 1 head each); the prediction
 f_θ and the consistency target are both re-noised from the edge e to t' ~ U[e, e + T/S), the target playing the
@@ -67,10 +74,19 @@ from distill_diffusion.method import (
     TargetSpec,
     masked_mean,
 )
+from distill_diffusion.score_regulariser import (
+    RegulariserConfig,
+    consistency_sample,
+    dmd_loss,
+    dmd_timestep_range,
+    draw_steps,
+    fake_score_loss,
+    update_schedule,
+)
 
 
 @dataclass
-class TSCDConfig:
+class TSCDConfig(RegulariserConfig):
     num_ddim_timesteps: int = 50  # N, DDIM solver grid (k = T / N = 20); PCM's SDXL recipe uses 40
     segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])  # S per stage (Hyper-SD: 8 -> 4 -> 2 -> 1)
     stage_fractions: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])  # stage lengths / max_steps
@@ -87,8 +103,13 @@ class TSCDConfig:
     adv_up_blocks: bool = True  # heads on the up blocks too (PCM SD1.5); its SDXL script uses down + mid only
     sampling_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # step counts of the final student
     default_steps: int = 4
+    # rCM's score regulariser (RegulariserConfig), in one-segment stages: dmd_weight > 0 adds a critic role (a
+    # fake score); dmd_guidance_scale None: w_max
 
     def check(self) -> None:
+        self.check_regulariser()
+        if self.adversarial and self.dmd_weight > 0:
+            raise UserError("method.adversarial and method.dmd_weight > 0 both train the critic role: choose one")
         N = self.num_ddim_timesteps
         if N < 2 or 1000 % N:
             raise UserError(f"method.num_ddim_timesteps={N}: must divide the 1000 training timesteps (e.g. 50, 40)")
@@ -202,7 +223,7 @@ class TSCD(Method):
     def spec(cls, cfg: TSCDConfig, student: str) -> MethodSpec:
         ema = student == "full" or cfg.lora_ema_target
         # The adversarial critic is only the heads: its features are the frozen teacher's (a headless role).
-        return MethodSpec(roles=("student", "critic") if cfg.adversarial else ("student",),
+        return MethodSpec(roles=("student", "critic") if cfg.adversarial or cfg.dmd_weight > 0 else ("student",),
                           headless=("critic",) if cfg.adversarial else (),
                           targets={"target": TargetSpec("student", cfg.ema_decay if ema else None)},
                           fixed_length=True)  # stage_fractions of max_steps
@@ -224,13 +245,20 @@ class TSCD(Method):
         if cfg.adversarial:
             self.feature_names = models.feature_blocks(cfg.adv_up_blocks)
             self.disc = teacher_discriminator(models, self.feature_names, cfg.adv_heads_per_level)
+        self.dmd_range = dmd_timestep_range(cfg, T)
 
     # ---- declarations --------------------------------------------------------------------------------------------
     def segments_at(self, step: int) -> int:
         """S of the stage that ``step`` belongs to."""
         return int(self.cfg.segments[stage_index(step, self.ends)])
 
+    def regularised(self, step: int) -> bool:
+        """rCM's regulariser acts at ``step``: on, in a one-segment stage (the student that samples by re-noising)."""
+        return self.cfg.dmd_weight > 0 and self.segments_at(step) == 1
+
     def updates(self, step: int) -> tuple[str, ...]:
+        if self.cfg.dmd_weight > 0:
+            return update_schedule(step, self.cfg.student_update_every) if self.regularised(step) else ("student",)
         if not self.cfg.adversarial:
             return ("student",)
         return ("critic",) if step % 2 == 0 else ("student",)  # PCM: D on even steps, G on odd ones
@@ -298,6 +326,10 @@ class TSCD(Method):
         w = rng.uniform(c.w_min, c.w_max, "tscd-w")
         logs: dict[str, float] = {"segments": float(S)}
 
+        if role == "critic" and c.dmd_weight > 0:
+            with torch.no_grad():
+                x0 = self.generate(batch, grad=False)
+            return fake_score_loss(m, batch, x0, "tscd-critic")
         if role == "critic":
             with torch.no_grad():
                 pred, target, edge, _ = self.consistency_pair(batch, n, eps, w, S)
@@ -320,7 +352,22 @@ class TSCD(Method):
             per = per + c.adv_weight * g
             logs["adv_g"] = float(g.detach().mean())
         loss, dropped = masked_mean(per)
+        if self.regularised(step):
+            dmd, dlogs = dmd_loss(m, batch, self.generate(batch, grad=True),
+                                  c.w_max if c.dmd_guidance_scale is None else c.dmd_guidance_scale, self.dmd_range,
+                                  "tscd-dmd")
+            loss = loss + c.dmd_weight * dmd
+            logs.update(dlogs)
         return loss, {**logs, "nonfinite": float(dropped)}
+
+    def generate(self, batch: Batch, grad: bool) -> Tensor:
+        """The final student's sample after k ~ U{1..dmd_max_steps} steps of its exported sampler (x0, re-noised to
+        the next k-segment timestep; :meth:`consistency_sampling`), the last step with gradient when ``grad``.
+        (B, C, h, w)."""
+        m = self.models
+        k = draw_steps(batch, self.cfg.dmd_max_steps, "tscd-dmd-k")
+        return consistency_sample(m, batch, lambda x, t: m.predict("student", x, t, batch.cond)[0],
+                                  sampling_timesteps(self.solver_t.cpu(), k), "tscd-dmd-noise", grad)
 
     # ---- export --------------------------------------------------------------------------------------------------
     def step_sampling(self, segments: int) -> StepSampling:
