@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill_diffusion import schedule
+from distill_diffusion import schedule, score_regulariser
 from distill_diffusion.errors import UserError
 from distill_diffusion.method import (
     Batch,
@@ -43,19 +43,10 @@ from distill_diffusion.method import (
     TargetSpec,
     masked_mean,
 )
-from distill_diffusion.score_regulariser import (
-    RegulariserConfig,
-    consistency_sample,
-    dmd_loss,
-    dmd_timestep_range,
-    draw_steps,
-    fake_score_loss,
-    update_schedule,
-)
 
 
 @dataclass
-class LCMConfig(RegulariserConfig):
+class LCMConfig(score_regulariser.RegulariserConfig):
     num_ddim_timesteps: int = 50  # N, skipping-step solver grid (k = T / N = 20)
     w_min: float = 6.0  # guidance range, diffusers convention (the paper's ω_min = 5, plus 1)
     w_max: float = 16.0  # (the paper's ω_max = 15, plus 1)
@@ -108,20 +99,23 @@ class LCM(Method):
         self.solver_t = schedule.solver_timesteps(T, cfg.num_ddim_timesteps).to(models.device)
         # Families whose network cannot embed w (transformers) train the full student like LCM-LoRA: w unseen.
         self.w_embed = models.student_w_embedding
-        self.dmd_range = dmd_timestep_range(cfg, T)
+        self.dmd_range = score_regulariser.dmd_timestep_range(cfg, T)
 
     def updates(self, step: int) -> tuple[str, ...]:
-        return update_schedule(step, self.cfg.student_update_every) if self.cfg.dmd_weight > 0 else ("student",)
+        if self.cfg.dmd_weight == 0:
+            return ("student",)
+        return score_regulariser.update_schedule(step, self.cfg.student_update_every)
 
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if role == "critic":
             with torch.no_grad():
                 x0 = self.generate(batch, grad=False)
-            return fake_score_loss(self.models, batch, x0, "lcm-critic")
+            return score_regulariser.fake_score_loss(self.models, batch, x0, "lcm-critic")
         loss, logs = self.consistency_loss(batch)
         if self.cfg.dmd_weight > 0:
             w = self.cfg.w_max if self.cfg.dmd_guidance_scale is None else self.cfg.dmd_guidance_scale
-            dmd, dlogs = dmd_loss(self.models, batch, self.generate(batch, grad=True), w, self.dmd_range, "lcm-dmd")
+            x0 = self.generate(batch, grad=True)
+            dmd, dlogs = score_regulariser.dmd_loss(self.models, batch, x0, w, self.dmd_range, "lcm-dmd")
             loss = loss + self.cfg.dmd_weight * dmd
             logs.update(dlogs)
         return loss, logs
@@ -162,7 +156,7 @@ class LCM(Method):
         consistency output, then fresh noise to the next timestep; the last step with gradient when ``grad``); a
         full student's guidance embedding gets ``sample_guidance`` as at sampling. (B, C, h, w)."""
         m, c = self.models, self.cfg
-        k = draw_steps(batch, c.dmd_max_steps, "lcm-dmd-k")
+        k = score_regulariser.draw_steps(batch, c.dmd_max_steps, "lcm-dmd-k")
         w_cond = None
         if self.w_embed:
             w = torch.full((len(batch),), c.sample_guidance, device=m.device)
@@ -172,7 +166,8 @@ class LCM(Method):
             x0, _ = m.predict("student", x, t, batch.cond, timestep_cond=w_cond)
             return consistency_output(x, x0, m.schedule.consistency_scalings(t, c.sigma_data, c.timestep_scaling))
 
-        return consistency_sample(m, batch, predict_x0, self.sampling_timesteps(k), "lcm-dmd-noise", grad)
+        return score_regulariser.consistency_sample(m, batch, predict_x0, self.sampling_timesteps(k), "lcm-dmd-noise",
+                                                    grad)
 
     # ---- export --------------------------------------------------------------------------------------------------
     def sampling_timesteps(self, k: int) -> list[int]:

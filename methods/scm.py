@@ -49,26 +49,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill_diffusion import adversarial, trigflow
+from distill_diffusion import adversarial, score_regulariser, trigflow
 from distill_diffusion.errors import UserError
 from distill_diffusion.method import Batch, Method, MethodSpec, OptimizerSettings, RunContext, SamplingSpec, masked_mean
 from distill_diffusion.schedule import X0_TIMESTEP_SCALING
-from distill_diffusion.score_regulariser import (
-    RegulariserConfig,
-    consistency_sample,
-    dmd_loss,
-    dmd_timestep_range,
-    draw_steps,
-    fake_score_loss,
-    update_schedule,
-)
 
 TANGENT_MODES = ("normalize", "clip", "none")
 JVP_MODES = ("autograd", "finite_difference")
 
 
 @dataclass
-class SCMConfig(RegulariserConfig):
+class SCMConfig(score_regulariser.RegulariserConfig):
     """Paper defaults (sCM's sCD and SANA-Sprint); the rCM term is off unless ``dmd_weight`` > 0."""
 
     sigma_data: float = 0.5  # σ_d: SANA-Sprint 0.5 (latents ~ unit std); rCM 1.0
@@ -170,7 +161,7 @@ class SCM(Method):
         super().__init__(cfg, run, models)
         self.t_lo, self.t_hi = trigflow.trig_range(models.schedule)
         self.weight = trigflow.AdaptiveWeight(cfg.sigma_data).to(models.device) if cfg.adaptive_weight else None
-        self.dmd_range = dmd_timestep_range(cfg, models.num_train_timesteps)
+        self.dmd_range = score_regulariser.dmd_timestep_range(cfg, models.num_train_timesteps)
         self.disc: adversarial.FeatureDiscriminator | None = None
         if cfg.gan_weight > 0:
             self.feature_names = models.feature_blocks(cfg.gan_all_levels)
@@ -187,7 +178,7 @@ class SCM(Method):
     def updates(self, step: int) -> tuple[str, ...]:
         if self.cfg.dmd_weight == 0 and self.cfg.gan_weight == 0:
             return ("student",)
-        return update_schedule(step, self.cfg.student_update_every)
+        return score_regulariser.update_schedule(step, self.cfg.student_update_every)
 
     # ---- TrigFlow velocities ---------------------------------------------------------------------------------------
     def velocity(self, role: str, x_hat: Tensor, t: Tensor, batch: Batch, guidance: float = 1.0) -> Tensor:
@@ -277,22 +268,24 @@ class SCM(Method):
         sampler at the nearest training timesteps, from the teacher's start latent; only the last step with
         gradient when ``grad``. (B, C, h, w)."""
         m, c = self.models, self.cfg
-        k = draw_steps(batch, c.dmd_max_steps, "scm-dmd-k")
+        k = score_regulariser.draw_steps(batch, c.dmd_max_steps, "scm-dmd-k")
         ts = [trigflow.nearest_timestep(m.schedule, x) for x in trig_sampling_times(k, c.intermediate_time)]
         t0 = torch.full((len(batch),), ts[0], dtype=torch.long, device=m.device)
-        return consistency_sample(m, batch, lambda x, t: m.predict("student", x, t, batch.cond)[0], ts,
-                                  "scm-dmd-noise", grad, start=lambda z: m.schedule.start_latent(z, t0))
+        return score_regulariser.consistency_sample(
+            m, batch, lambda x, t: m.predict("student", x, t, batch.cond)[0], ts, "scm-dmd-noise", grad,
+            start=lambda z: m.schedule.start_latent(z, t0))
 
     def _dmd_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         c = self.cfg
         w = c.guidance_scale if c.dmd_guidance_scale is None else c.dmd_guidance_scale
-        return dmd_loss(self.models, batch, self.generate(batch, grad=True), w, self.dmd_range, "scm-dmd")
+        x0 = self.generate(batch, grad=True)
+        return score_regulariser.dmd_loss(self.models, batch, x0, w, self.dmd_range, "scm-dmd")
 
     def _critic_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """The fake score's denoising loss on the student's samples, the teacher's own target (DMD eq. 6)."""
         with torch.no_grad():
             x0 = self.generate(batch, grad=False)
-        return fake_score_loss(self.models, batch, x0, "scm-critic")
+        return score_regulariser.fake_score_loss(self.models, batch, x0, "scm-critic")
 
     # ---- SANA-Sprint's LADD term -------------------------------------------------------------------------------------
     def gan_timesteps(self, batch: Batch) -> Tensor:

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill_diffusion import schedule
+from distill_diffusion import schedule, score_regulariser
 from distill_diffusion.adversarial import (
     FeatureDiscriminator,
     discriminate,
@@ -74,19 +74,10 @@ from distill_diffusion.method import (
     TargetSpec,
     masked_mean,
 )
-from distill_diffusion.score_regulariser import (
-    RegulariserConfig,
-    consistency_sample,
-    dmd_loss,
-    dmd_timestep_range,
-    draw_steps,
-    fake_score_loss,
-    update_schedule,
-)
 
 
 @dataclass
-class TSCDConfig(RegulariserConfig):
+class TSCDConfig(score_regulariser.RegulariserConfig):
     num_ddim_timesteps: int = 50  # N, DDIM solver grid (k = T / N = 20); PCM's SDXL recipe uses 40
     segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])  # S per stage (Hyper-SD: 8 -> 4 -> 2 -> 1)
     stage_fractions: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])  # stage lengths / max_steps
@@ -103,8 +94,8 @@ class TSCDConfig(RegulariserConfig):
     adv_up_blocks: bool = True  # heads on the up blocks too (PCM SD1.5); its SDXL script uses down + mid only
     sampling_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # step counts of the final student
     default_steps: int = 4
-    # rCM's score regulariser (RegulariserConfig), in one-segment stages: dmd_weight > 0 adds a critic role (a
-    # fake score); dmd_guidance_scale None: w_max
+    # rCM's score regulariser (RegulariserConfig's fields), in one-segment stages: dmd_weight > 0 adds a critic role
+    # (a fake score); dmd_guidance_scale None: w_max
 
     def check(self) -> None:
         self.check_regulariser()
@@ -245,7 +236,7 @@ class TSCD(Method):
         if cfg.adversarial:
             self.feature_names = models.feature_blocks(cfg.adv_up_blocks)
             self.disc = teacher_discriminator(models, self.feature_names, cfg.adv_heads_per_level)
-        self.dmd_range = dmd_timestep_range(cfg, T)
+        self.dmd_range = score_regulariser.dmd_timestep_range(cfg, T)
 
     # ---- declarations --------------------------------------------------------------------------------------------
     def segments_at(self, step: int) -> int:
@@ -258,7 +249,9 @@ class TSCD(Method):
 
     def updates(self, step: int) -> tuple[str, ...]:
         if self.cfg.dmd_weight > 0:
-            return update_schedule(step, self.cfg.student_update_every) if self.regularised(step) else ("student",)
+            if not self.regularised(step):
+                return ("student",)
+            return score_regulariser.update_schedule(step, self.cfg.student_update_every)
         if not self.cfg.adversarial:
             return ("student",)
         return ("critic",) if step % 2 == 0 else ("student",)  # PCM: D on even steps, G on odd ones
@@ -329,7 +322,7 @@ class TSCD(Method):
         if role == "critic" and c.dmd_weight > 0:
             with torch.no_grad():
                 x0 = self.generate(batch, grad=False)
-            return fake_score_loss(m, batch, x0, "tscd-critic")
+            return score_regulariser.fake_score_loss(m, batch, x0, "tscd-critic")
         if role == "critic":
             with torch.no_grad():
                 pred, target, edge, _ = self.consistency_pair(batch, n, eps, w, S)
@@ -353,9 +346,9 @@ class TSCD(Method):
             logs["adv_g"] = float(g.detach().mean())
         loss, dropped = masked_mean(per)
         if self.regularised(step):
-            dmd, dlogs = dmd_loss(m, batch, self.generate(batch, grad=True),
-                                  c.w_max if c.dmd_guidance_scale is None else c.dmd_guidance_scale, self.dmd_range,
-                                  "tscd-dmd")
+            w_dmd = c.w_max if c.dmd_guidance_scale is None else c.dmd_guidance_scale
+            x0 = self.generate(batch, grad=True)
+            dmd, dlogs = score_regulariser.dmd_loss(m, batch, x0, w_dmd, self.dmd_range, "tscd-dmd")
             loss = loss + c.dmd_weight * dmd
             logs.update(dlogs)
         return loss, {**logs, "nonfinite": float(dropped)}
@@ -365,9 +358,10 @@ class TSCD(Method):
         the next k-segment timestep; :meth:`consistency_sampling`), the last step with gradient when ``grad``.
         (B, C, h, w)."""
         m = self.models
-        k = draw_steps(batch, self.cfg.dmd_max_steps, "tscd-dmd-k")
-        return consistency_sample(m, batch, lambda x, t: m.predict("student", x, t, batch.cond)[0],
-                                  sampling_timesteps(self.solver_t.cpu(), k), "tscd-dmd-noise", grad)
+        k = score_regulariser.draw_steps(batch, self.cfg.dmd_max_steps, "tscd-dmd-k")
+        return score_regulariser.consistency_sample(
+            m, batch, lambda x, t: m.predict("student", x, t, batch.cond)[0],
+            sampling_timesteps(self.solver_t.cpu(), k), "tscd-dmd-noise", grad)
 
     # ---- export --------------------------------------------------------------------------------------------------
     def step_sampling(self, segments: int) -> StepSampling:

@@ -7,10 +7,7 @@ import math
 import pytest
 import torch
 
-import methods.lcm
-import methods.scm
-import methods.tscd
-from distill_diffusion import artifacts
+from distill_diffusion import artifacts, score_regulariser
 from distill_diffusion.errors import UserError
 from distill_diffusion.matching import dm_gradient
 from distill_diffusion.score_regulariser import dmd_loss
@@ -19,15 +16,15 @@ from methods.scm import SCM
 from methods.tscd import TSCD
 from tests.helpers import build, fixed_batch, optimizers, update
 
-CASES = {  # method, its module (whose draw of k the test fixes), a step where the regulariser acts, extra config
-    "lcm": (LCM, methods.lcm, 0, {}),
-    "tscd": (TSCD, methods.tscd, 900, {}),  # the last of four stages of max_steps 1000: one segment
-    "scm": (SCM, methods.scm, 0, {"tangent_warmup_steps": 0, "jvp": "finite_difference"}),
+CASES = {  # method, a step where the regulariser acts, extra config
+    "lcm": (LCM, 0, {}),
+    "tscd": (TSCD, 900, {}),  # the last of four stages of max_steps 1000: one segment
+    "scm": (SCM, 0, {"tangent_warmup_steps": 0, "jvp": "finite_difference"}),
 }
 
 
 def _build(name, teacher, student="lora", **kw):
-    cls, _, _, extra = CASES[name]
+    cls, _, extra = CASES[name]
     return build(cls, teacher, student, dmd_weight=1.0, **(extra | kw))
 
 
@@ -36,9 +33,8 @@ def test_student_sample_is_what_its_exported_sampler_draws(name, tiny_teachers, 
     """The DMD term's sample after k = 2 steps equals the run's exported 2-step sampler (the diffusers scheduler of
     sampling.json, stepped on the same network and the same noises): the regulariser matches the student that
     ships."""
-    cls, module, _, _ = CASES[name]
     models, method, _ = _build(name, tiny_teachers["sd"])
-    monkeypatch.setattr(module, "draw_steps", lambda *a: 2)
+    monkeypatch.setattr(score_regulariser, "draw_steps", lambda *a: 2)
     batch = fixed_batch(models, b=3)
     with torch.no_grad(), models.role("student"):
         ours = method.generate(batch, grad=False)
@@ -81,7 +77,7 @@ def test_regulariser_roles_train_their_own_tensors(name, student, tiny_teachers)
     """With dmd_weight > 0 a critic role joins; the critic's step moves only the critic, the student's only the
     student, and the student's loss is the consistency loss plus λ × DMD's term."""
     models, method, _ = _build(name, tiny_teachers["sd"], student, student_update_every=2)
-    step = CASES[name][2]
+    step = CASES[name][1]
     assert models.roles == ("student", "critic") and not models.headless
     assert method.updates(step) == ("critic",) and method.updates(step + 1) == ("student", "critic")
     opts = optimizers(models, method)
