@@ -34,15 +34,18 @@ class RegulariserConfig:
     """The regulariser's settings, shared by the consistency methods' configs (fields of ``method:``)."""
 
     dmd_weight: float = 0.0  # λ of DMD's term against the consistency loss; 0: off (no critic role)
-    dmd_max_steps: int = 4  # the student's sample for DMD comes from k ~ U{1..N} steps of its own sampler
+    dmd_min_steps: int = 1  # the student's sample for DMD comes from k ~ U{min..max} steps of its own sampler
+    dmd_max_steps: int = 4  # (min = max: always that many, so that the critic learns one step count's samples)
     student_update_every: int = 1  # with the critic: critic updates per student update (rCM 5)
     dmd_guidance_scale: float | None = None  # the teacher's CFG inside the DMD term (None: the method's guidance)
     min_step_ratio: float = 0.02  # DMD's t ~ U[0.02 T, 0.98 T] on the teacher's own timesteps (DMD2)
     max_step_ratio: float = 0.98
 
     def check_regulariser(self) -> None:
-        if self.dmd_weight < 0 or self.dmd_max_steps < 1 or self.student_update_every < 1:
-            raise UserError("method.dmd_weight must be >= 0, method.dmd_max_steps and student_update_every >= 1")
+        if self.dmd_weight < 0 or self.dmd_min_steps < 1 or self.student_update_every < 1:
+            raise UserError("method.dmd_weight must be >= 0, method.dmd_min_steps and student_update_every >= 1")
+        if self.dmd_max_steps < self.dmd_min_steps:
+            raise UserError(f"method.dmd_min_steps={self.dmd_min_steps} > method.dmd_max_steps={self.dmd_max_steps}")
         if not 0 <= self.min_step_ratio < self.max_step_ratio <= 1:
             raise UserError(f"method.min_step_ratio={self.min_step_ratio}, method.max_step_ratio="
                             f"{self.max_step_ratio}: need 0 <= min < max <= 1")
@@ -59,9 +62,11 @@ def update_schedule(step: int, every: int) -> tuple[str, ...]:
     return ("student", "critic") if (step + 1) % every == 0 else ("critic",)
 
 
-def draw_steps(batch: Batch, max_steps: int, tag: str) -> int:
-    """k ~ U{1..max_steps}, shared by the global batch (one rollout length per step), keyed ``tag``."""
-    return batch.rng.shared_randint(1, max_steps + 1, tag) if max_steps > 1 else 1
+def draw_steps(batch: Batch, cfg: RegulariserConfig, tag: str) -> int:
+    """k ~ U{dmd_min_steps..dmd_max_steps}, shared by the global batch (one rollout length per step), keyed
+    ``tag``; no draw when the range holds one count."""
+    lo, hi = cfg.dmd_min_steps, cfg.dmd_max_steps
+    return batch.rng.shared_randint(lo, hi + 1, tag) if hi > lo else hi
 
 
 def consistency_sample(models: Any, batch: Batch, predict_x0: PredictX0, timesteps: Sequence[int], tag: str,

@@ -15,8 +15,8 @@ family's network can: the SD families) exactly as diffusers' pipelines feed ``gu
 
 Optional (``dmd_weight > 0``): rCM's score regulariser (``distill_diffusion.score_regulariser``; Zheng et al. 2025,
 arXiv:2510.08431, sec. 4) adds λ × DMD's reverse-divergence term on the student's own k-step samples (its exported
-multistep sampler, k ~ U{1..dmd_max_steps}, gradient through the last step), with a fake score (the ``critic`` role)
-that learns those samples. rCM pairs it with continuous-time consistency; on LCM it is our extension.
+multistep sampler, k ~ U{dmd_min_steps..dmd_max_steps}, gradient through the last step), with a fake score (the
+``critic`` role) that learns those samples. rCM pairs it with continuous-time consistency; on LCM it is our extension.
 
 Spaces. The paper defines everything on the discrete VP schedule: the solver step is DDIM in (x0, ε), the
 consistency function uses c_skip/c_out of the integer timestep. On a flow teacher the same update runs through the
@@ -152,11 +152,11 @@ class LCM(Method):
 
     # ---- rCM's score regulariser (dmd_weight > 0) ---------------------------------------------------------------
     def generate(self, batch: Batch, grad: bool) -> Tensor:
-        """The student's sample after k ~ U{1..dmd_max_steps} steps of its exported multistep sampler (its
+        """The student's sample after k ~ U{dmd_min_steps..dmd_max_steps} steps of its exported multistep sampler (its
         consistency output, then fresh noise to the next timestep; the last step with gradient when ``grad``); a
         full student's guidance embedding gets ``sample_guidance`` as at sampling. (B, C, h, w)."""
         m, c = self.models, self.cfg
-        k = score_regulariser.draw_steps(batch, c.dmd_max_steps, "lcm-dmd-k")
+        k = score_regulariser.draw_steps(batch, c, "lcm-dmd-k")
         w_cond = None
         if self.w_embed:
             w = torch.full((len(batch),), c.sample_guidance, device=m.device)

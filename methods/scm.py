@@ -24,8 +24,8 @@ model: x0 = cos t x̂ − sin t F is the network's own x0 prediction, so the exp
 
 rCM (``dmd_weight > 0``): a second role, the fake score ("critic"), learns the student's samples by denoising, and
 the student's loss adds ``dmd_weight`` × DMD's reverse-divergence loss (DMD eq. 7 with DMD2's normaliser,
-``distill_diffusion.matching``) on a sample it generates from noise in 1..``dmd_max_steps`` steps (backward
-simulation); the critic updates every step, the student every ``student_update_every`` steps (rCM: 5).
+``distill_diffusion.matching``) on a sample it generates from noise in k ~ U{dmd_min_steps..dmd_max_steps} steps
+(backward simulation); the critic updates every step, the student every ``student_update_every`` steps (rCM: 5).
 
 SANA-Sprint's LADD term (``gan_weight > 0``; Chen et al. sec. 3.3, after Sauer et al. 2024, arXiv:2403.12015): hinge
 heads on the frozen teacher's features (``distill_diffusion.adversarial``) tell real latents from the student's own
@@ -264,11 +264,11 @@ class SCM(Method):
 
     # ---- rCM: the score regulariser ---------------------------------------------------------------------------------
     def generate(self, batch: Batch, grad: bool) -> Tensor:
-        """The student's x0 after k ~ U{1..dmd_max_steps} steps (shared by the global batch) of its own consistency
-        sampler at the nearest training timesteps, from the teacher's start latent; only the last step with
+        """The student's x0 after k ~ U{dmd_min_steps..dmd_max_steps} steps (shared by the global batch) of its own
+        consistency sampler at the nearest training timesteps, from the teacher's start latent; only the last step with
         gradient when ``grad``. (B, C, h, w)."""
         m, c = self.models, self.cfg
-        k = score_regulariser.draw_steps(batch, c.dmd_max_steps, "scm-dmd-k")
+        k = score_regulariser.draw_steps(batch, c, "scm-dmd-k")
         ts = [trigflow.nearest_timestep(m.schedule, x) for x in trig_sampling_times(k, c.intermediate_time)]
         t0 = torch.full((len(batch),), ts[0], dtype=torch.long, device=m.device)
         return score_regulariser.consistency_sample(

@@ -30,10 +30,10 @@ timesteps all lie on the solver grid, i.e. they are the timesteps the student wa
 
 Optional score regulariser (``dmd_weight > 0``; rCM, Zheng et al. 2025, arXiv:2510.08431, sec. 4;
 ``distill_diffusion.score_regulariser``): in one-segment stages, λ × DMD's reverse-divergence term on the final
-student's own k-step samples (its re-noising sampler, k ~ U{1..dmd_max_steps}, gradient through the last step) and a
-fake score (the ``critic`` role, a network: not with the adversarial heads) that learns them. Segmented stages sample
-by deterministic jumps to their edges, which that sample does not model, so they train as before. Our extension of
-rCM's recipe, which pairs the term with continuous-time consistency.
+student's own k-step samples (its re-noising sampler, k ~ U{dmd_min_steps..dmd_max_steps}, gradient through the last
+step) and a fake score (the ``critic`` role, a network: not with the adversarial heads) that learns them. Segmented
+stages sample by deterministic jumps to their edges, which that sample does not model, so they train as before. Our
+extension of rCM's recipe, which pairs the term with continuous-time consistency.
 
 Optional adversarial term (PCM sec. 4.3, its ``_adv`` scripts): discriminator heads on the frozen teacher's features
 (every down, mid and up block, 4 heads per level; its SDXL script: down and mid blocks, 1 head each); the prediction
@@ -354,11 +354,11 @@ class TSCD(Method):
         return loss, {**logs, "nonfinite": float(dropped)}
 
     def generate(self, batch: Batch, grad: bool) -> Tensor:
-        """The final student's sample after k ~ U{1..dmd_max_steps} steps of its exported sampler (x0, re-noised to
-        the next k-segment timestep; :meth:`consistency_sampling`), the last step with gradient when ``grad``.
-        (B, C, h, w)."""
+        """The final student's sample after k ~ U{dmd_min_steps..dmd_max_steps} steps of its exported sampler (x0,
+        re-noised to the next k-segment timestep; :meth:`consistency_sampling`), the last step with gradient when
+        ``grad``. (B, C, h, w)."""
         m = self.models
-        k = score_regulariser.draw_steps(batch, self.cfg.dmd_max_steps, "tscd-dmd-k")
+        k = score_regulariser.draw_steps(batch, self.cfg, "tscd-dmd-k")
         return score_regulariser.consistency_sample(
             m, batch, lambda x, t: m.predict("student", x, t, batch.cond)[0],
             sampling_timesteps(self.solver_t.cpu(), k), "tscd-dmd-noise", grad)

@@ -118,3 +118,5 @@ def test_bad_regulariser_settings_are_refused():
         LCM.Config(min_step_ratio=0.9, max_step_ratio=0.5).check()
     with pytest.raises(UserError, match="dmd_weight"):
         SCM.Config(dmd_weight=-1.0).check()
+    with pytest.raises(UserError, match="dmd_min_steps=8 > method.dmd_max_steps=4"):
+        LCM.Config(dmd_min_steps=8).check()
