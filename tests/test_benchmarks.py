@@ -431,3 +431,38 @@ def test_recorded_commands_paste_back_as_they_ran(monkeypatch):
     assert line.startswith("python -m benchmarks.sweep --grid 'lora_targets=[a,b]' ")
     monkeypatch.setattr("sys.argv", ["prog", "a b"])
     assert command_line("p") == "p 'a b'"  # no argv: this process's own
+
+
+def test_tcd_gamma_copy_rewrites_every_sampler_and_keeps_the_run(tmp_path, capsys):
+    """benchmarks.tcd_gamma samples a copy: TCDScheduler at the same timesteps in every sampling file (the main one
+    cut to the asked step counts), LCM's boundary settings dropped; the run is untouched; a flow run or a missing
+    step count is one line and exit 2."""
+    from benchmarks.quality import ROOT
+    from benchmarks.tcd_gamma import main, tcd_copy
+
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    lcm = {"scheduler": "LCMScheduler", "timesteps": [999, 499], "guidance_scale": 1.0,
+           "scheduler_kwargs": {"timestep_scaling": 1e4, "original_inference_steps": 50}}
+    main_file = {"steps": {"2": lcm, "4": dict(lcm, timesteps=[999, 739, 499, 239])}, "default_steps": 2}
+    stage = {"steps": {"4": dict(lcm, scheduler="TCDScheduler", timesteps=[999, 739, 499, 239])}, "default_steps": 4}
+    (run / "sampling.json").write_text(json.dumps(main_file))
+    (run / "sampling_student_S4.json").write_text(json.dumps(stage))
+    tcd_copy(run, tmp_path / "copy", [4])
+    got = json.loads((tmp_path / "copy" / "sampling.json").read_text())
+    assert list(got["steps"]) == ["4"] and got["default_steps"] == 4
+    assert got["steps"]["4"]["scheduler"] == "TCDScheduler"
+    assert got["steps"]["4"]["timesteps"] == [999, 739, 499, 239]
+    assert got["steps"]["4"]["scheduler_kwargs"] == {"original_inference_steps": 50}
+    assert json.loads((tmp_path / "copy" / "sampling_student_S4.json").read_text())["steps"]["4"]["timesteps"] == \
+        [999, 739, 499, 239]
+    assert not (tmp_path / "copy" / "checkpoints").exists()
+    assert json.loads((run / "sampling.json").read_text()) == main_file
+    with pytest.raises(ValueError, match="none of the step counts"):
+        tcd_copy(run, tmp_path / "copy", [8])
+    flow = dict(lcm, scheduler="FlowMatchLCMScheduler")
+    (run / "sampling.json").write_text(json.dumps(dict(main_file, steps={"2": flow})))
+    assert main(["--run", str(run), "--steps", "2", "--name", "probe_test"]) == 2
+    assert "not a VP consistency/TCD sampler" in capsys.readouterr().err
+    assert not (ROOT / "runs" / "_tcd_gamma" / "probe_test").exists()
