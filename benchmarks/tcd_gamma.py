@@ -10,7 +10,8 @@ re-noising (LCM's sampler without its boundary scalings). For each γ this copie
 ``runs/_tcd_gamma/NAME/g<γ>`` with every sampling file rewritten to TCDScheduler at the same timesteps (the main
 file keeps ``--steps``), then runs ``python -m eval`` on the copy in a process whose TCDScheduler takes γ as its
 ``eta`` (the pipelines pass eta = 0). Reports: ``reports/tcd_gamma_NAME/g<γ>/report.md``; the table printed at the
-end has one row per student and step count. The run itself is not changed. VP teachers only (diffusers' flow schedulers have no γ).
+end has one row per student and step count. The run itself is not changed. VP teachers only (diffusers' flow
+schedulers have no γ).
 """
 
 from __future__ import annotations
