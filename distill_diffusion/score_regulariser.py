@@ -41,6 +41,10 @@ class RegulariserConfig:
     min_step_ratio: float = 0.02  # DMD's t ~ U[0.02 T, 0.98 T] on the teacher's own timesteps (DMD2)
     max_step_ratio: float = 0.98
 
+    def dmd_guidance(self, default: float) -> float:
+        """The teacher's CFG inside DMD's term: ``dmd_guidance_scale``, or the method's own guidance ``default``."""
+        return default if self.dmd_guidance_scale is None else self.dmd_guidance_scale
+
     def check_regulariser(self) -> None:
         if self.dmd_weight < 0 or self.dmd_min_steps < 1 or self.student_update_every < 1:
             raise UserError("method.dmd_weight must be >= 0, method.dmd_min_steps and student_update_every >= 1")
@@ -73,8 +77,8 @@ def consistency_sample(models: Any, batch: Batch, predict_x0: PredictX0, timeste
                        grad: bool, start: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """The student's x0 after len(timesteps) steps of its consistency sampler (x0, then fresh noise to the next
     timestep), from keyed noise ``{tag}-0..k-1``; only the last prediction with gradient when ``grad`` (and grad
-    mode is on). ``start`` maps the first noise to the first latent (default: unchanged, the pipelines' unit
-    noise). (B, C, h, w)."""
+    mode is on; with ``grad`` False no graph is built). ``start`` maps the first noise to the first latent
+    (default: unchanged, the pipelines' unit noise). (B, C, h, w)."""
     m, b, k = models, len(batch), len(timesteps)
     noises = [batch.rng.randn(m.latent_shape, f"{tag}-{j}") for j in range(k)]
     x = noises[0] if start is None else start(noises[0])

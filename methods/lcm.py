@@ -108,13 +108,12 @@ class LCM(Method):
 
     def loss(self, role: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if role == "critic":
-            with torch.no_grad():
-                x0 = self.generate(batch, grad=False)
+            x0 = self.generate(batch, grad=False)
             return score_regulariser.fake_score_loss(self.models, batch, x0, "lcm-critic")
         loss, logs = self.consistency_loss(batch)
         if self.cfg.dmd_weight > 0:
-            w = self.cfg.w_max if self.cfg.dmd_guidance_scale is None else self.cfg.dmd_guidance_scale
             x0 = self.generate(batch, grad=True)
+            w = self.cfg.dmd_guidance(self.cfg.w_max)
             dmd, dlogs = score_regulariser.dmd_loss(self.models, batch, x0, w, self.dmd_range, "lcm-dmd")
             loss = loss + self.cfg.dmd_weight * dmd
             logs.update(dlogs)

@@ -276,15 +276,13 @@ class SCM(Method):
             start=lambda z: m.schedule.start_latent(z, t0))
 
     def _dmd_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        c = self.cfg
-        w = c.guidance_scale if c.dmd_guidance_scale is None else c.dmd_guidance_scale
         x0 = self.generate(batch, grad=True)
+        w = self.cfg.dmd_guidance(self.cfg.guidance_scale)
         return score_regulariser.dmd_loss(self.models, batch, x0, w, self.dmd_range, "scm-dmd")
 
     def _critic_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """The fake score's denoising loss on the student's samples, the teacher's own target (DMD eq. 6)."""
-        with torch.no_grad():
-            x0 = self.generate(batch, grad=False)
+        x0 = self.generate(batch, grad=False)
         return score_regulariser.fake_score_loss(self.models, batch, x0, "scm-critic")
 
     # ---- SANA-Sprint's LADD term -------------------------------------------------------------------------------------

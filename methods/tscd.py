@@ -320,8 +320,7 @@ class TSCD(Method):
         logs: dict[str, float] = {"segments": float(S)}
 
         if role == "critic" and c.dmd_weight > 0:
-            with torch.no_grad():
-                x0 = self.generate(batch, grad=False)
+            x0 = self.generate(batch, grad=False)
             return score_regulariser.fake_score_loss(m, batch, x0, "tscd-critic")
         if role == "critic":
             with torch.no_grad():
@@ -346,9 +345,8 @@ class TSCD(Method):
             logs["adv_g"] = float(g.detach().mean())
         loss, dropped = masked_mean(per)
         if self.regularised(step):
-            w_dmd = c.w_max if c.dmd_guidance_scale is None else c.dmd_guidance_scale
             x0 = self.generate(batch, grad=True)
-            dmd, dlogs = score_regulariser.dmd_loss(m, batch, x0, w_dmd, self.dmd_range, "tscd-dmd")
+            dmd, dlogs = score_regulariser.dmd_loss(m, batch, x0, c.dmd_guidance(c.w_max), self.dmd_range, "tscd-dmd")
             loss = loss + c.dmd_weight * dmd
             logs.update(dlogs)
         return loss, {**logs, "nonfinite": float(dropped)}
