@@ -156,12 +156,16 @@ def test_factored_backward_equals_autograd_through_the_merged_weight(layer, trai
 
     with merged.active("a"):
         y = plain(x)
+        with torch.no_grad():
+            y_merged = plain(x)
     assert y.grad_fn.name() == _Factored.__name__ + "Backward"
     got = torch.autograd.grad(y, [x, A, B] if train_factors else [x], dy)
-    w = layer.weight + lora.get_delta_weight("a")
+    w = layer.weight + lora.get_delta_weight("a")  # peft's merge, differentiable in A and B
     ref_y = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else layer._conv_forward(x, w, layer.bias)
     ref = torch.autograd.grad(ref_y, [x, A, B] if train_factors else [x], dy)
-    torch.testing.assert_close(y, ref_y, rtol=0, atol=0)  # the forward is the merged one, bit for bit
+    torch.testing.assert_close(y, y_merged, rtol=0, atol=0)  # the forward is the merged one, bit for bit
+    scale = float(ref_y.detach().abs().max())
+    torch.testing.assert_close(y, ref_y, rtol=1e-6, atol=1e-6 * scale)  # peft's merge, to float32 rounding
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
@@ -188,3 +192,26 @@ def test_a_forward_with_gradient_keeps_no_merged_weight(tiny_teachers):
     xt, t = torch.randn(2, *off.latent_shape), torch.tensor([10, 900])
     cond = off.encode_prompts(["a cat", "a dog"])
     assert 0 < forward_backward(always, xt, t, cond) <= forward_backward(off, xt, t, cond)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(6, 5), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)], ids=str)
+@pytest.mark.parametrize("alpha", [2, 3])
+def test_merged_weight_is_pefts_and_leaves_the_base_alone(layer, alpha):
+    """The in-place merge is peft's W + get_delta_weight to float32 rounding (bit for bit at s = 1 on a Linear or a
+    1×1 convolution, where both are one matmul), with s = alpha / r applied, and W itself never changes."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from distill_diffusion.lora_merge import _merged_weight
+
+    torch.manual_seed(0)
+    lora = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=alpha, target_modules=["0"]), nn.Sequential(layer),
+                                   adapter_name="a").requires_grad_(False)[0]
+    with torch.no_grad():
+        lora.lora_B["a"].weight.normal_()
+    before = layer.weight.clone()
+    with torch.no_grad():
+        got, ref = _merged_weight(layer, lora, "a"), layer.weight + lora.get_delta_weight("a")
+    assert torch.equal(layer.weight, before) and got.shape == ref.shape and not torch.equal(got, before)
+    if alpha == 2 and layer.weight.shape[2:] in ((), (1, 1)):
+        assert torch.equal(got, ref)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
