@@ -7,10 +7,10 @@ TCD's strategic stochastic sampling (Zheng et al., "Trajectory Consistency Disti
 takes each step to s' = (1 − γ) s with the student's (x0, ε) and re-noises from s' to the next timestep s with
 fresh noise: γ = 0 is DDIM's deterministic jump (the stage students' export), γ = 1 the consistency model's
 re-noising (LCM's sampler without its boundary scalings). For each γ this copies the run's student folders into
-``runs/_tcd_gamma/NAME/g<γ>`` with every sampling file rewritten to TCDScheduler at the same timesteps (the main
-file keeps ``--steps``), then runs ``python -m eval`` on the copy in a process whose TCDScheduler takes γ as its
-``eta`` (the pipelines pass eta = 0). Reports: ``reports/tcd_gamma_NAME/g<γ>/report.md``; the table printed at the
-end has one row per student and step count. The run itself is not changed. VP teachers only (diffusers' flow
+``runs/_tcd_gamma/NAME/g<γ>`` with every sampling file rewritten to TCDScheduler at the same timesteps with γ as
+the pipelines' ``eta`` (what ``method.tcd_gamma`` exports; the main file keeps ``--steps``), then runs
+``python -m eval`` on the copy. Reports: ``reports/tcd_gamma_NAME/g<γ>/report.md``; the table printed at the end
+has one row per student and step count. The run itself is not changed. VP teachers only (diffusers' flow
 schedulers have no γ).
 """
 
@@ -29,9 +29,10 @@ from distill_diffusion.provenance import command_line
 REWRITTEN = ("LCMScheduler", "TCDScheduler")
 
 
-def tcd_sampling(run: Path, steps: list[int]) -> dict[str, dict]:
-    """Every sampling*.json of ``run`` rewritten to TCDScheduler at its timesteps (file name -> contents); the main
-    sampling.json keeps the step counts ``steps`` (those it has). ValueError for a run it cannot rewrite."""
+def tcd_sampling(run: Path, steps: list[int], gamma: float) -> dict[str, dict]:
+    """Every sampling*.json of ``run`` rewritten to TCDScheduler at its timesteps and ``gamma`` (file name ->
+    contents); the main sampling.json keeps the step counts ``steps`` (those it has). ValueError for a run it cannot
+    rewrite."""
     out = {}
     for f in sorted(run.glob("sampling*.json")):
         info = json.loads(f.read_text())
@@ -43,6 +44,7 @@ def tcd_sampling(run: Path, steps: list[int]) -> dict[str, dict]:
                 raise ValueError(f"{f.name}: {s['scheduler']} is not a VP consistency/TCD sampler")
             s["scheduler"] = "TCDScheduler"
             s["scheduler_kwargs"] = {k: v for k, v in s["scheduler_kwargs"].items() if k == "original_inference_steps"}
+            s["eta"] = gamma
         info["steps"] = kept
         if str(info["default_steps"]) not in kept:
             info["default_steps"] = int(next(iter(kept)))
@@ -50,10 +52,10 @@ def tcd_sampling(run: Path, steps: list[int]) -> dict[str, dict]:
     return out
 
 
-def tcd_copy(run: Path, dst: Path, steps: list[int]) -> None:
+def tcd_copy(run: Path, dst: Path, steps: list[int], gamma: float) -> None:
     """``run`` without checkpoints, logs and validation grids in ``dst``, with :func:`tcd_sampling`'s files; nothing
     is written when the run cannot be rewritten."""
-    files = tcd_sampling(run, steps)
+    files = tcd_sampling(run, steps, gamma)
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(run, dst, ignore=shutil.ignore_patterns("checkpoints", "logs", "validation"))
@@ -61,26 +63,8 @@ def tcd_copy(run: Path, dst: Path, steps: list[int]) -> None:
         (dst / name).write_text(json.dumps(info, indent=1))
 
 
-def eval_with_gamma(gamma: float, eval_argv: list[str]) -> int:
-    """``python -m eval`` with TCDScheduler.step's eta forced to ``gamma`` (run in a child process)."""
-    import diffusers
-
-    step = diffusers.TCDScheduler.step
-
-    def with_gamma(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - diffusers' own signature
-        kwargs["eta"] = gamma
-        return step(self, *args, **kwargs)
-
-    diffusers.TCDScheduler.step = with_gamma
-    from eval.__main__ import main
-
-    return main(eval_argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--child"]:
-        return eval_with_gamma(float(argv[1]), argv[2:])
     ap = argparse.ArgumentParser(prog="python -m benchmarks.tcd_gamma", description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
     ap.add_argument("--gammas", type=float, nargs="+", default=[1.0, 0.5, 0.2])
@@ -99,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         copy = ROOT / "runs" / "_tcd_gamma" / name / f"g{g}"
         out = ROOT / "reports" / f"tcd_gamma_{name}" / f"g{g}"
         try:
-            tcd_copy(run, copy, a.steps)
+            tcd_copy(run, copy, a.steps, g)
         except (ValueError, KeyError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         ev = ["--runs", str(copy), "--num-images", str(a.num_images), "--threads", str(a.threads),
               "--teacher-steps", "1", "--teacher-guidance", "3", "--out", str(out)]
-        if subprocess.run([sys.executable, "-m", "benchmarks.tcd_gamma", "--child", str(g), *ev], cwd=ROOT).returncode:
+        if subprocess.run([sys.executable, "-m", "eval", *ev], cwd=ROOT).returncode:
             print(f"error: python -m eval failed at γ = {g}", file=sys.stderr)
             return 1
         rows = json.loads((out / "report.json").read_text())["rows"]

@@ -331,7 +331,7 @@ def model_card(info: dict[str, Any], out: Path) -> str:
         run = f"sigmas={d['sigmas']}"
         scale = ""
     else:
-        run = f"timesteps={d['timesteps']}"
+        run = f"timesteps={d['timesteps']}" + ("" if d.get("eta") is None else f", eta={d['eta']}")
         scale = f"pipe.scheduler.init_noise_sigma = {d['init_noise_scale']}  # the initial latent's scale\n"
     load = (
         f"pipe = {info['pipeline']}.from_pretrained(TEACHER)\n"

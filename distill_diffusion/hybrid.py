@@ -156,9 +156,9 @@ def hybrid_sample(teacher: Any, student: Any, prompts: list[str], steps: int, se
         # SD pipelines multiply given latents by their scheduler's init_noise_sigma: undo that so the student starts
         # exactly from x_{τ_2} (flow pipelines take given latents as they are).
         latents = latents / float(student.scheduler.init_noise_sigma)
-        rest: dict[str, Any] = {"timesteps": [int(t) for t in s.timesteps[1:]]}
+        rest: dict[str, Any] = {**s.call_kwargs(), "timesteps": [int(t) for t in s.timesteps[1:]]}
     else:
-        rest = {"sigmas": list(s.sigmas[1:])}
+        rest = {**s.call_kwargs(), "sigmas": list(s.sigmas[1:])}
     call = family_of(student).pipe_call_kwargs(student, s.guidance_scale, None)
     student.scheduler.generator = gens  # see artifacts._seeded: flow pipelines do not pass it to step()
     out = student(prompt=list(prompts), **rest, **call, latents=latents, generator=gens, height=res, width=res,

@@ -131,10 +131,13 @@ class StepSampling:
     scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     init_noise_scale: float = 1.0  # the initial latent is init_noise_scale * N(0, I)
     sigmas: list[float] | None = None  # flow schedules: the exact sigmas passed to the pipeline (``sigmas=``)
+    eta: float | None = None  # TCDScheduler's γ, which the SD pipelines take as ``eta=`` (None: their default, 0)
 
     def call_kwargs(self) -> dict[str, Any]:
-        """What a diffusers pipeline call takes to run these steps: ``sigmas=`` (flow) or ``timesteps=`` (VP)."""
-        return {"sigmas": list(self.sigmas)} if self.sigmas is not None else {"timesteps": list(self.timesteps)}
+        """What a diffusers pipeline call takes to run these steps: ``sigmas=`` (flow) or ``timesteps=`` (VP), and
+        ``eta=`` when the sampler has a γ."""
+        where = {"sigmas": list(self.sigmas)} if self.sigmas is not None else {"timesteps": list(self.timesteps)}
+        return where if self.eta is None else {**where, "eta": self.eta}
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import UserError
 from .method import StepRNG, StepSampling
 
 
@@ -309,6 +310,21 @@ def flow_split(v: Tensor, xt: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
 # the consistency boundary scalings, what the network is fed as its timestep, and the scheduler a student exports.
 
 
+TCD_FLOW = ("method.tcd_gamma: TCD's stochastic sampler (TCDScheduler) is for VP teachers; diffusers' flow "
+            "schedulers have no γ. Leave method.tcd_gamma unset on a flow teacher")
+
+
+def check_tcd_gamma(gamma: float | None, sched: Any = None) -> None:
+    """Refuse ``method.tcd_gamma`` outside [0, 1], or on a flow teacher's schedule ``sched`` (when given), before a
+    run trains a student it could not export (UserError: one line that says what to do)."""
+    if gamma is None:
+        return
+    if not 0 <= gamma <= 1:
+        raise UserError(f"method.tcd_gamma={gamma}: TCD's γ lies in [0, 1] (0: deterministic, 1: re-noising)")
+    if sched is not None and not isinstance(sched, VPSchedule):
+        raise UserError(TCD_FLOW)
+
+
 class VPSchedule:
     """The discrete variance-preserving (DDPM) schedule of SD1.x / SD2.x / SDXL teachers.
 
@@ -373,13 +389,21 @@ class VPSchedule:
         return student_rollout(predict_x0, x, timesteps, noises, self.alphas_cumprod)
 
     def sampler(self, kind: str, timesteps: Sequence[int], guidance_scale: float = 1.0,
-                init_noise_scale: float = 1.0, vp_kwargs: dict[str, Any] | None = None) -> StepSampling:
+                init_noise_scale: float = 1.0, vp_kwargs: dict[str, Any] | None = None,
+                gamma: float | None = None) -> StepSampling:
         """How a student samples at these timesteps: ``kind`` "consistency" (x0, then fresh noise to the next
-        timestep: LCMScheduler) or "deterministic" (DDIM's eta = 0 jump of (x0, eps): TCDScheduler with gamma 0).
-        ``vp_kwargs``: the method's LCM/TCD scheduler settings (timestep scaling, original steps)."""
-        name = {"consistency": "LCMScheduler", "deterministic": "TCDScheduler"}[kind]
+        timestep: LCMScheduler), "deterministic" (DDIM's eta = 0 jump of (x0, eps): TCDScheduler with gamma 0) or
+        "tcd" (TCD's strategic stochastic sampling at ``gamma``, Zheng et al. 2024, arXiv:2402.19159, sec. 4.3: the
+        DDIM jump to s' = (1 − γ) s, then fresh noise up to the next timestep s; TCDScheduler, the pipeline's
+        ``eta``). ``vp_kwargs``: the method's LCM/TCD scheduler settings (timestep scaling, original steps); TCD
+        takes the original steps only."""
+        name = {"consistency": "LCMScheduler", "deterministic": "TCDScheduler", "tcd": "TCDScheduler"}[kind]
+        kwargs = dict(vp_kwargs or {})
+        if kind == "tcd":
+            kwargs = {k: v for k, v in kwargs.items() if k == "original_inference_steps"}
         return StepSampling(scheduler=name, timesteps=[int(t) for t in timesteps], guidance_scale=guidance_scale,
-                            scheduler_kwargs=dict(vp_kwargs or {}), init_noise_scale=init_noise_scale)
+                            scheduler_kwargs=kwargs, init_noise_scale=init_noise_scale,
+                            eta=float(gamma) if kind == "tcd" else None)
 
 
 class FlowSchedule:
@@ -494,10 +518,13 @@ class FlowSchedule:
         return x
 
     def sampler(self, kind: str, timesteps: Sequence[int], guidance_scale: float = 1.0,
-                init_noise_scale: float = 1.0, vp_kwargs: dict[str, Any] | None = None) -> StepSampling:
+                init_noise_scale: float = 1.0, vp_kwargs: dict[str, Any] | None = None,
+                gamma: float | None = None) -> StepSampling:
         """FlowMatchLCMScheduler ("consistency") or FlowMatchEulerDiscreteScheduler ("deterministic") with the exact
         sigmas of these training timesteps; shift 1 and no dynamic shift, so the scheduler uses them unchanged.
-        ``vp_kwargs`` are LCM/TCD settings and do not apply."""
+        ``vp_kwargs`` are LCM/TCD settings and do not apply; "tcd" has no flow scheduler in diffusers."""
+        if kind == "tcd":
+            raise ValueError(TCD_FLOW)
         if init_noise_scale != 1.0:
             raise ValueError("flow pipelines start from unit noise; init_noise_scale must be 1")
         name = {"consistency": "FlowMatchLCMScheduler", "deterministic": "FlowMatchEulerDiscreteScheduler"}[kind]

@@ -94,11 +94,13 @@ class TSCDConfig(score_regulariser.RegulariserConfig):
     adv_up_blocks: bool = True  # heads on the up blocks too (PCM SD1.5); its SDXL script uses down + mid only
     sampling_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # step counts of the final student
     default_steps: int = 4
+    tcd_gamma: float | None = None  # export every student (stage ones too) with TCD's sampler at this γ (VP teachers)
     # rCM's score regulariser (RegulariserConfig's fields), in one-segment stages: dmd_weight > 0 adds a critic role
     # (a fake score); dmd_guidance_scale None: w_max
 
     def check(self) -> None:
         self.check_regulariser()
+        schedule.check_tcd_gamma(self.tcd_gamma)
         if self.adversarial and self.dmd_weight > 0:
             raise UserError("method.adversarial and method.dmd_weight > 0 both train the critic role: choose one")
         N = self.num_ddim_timesteps
@@ -226,6 +228,7 @@ class TSCD(Method):
             raise UserError(f"method.num_ddim_timesteps={N} must divide the teacher's {T} training timesteps")
         self.k = T // N
         self.solver_t = schedule.solver_timesteps(T, N).to(models.device)
+        schedule.check_tcd_gamma(cfg.tcd_gamma, models.schedule)
         max_steps = int(run.max_steps)
         self.ends = stage_ends(list(cfg.stage_fractions), max_steps)
         starts = [0] + self.ends[:-1]
@@ -363,19 +366,22 @@ class TSCD(Method):
 
     # ---- export --------------------------------------------------------------------------------------------------
     def step_sampling(self, segments: int) -> StepSampling:
-        """TCDScheduler (γ = 0: the pipelines' default eta; flow: FlowMatchEulerDiscreteScheduler, the same jump in
-        (x0, eps)) at the S-segment student's timesteps."""
+        """TCDScheduler (γ = 0: the pipelines' default eta, or ``tcd_gamma``; flow: FlowMatchEulerDiscreteScheduler,
+        the same jump in (x0, eps)) at the S-segment student's timesteps."""
         return self.models.schedule.sampler(
-            "deterministic", sampling_timesteps(self.solver_t.cpu(), segments),
-            vp_kwargs={"original_inference_steps": self.cfg.num_ddim_timesteps})
+            "deterministic" if self.cfg.tcd_gamma is None else "tcd", sampling_timesteps(self.solver_t.cpu(), segments),
+            vp_kwargs={"original_inference_steps": self.cfg.num_ddim_timesteps}, gamma=self.cfg.tcd_gamma)
 
     def consistency_sampling(self, k: int) -> StepSampling:
         """k-step sampling of a one-segment student (a consistency model to t = 0): its x0 re-noised with fresh noise
         to each next timestep (LCMScheduler; TCD's γ = 1; flow: FlowMatchLCMScheduler), at the k-segment timesteps.
 
         timestep_scaling 1e4 makes LCMScheduler's boundary scalings the identity (c_skip ≈ 0, c_out ≈ 1 for t >= 1):
-        this student is trained on plain x0 predictions, without LCM's boundary parameterisation.
+        this student is trained on plain x0 predictions, without LCM's boundary parameterisation. With
+        ``tcd_gamma``: TCD's stochastic sampler at the same timesteps instead (γ = 1 is this re-noising).
         """
+        if self.cfg.tcd_gamma is not None:
+            return self.step_sampling(k)
         return self.models.schedule.sampler(
             "consistency", sampling_timesteps(self.solver_t.cpu(), k),
             vp_kwargs={"timestep_scaling": 1.0e4, "original_inference_steps": self.cfg.num_ddim_timesteps})
@@ -385,7 +391,8 @@ class TSCD(Method):
         t to t = 0, and a deterministic jump to the next edge (TCD, γ = 0) reuses its ε, which this stage no longer
         trains to be consistent; re-noising with fresh noise is the consistency model's own multi-step sampler
         (measured better on the embedded teacher: the README's TSCD section).
-        Stage students (``exports``) keep TCD γ = 0: they were trained to land on their segment edges."""
+        Stage students (``exports``) keep TCD γ = 0: they were trained to land on their segment edges.
+        ``tcd_gamma`` samples every student, stage ones too, with TCD's γ instead."""
         final_s = int(self.cfg.segments[-1])
         make = self.consistency_sampling if final_s == 1 else self.step_sampling
         steps = {int(k): make(int(k)) for k in self.cfg.sampling_steps}

@@ -449,18 +449,18 @@ def test_tcd_gamma_copy_rewrites_every_sampler_and_keeps_the_run(tmp_path, capsy
     stage = {"steps": {"4": dict(lcm, scheduler="TCDScheduler", timesteps=[999, 739, 499, 239])}, "default_steps": 4}
     (run / "sampling.json").write_text(json.dumps(main_file))
     (run / "sampling_student_S4.json").write_text(json.dumps(stage))
-    tcd_copy(run, tmp_path / "copy", [4])
+    tcd_copy(run, tmp_path / "copy", [4], 0.3)
     got = json.loads((tmp_path / "copy" / "sampling.json").read_text())
     assert list(got["steps"]) == ["4"] and got["default_steps"] == 4
     assert got["steps"]["4"]["scheduler"] == "TCDScheduler"
     assert got["steps"]["4"]["timesteps"] == [999, 739, 499, 239]
-    assert got["steps"]["4"]["scheduler_kwargs"] == {"original_inference_steps": 50}
+    assert got["steps"]["4"]["scheduler_kwargs"] == {"original_inference_steps": 50} and got["steps"]["4"]["eta"] == 0.3
     assert json.loads((tmp_path / "copy" / "sampling_student_S4.json").read_text())["steps"]["4"]["timesteps"] == \
         [999, 739, 499, 239]
     assert not (tmp_path / "copy" / "checkpoints").exists()
     assert json.loads((run / "sampling.json").read_text()) == main_file
     with pytest.raises(ValueError, match="none of the step counts"):
-        tcd_copy(run, tmp_path / "copy", [8])
+        tcd_copy(run, tmp_path / "copy", [8], 0.3)
     flow = dict(lcm, scheduler="FlowMatchLCMScheduler")
     (run / "sampling.json").write_text(json.dumps(dict(main_file, steps={"2": flow})))
     assert main(["--run", str(run), "--steps", "2", "--name", "probe_test"]) == 2

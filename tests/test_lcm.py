@@ -137,3 +137,54 @@ def test_lora_ema_target_is_an_adapter_that_follows(tiny_teachers):
     for p0, p, s in zip(tgt0, tgt, src):
         torch.testing.assert_close(p, 0.9 * p0 + 0.1 * s)
     assert not all(torch.equal(a, b) for a, b in zip(tgt, src))
+
+
+def test_tcd_gamma_export_is_the_plain_tcd_pipeline_call(tiny_teachers, image_folder, tmp_path):
+    """``method.tcd_gamma``: sampling.json names TCDScheduler with γ as the pipelines' eta; load_student's images
+    are a plain diffusers call with TCDScheduler and that eta, and not the call at eta = 0 (γ reaches the sampler);
+    the model card's snippet passes it."""
+    from diffusers import StableDiffusionPipeline, TCDScheduler
+
+    from distill_diffusion import load_student, sample
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from methods import METHODS
+
+    cfg, _ = parse_config(["--method", "lcm", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
+                           "max_steps=1", "batch_size=2", f"output_dir={tmp_path}", "report_to=none",
+                           "validation_steps=0", "method.tcd_gamma=0.3"], METHODS)
+    train(cfg, LCM)
+    s4 = json.loads((tmp_path / "sampling.json").read_text())["steps"]["4"]
+    assert s4["scheduler"] == "TCDScheduler" and s4["eta"] == 0.3
+    assert s4["scheduler_kwargs"] == {"original_inference_steps": 50}
+    assert "eta=0.3" in (tmp_path / "README.md").read_text()
+    prompts = ["a red square", "a blue circle"]
+    ours, _ = sample(load_student(tmp_path), prompts, steps=4, seeds=[0, 1], output_type="np")
+
+    plain = StableDiffusionPipeline.from_pretrained(tiny_teachers["sd"])
+    plain.load_lora_weights(str(tmp_path / "student"))
+    plain.scheduler = TCDScheduler.from_config(plain.scheduler.config, **s4["scheduler_kwargs"])
+
+    def call(eta: float):
+        gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        return plain(prompts, timesteps=s4["timesteps"], guidance_scale=1.0, eta=eta, generator=gens,
+                     output_type="np", height=16, width=16).images
+
+    assert abs(ours - call(0.3)).max() < 1e-5
+    assert abs(ours - call(0.0)).max() > 1e-4
+
+
+def test_tcd_gamma_is_refused_on_a_flow_teacher_and_outside_0_1(flow_teachers, image_folder, tmp_path):
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.errors import UserError
+    from distill_diffusion.loop import train
+    from methods import METHODS
+
+    with pytest.raises(UserError, match=r"lies in \[0, 1\]"):
+        parse_config(["--method", "lcm", "method.tcd_gamma=1.5"], METHODS)
+    cfg, _ = parse_config(["--method", "lcm", f"teacher={flow_teachers['sd3']}", f"data.images={image_folder}",
+                           "max_steps=1", "batch_size=2", f"output_dir={tmp_path / 'run'}", "report_to=none",
+                           "method.tcd_gamma=0.3"], METHODS)
+    with pytest.raises(UserError, match="flow teacher"):
+        train(cfg, LCM)
+    assert not (tmp_path / "run" / "sampling.json").exists()

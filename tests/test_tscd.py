@@ -1,6 +1,7 @@
 """TSCD / PCM: segment geometry, the edge target, stages, guidance conversion, closed forms, a train.py run whose every
 exported student samples at exactly its recorded timesteps, the loss falls, the adversarial critic is headless."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -178,6 +179,16 @@ def test_stage_schedule_switches_at_fractions(tiny_teachers):
     batch = fixed_batch(models, b=2, step=12)
     _, logs = method.loss("student", batch, 12)
     assert logs["segments"] == 4.0
+    assert spec.steps[4].scheduler == "TCDScheduler" and spec.steps[4].eta is None  # γ = 0: the pipelines' eta
+    # method.tcd_gamma: every student, stage and final, samples with TCD at γ on the same timesteps.
+    gamma = TSCD(dataclasses.replace(method.cfg, tcd_gamma=0.5), tcfg, models)
+    pairs = [(gamma.exports(14)["student_S4"], method.exports(14)["student_S4"]), (gamma.sampling(), method.sampling())]
+    for got, plain in pairs:
+        assert list(got.steps) == list(plain.steps)
+        for k, s in got.steps.items():
+            assert (s.scheduler, s.eta, s.scheduler_kwargs) == ("TCDScheduler", 0.5, {"original_inference_steps": 50})
+            assert s.timesteps == plain.steps[k].timesteps
+    assert method.sampling().steps[8].scheduler == "LCMScheduler" and method.sampling().steps[8].eta is None
     tcfg.max_steps = 3
     with pytest.raises(UserError, match="without steps"):
         TSCD(method.cfg, tcfg, models)
