@@ -192,7 +192,31 @@ def micro_rows(repeats: int) -> list[dict[str, Any]]:
     rows.append(row("Models.role: no requires_grad snapshot, no peft set_adapter", "two role switches (critic, "
                     "teacher), enter + exit: before vs after this change", b, a, status="changed"))
 
+    rows.append(_merged_weight_row(m, repeats))
     return rows + _validation_rows(m, repeats)
+
+
+def _merged_weight_row(m: Any, repeats: int) -> dict[str, Any]:
+    """W + s·B·A of every LoRA layer of the student adapter: peft's ``W + get_delta_weight`` (what
+    ``lora_merge._merged_weight`` did before issue 23's in-place build) against the current build."""
+    import torch
+
+    from distill_diffusion.lora_merge import _merged_weight
+
+    pairs = list(m._merged.layers.items())  # (plain layer, its peft LoRA layer)
+    with torch.no_grad():
+        def peft() -> None:
+            for layer, lora in pairs:
+                layer._parameters["weight"] + lora.get_delta_weight("student")
+
+        def in_place() -> None:
+            for layer, lora in pairs:
+                _merged_weight(layer, lora, "student")
+
+        b, a = ab(peft, in_place, repeats, inner=3)
+    return row("merged LoRA weight: one matmul, scaled and summed in place (issue 23)", f"W + s·B·A of the "
+               f"{len(pairs)} LoRA layers (built 3 times per LCM step: student forward, its backward, target): peft's "
+               "W + get_delta_weight vs the in-place build", b, a, status="changed")
 
 
 def _validation_rows(m: Any, repeats: int) -> list[dict[str, Any]]:

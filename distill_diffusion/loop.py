@@ -226,6 +226,20 @@ def lr_factor(i: int, warmup: int, total: int, kind: str = "constant") -> float:
     return 0.5 * (1.0 + math.cos(math.pi * p)) if kind == "cosine" else 1.0 - p
 
 
+def fused_adamw(params: list[nn.Parameter], sharded: bool) -> bool | None:
+    """True where torch's fused AdamW applies: unsharded floating-point tensors on one device type that has the
+    kernel. It updates every tensor in one call instead of torch's per-tensor loop on a CPU (a LoRA's hundreds of
+    small tensors: BENCHMARKS.md's lean table); it rounds like the loop to within an ulp, not bit for bit
+    (``tests/test_loop.py``). None (torch's default) for FSDP2's sharded tensors."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if sharded or not params:
+        return None
+    devices = {p.device.type for p in params}
+    ok = len(devices) == 1 and devices <= set(_get_fused_kernels_supported_devices())
+    return True if ok and all(p.is_floating_point() for p in params) else None
+
+
 def build_optimizers(tr: Trainer) -> None:
     """One AdamW per role over its trainable tensors and extra modules; frozen parts never enter one."""
     cfg = tr.cfg
@@ -238,7 +252,7 @@ def build_optimizers(tr: Trainer) -> None:
             tr.params[role], lr=s.learning_rate or cfg.learning_rate,
             betas=s.betas or (cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay if s.weight_decay is None else s.weight_decay,
-            eps=s.eps or cfg.adam_epsilon,
+            eps=s.eps or cfg.adam_epsilon, fused=fused_adamw(tr.params[role], tr.sharded),
         )
         tr.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(
             opt, functools.partial(lr_factor, warmup=cfg.lr_warmup_steps, total=cfg.max_steps, kind=cfg.lr_schedule))
@@ -459,7 +473,9 @@ def _all_reduce_grads(params: list[nn.Parameter], loss: float, accelerator: Any)
     True when every averaged value is finite, the same answer on every rank, so all step or skip together.
     One process reduces nothing and copies nothing."""
     if accelerator.num_processes == 1:
-        finite = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+        grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
+        # one check over a flat copy: a call per tensor costs more than the copy for a LoRA's hundreds of tensors
+        finite = not grads or bool(torch.isfinite(torch.cat(grads)).all())
         loss = float(torch.tensor(loss, dtype=torch.float32))  # the float32 value the logs have always shown
         return finite and math.isfinite(loss), loss
     for p in params:  # every rank reduces the same tensors, whether or not its loss reached them
