@@ -7,11 +7,11 @@ TCD's strategic stochastic sampling (Zheng et al., "Trajectory Consistency Disti
 takes each step to s' = (1 − γ) s with the student's (x0, ε) and re-noises from s' to the next timestep s with
 fresh noise: γ = 0 is DDIM's deterministic jump (the stage students' export), γ = 1 the consistency model's
 re-noising (LCM's sampler without its boundary scalings). For each γ this copies the run's student folders into
-``runs/_tcd_gamma/NAME/g<γ>`` with every sampling file rewritten to TCDScheduler at the same timesteps with γ as
-the pipelines' ``eta`` (what ``method.tcd_gamma`` exports; the main file keeps ``--steps``), then runs
-``python -m eval`` on the copy. Reports: ``reports/tcd_gamma_NAME/g<γ>/report.md``; the table printed at the end
-has one row per student and step count. The run itself is not changed. VP teachers only (diffusers' flow
-schedulers have no γ).
+``runs/_tcd_gamma/NAME/NAME_g<γ>`` (its report rows are named so) with every sampling file rewritten to
+TCDScheduler at the same timesteps with γ as the pipelines' ``eta`` (what ``method.tcd_gamma`` exports; the main
+file keeps ``--steps``), then runs ``python -m eval`` on the copy. Reports: ``reports/tcd_gamma_NAME/g<γ>/``; the
+table printed at the end has one row per student and step count. The run itself is not changed. VP teachers only
+(diffusers' flow schedulers have no γ).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = []
     for g in a.gammas:
-        copy = ROOT / "runs" / "_tcd_gamma" / name / f"g{g}"
+        copy = ROOT / "runs" / "_tcd_gamma" / name / f"{name}_g{g}"
         out = ROOT / "reports" / f"tcd_gamma_{name}" / f"g{g}"
         try:
             tcd_copy(run, copy, a.steps, g)

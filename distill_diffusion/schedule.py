@@ -314,9 +314,18 @@ TCD_FLOW = ("method.tcd_gamma: TCD's stochastic sampler (TCDScheduler) is for VP
             "schedulers have no γ. Leave method.tcd_gamma unset on a flow teacher")
 
 
-def check_tcd_gamma(gamma: float | None, sched: Any = None) -> None:
-    """Refuse ``method.tcd_gamma`` outside [0, 1], or on a flow teacher's schedule ``sched`` (when given), before a
-    run trains a student it could not export (UserError: one line that says what to do)."""
+def tcd_at(gamma: float | None, steps: Sequence[int] | None, k: int) -> float | None:
+    """TCD's γ for a k-step sampler: ``gamma`` when it is set and k is among ``steps`` (None: every k), else None
+    (the method's own sampler)."""
+    return gamma if gamma is not None and (steps is None or k in steps) else None
+
+
+def check_tcd_gamma(gamma: float | None, steps: Sequence[int] | None = None, sched: Any = None) -> None:
+    """Refuse ``method.tcd_gamma`` outside [0, 1], ``method.tcd_steps`` with a count below 1, or γ on a flow
+    teacher's schedule ``sched`` (when given), before a run trains a student it could not export (UserError: one
+    line that says what to do)."""
+    if steps is not None and (not steps or min(steps) < 1):
+        raise UserError(f"method.tcd_steps={steps}: step counts >= 1 (null: every exported step count)")
     if gamma is None:
         return
     if not 0 <= gamma <= 1:

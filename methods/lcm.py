@@ -61,11 +61,12 @@ class LCMConfig(score_regulariser.RegulariserConfig):
     sampling_steps: tuple[int, ...] = (1, 2, 4, 8)  # exported step counts
     default_steps: int = 4
     tcd_gamma: float | None = None  # export TCD's stochastic sampler at this γ instead of LCMScheduler (VP teachers)
+    tcd_steps: list[int] | None = None  # the step counts that get it (None: every one of sampling_steps)
     # rCM's score regulariser (RegulariserConfig: dmd_weight > 0 adds a critic role; dmd_guidance_scale None: w_max)
 
     def check(self) -> None:
         self.check_regulariser()
-        schedule.check_tcd_gamma(self.tcd_gamma)
+        schedule.check_tcd_gamma(self.tcd_gamma, self.tcd_steps)
         if not 1 <= self.w_min <= self.w_max:
             raise UserError(f"method.w_min={self.w_min}, method.w_max={self.w_max}: need 1 <= w_min <= w_max "
                             "(diffusers convention, 1 = no guidance)")
@@ -101,7 +102,7 @@ class LCM(Method):
         self.solver_t = schedule.solver_timesteps(T, cfg.num_ddim_timesteps).to(models.device)
         # Families whose network cannot embed w (transformers) train the full student like LCM-LoRA: w unseen.
         self.w_embed = models.student_w_embedding
-        schedule.check_tcd_gamma(cfg.tcd_gamma, models.schedule)
+        schedule.check_tcd_gamma(cfg.tcd_gamma, sched=models.schedule)
         self.dmd_range = score_regulariser.dmd_timestep_range(cfg, T)
 
     def updates(self, step: int) -> tuple[str, ...]:
@@ -186,13 +187,15 @@ class LCM(Method):
     def sampling(self) -> SamplingSpec:
         """LCM's multistep sampler at :meth:`sampling_timesteps`; on flow teachers FlowMatchLCMScheduler at the
         sigmas of the same grid points. With ``tcd_gamma``: TCD's stochastic sampler at those timesteps (TCD sec.
-        4.3; γ = 1 is LCM's re-noising without its boundary scalings), which the regulariser's rollout does not use."""
+        4.3; γ = 1 is LCM's re-noising without its boundary scalings) for the ``tcd_steps`` counts; the regulariser's
+        rollout keeps LCM's."""
         kwargs = {"original_inference_steps": self.cfg.num_ddim_timesteps,
                   "timestep_scaling": self.cfg.timestep_scaling}
-        kind = "consistency" if self.cfg.tcd_gamma is None else "tcd"
         steps = {}
         for k in self.cfg.sampling_steps:
-            steps[k] = self.models.schedule.sampler(kind, self.sampling_timesteps(k),
+            gamma = schedule.tcd_at(self.cfg.tcd_gamma, self.cfg.tcd_steps, k)
+            steps[k] = self.models.schedule.sampler("consistency" if gamma is None else "tcd",
+                                                    self.sampling_timesteps(k),
                                                     guidance_scale=self.cfg.sample_guidance if self.w_embed else 1.0,
-                                                    vp_kwargs=kwargs, gamma=self.cfg.tcd_gamma)
+                                                    vp_kwargs=kwargs, gamma=gamma)
         return SamplingSpec(steps=steps, default_steps=self.cfg.default_steps)

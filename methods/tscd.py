@@ -95,12 +95,13 @@ class TSCDConfig(score_regulariser.RegulariserConfig):
     sampling_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # step counts of the final student
     default_steps: int = 4
     tcd_gamma: float | None = None  # export every student (stage ones too) with TCD's sampler at this γ (VP teachers)
+    tcd_steps: list[int] | None = None  # the step counts that get it (None: every one)
     # rCM's score regulariser (RegulariserConfig's fields), in one-segment stages: dmd_weight > 0 adds a critic role
     # (a fake score); dmd_guidance_scale None: w_max
 
     def check(self) -> None:
         self.check_regulariser()
-        schedule.check_tcd_gamma(self.tcd_gamma)
+        schedule.check_tcd_gamma(self.tcd_gamma, self.tcd_steps)
         if self.adversarial and self.dmd_weight > 0:
             raise UserError("method.adversarial and method.dmd_weight > 0 both train the critic role: choose one")
         N = self.num_ddim_timesteps
@@ -228,7 +229,7 @@ class TSCD(Method):
             raise UserError(f"method.num_ddim_timesteps={N} must divide the teacher's {T} training timesteps")
         self.k = T // N
         self.solver_t = schedule.solver_timesteps(T, N).to(models.device)
-        schedule.check_tcd_gamma(cfg.tcd_gamma, models.schedule)
+        schedule.check_tcd_gamma(cfg.tcd_gamma, sched=models.schedule)
         max_steps = int(run.max_steps)
         self.ends = stage_ends(list(cfg.stage_fractions), max_steps)
         starts = [0] + self.ends[:-1]
@@ -366,11 +367,12 @@ class TSCD(Method):
 
     # ---- export --------------------------------------------------------------------------------------------------
     def step_sampling(self, segments: int) -> StepSampling:
-        """TCDScheduler (γ = 0: the pipelines' default eta, or ``tcd_gamma``; flow: FlowMatchEulerDiscreteScheduler,
-        the same jump in (x0, eps)) at the S-segment student's timesteps."""
+        """TCDScheduler (γ = 0: the pipelines' default eta, or ``tcd_gamma`` at ``tcd_steps``; flow:
+        FlowMatchEulerDiscreteScheduler, the same jump in (x0, eps)) at the S-segment student's timesteps."""
+        gamma = schedule.tcd_at(self.cfg.tcd_gamma, self.cfg.tcd_steps, segments)
         return self.models.schedule.sampler(
-            "deterministic" if self.cfg.tcd_gamma is None else "tcd", sampling_timesteps(self.solver_t.cpu(), segments),
-            vp_kwargs={"original_inference_steps": self.cfg.num_ddim_timesteps}, gamma=self.cfg.tcd_gamma)
+            "deterministic" if gamma is None else "tcd", sampling_timesteps(self.solver_t.cpu(), segments),
+            vp_kwargs={"original_inference_steps": self.cfg.num_ddim_timesteps}, gamma=gamma)
 
     def consistency_sampling(self, k: int) -> StepSampling:
         """k-step sampling of a one-segment student (a consistency model to t = 0): its x0 re-noised with fresh noise
@@ -380,7 +382,7 @@ class TSCD(Method):
         this student is trained on plain x0 predictions, without LCM's boundary parameterisation. With
         ``tcd_gamma``: TCD's stochastic sampler at the same timesteps instead (γ = 1 is this re-noising).
         """
-        if self.cfg.tcd_gamma is not None:
+        if schedule.tcd_at(self.cfg.tcd_gamma, self.cfg.tcd_steps, k) is not None:
             return self.step_sampling(k)
         return self.models.schedule.sampler(
             "consistency", sampling_timesteps(self.solver_t.cpu(), k),

@@ -152,10 +152,12 @@ def test_tcd_gamma_export_is_the_plain_tcd_pipeline_call(tiny_teachers, image_fo
 
     cfg, _ = parse_config(["--method", "lcm", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
                            "max_steps=1", "batch_size=2", f"output_dir={tmp_path}", "report_to=none",
-                           "validation_steps=0", "method.tcd_gamma=0.3"], METHODS)
+                           "validation_steps=0", "method.tcd_gamma=0.3", "method.tcd_steps=[4,8]"], METHODS)
     train(cfg, LCM)
-    s4 = json.loads((tmp_path / "sampling.json").read_text())["steps"]["4"]
-    assert s4["scheduler"] == "TCDScheduler" and s4["eta"] == 0.3
+    info = json.loads((tmp_path / "sampling.json").read_text())["steps"]
+    s4 = info["4"]
+    assert s4["scheduler"] == "TCDScheduler" and s4["eta"] == 0.3 and info["8"]["eta"] == 0.3
+    assert info["2"]["scheduler"] == "LCMScheduler" and info["2"]["eta"] is None  # not in tcd_steps: LCM's own
     assert s4["scheduler_kwargs"] == {"original_inference_steps": 50}
     assert "eta=0.3" in (tmp_path / "README.md").read_text()
     prompts = ["a red square", "a blue circle"]
@@ -182,6 +184,8 @@ def test_tcd_gamma_is_refused_on_a_flow_teacher_and_outside_0_1(flow_teachers, i
 
     with pytest.raises(UserError, match=r"lies in \[0, 1\]"):
         parse_config(["--method", "lcm", "method.tcd_gamma=1.5"], METHODS)
+    with pytest.raises(UserError, match="method.tcd_steps"):
+        parse_config(["--method", "tscd", "method.tcd_gamma=0.3", "method.tcd_steps=[0,4]"], METHODS)
     cfg, _ = parse_config(["--method", "lcm", f"teacher={flow_teachers['sd3']}", f"data.images={image_folder}",
                            "max_steps=1", "batch_size=2", f"output_dir={tmp_path / 'run'}", "report_to=none",
                            "method.tcd_gamma=0.3"], METHODS)
