@@ -304,6 +304,16 @@ def train_step(tree: Path, method: str, steps: int, warmup: int, threads: int, o
         return res
 
 
+def _commit(tree: Path) -> str:
+    """The short commit a tree is checked out at (with "+changes" when it has uncommitted ones), or "?"."""
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def end_to_end_rows(before_tree: Path, methods: list[str], repeats: int, steps: int, warmup: int,
                     threads: int) -> tuple[list[dict], dict]:
     runs: dict[str, dict[str, list[float]]] = {m: {"before": [], "after": []} for m in methods}
@@ -317,11 +327,12 @@ def end_to_end_rows(before_tree: Path, methods: list[str], repeats: int, steps: 
                 if "error" not in res:
                     runs[m][which].append(res["sec_per_step_median"])
     rows = []
+    commits = " vs ".join(_commit(t) for t in (before_tree, ROOT))
     for m in methods:
         b, a = runs[m]["before"], runs[m]["after"]
         if b and a:
             rows.append(row(f"whole step, {m} LoRA (default config)", f"benchmarks.train_step s/step, median of "
-                            f"{len(b)} interleaved runs, before tree vs this tree", statistics.median(b),
+                            f"{len(b)} interleaved runs, before tree vs this tree ({commits})", statistics.median(b),
                             statistics.median(a), unit="s", status="changed"))
     return rows, raw
 
