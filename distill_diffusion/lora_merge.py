@@ -111,10 +111,12 @@ def _merged_weight(layer: nn.Module, lora: nn.Module, adapter: str) -> Tensor:
     """W + ΔW of ``layer`` (the plain one, whose Parameter is the base's own) for ``adapter`` of ``lora``.
 
     peft's Linear A is (r, in) and B (out, r); its Conv2d A is a k×k convolution (r, in, k, k) and B a 1×1 one
-    (out, r, 1, 1), so (out, r) @ (r, in·k·k) is B·A laid out as W. Scaled and summed in place in that one buffer:
-    the same roundings as peft's ``W + get_delta_weight`` (which builds a k×k layer's B·A with a convolution and
-    allocates a tensor per operation), at about half its time on a CPU (``benchmarks.lean``'s merged-weight line).
-    Grouped convolutions, transposed (``fan_in_fan_out``) or non-contiguous bases and mixed dtypes keep peft's own."""
+    (out, r, 1, 1), so (out, r) @ (r, in·k·k) is B·A laid out as W. Scaled and summed in place in that one buffer,
+    in peft's order (``W + get_delta_weight``: B·A, times s, plus W), at about half its time on a CPU
+    (``benchmarks.lean``'s merged-weight line): peft allocates a tensor per operation and builds a k×k layer's B·A
+    with a convolution, whose sums may round differently from the matmul's (to float32 rounding; the embedded
+    UNet's fixed-seed runs came out bit-identical). Grouped convolutions, transposed (``fan_in_fan_out``) or
+    non-contiguous bases and mixed dtypes keep peft's own."""
     W = layer._parameters["weight"]
     A, B = lora.lora_A[adapter].weight, lora.lora_B[adapter].weight
     if (getattr(layer, "groups", 1) != 1 or getattr(lora, "fan_in_fan_out", False) or not W.is_contiguous()
