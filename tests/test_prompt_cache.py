@@ -123,7 +123,11 @@ def test_latent_store_precompute_then_train_without_decoding(tiny_teachers, imag
     monkeypatch.setattr(data.ImageFolder, "image", lambda *_: (_ for _ in ()).throw(AssertionError("decoded")))
     train(parse_config(args(tmp_path / "stored", f"data.latent_cache_dir={store}"), METHODS)[0], METHODS["lcm"])
     a, b = _student(tmp_path / "online"), _student(tmp_path / "stored")
-    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+    # Per tensor, in norm: the stored latents differ from the online ones by float32 rounding, and Adam's first
+    # updates of a LoRA's A (whose gradient starts near 0, B being 0) amplify that in a few elements (1e-4 here),
+    # while a different latent would move most of every tensor (the updates are ~1e-3 per element per step).
+    rel = {k: float(torch.linalg.vector_norm(a[k] - b[k]) / torch.linalg.vector_norm(b[k])) for k in a}
+    assert max(rel.values()) < 1e-3, sorted(rel.items(), key=lambda kv: -kv[1])[:3]
     with pytest.raises(UserError, match="data.latent_cache_dir.*another setting.*resolution"):
         parse = parse_config(args(tmp_path / "y", f"data.latent_cache_dir={store}", "resolution=8"), METHODS)[0]
         build_models(parse, METHODS["lcm"].spec(parse.method, "lora"))
