@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from distill_diffusion.provenance import command_line
+from distill_diffusion.provenance import command_line, git_state
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- lean:start -->", "<!-- lean:end -->"
@@ -306,12 +306,8 @@ def train_step(tree: Path, method: str, steps: int, warmup: int, threads: int, o
 
 def _commit(tree: Path) -> str:
     """The short commit a tree is checked out at (with "+changes" when it has uncommitted ones), or "?"."""
-    def git(*args: str) -> str:
-        r = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else ""
-
-    head = git("rev-parse", "--short", "HEAD") or "?"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    sha, dirty = git_state(tree)
+    return "?" if sha is None else sha[:7] + ("+changes" if dirty else "")
 
 
 def end_to_end_rows(before_tree: Path, methods: list[str], repeats: int, steps: int, warmup: int,

@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from distill_diffusion.provenance import command_line
+from distill_diffusion.provenance import command_line, git_state
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT_NAME = "train_lcm_distill_lora_sd_wds.py"
@@ -252,14 +252,10 @@ def measure(script: Path, work: Path, repeats: int, short: int, long: int, autoc
     shard = work / "shard-000000.tar"
     n = build_fmnist_shard(shard, shard_size, fashion_mnist)
     git = ["git", "-C", str(ROOT)]
-    ours_root, ours_sha = ROOT, None
-    try:
-        ours_sha = subprocess.run([*git, "rev-parse", ours_rev or "HEAD"], capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        dirty = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True).stdout.strip()) and not ours_rev
-    except (OSError, subprocess.CalledProcessError):
-        dirty = None
+    ours_root = ROOT
+    ours_sha, dirty = git_state(ROOT, ours_rev or "HEAD")
+    if dirty is not None:
+        dirty = dirty and not ours_rev
     if ours_rev:
         import shutil
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from importlib import metadata
 from typing import Any
 
@@ -49,3 +50,16 @@ def command_line(prog: str, argv: list[str] | None = None) -> str:
     import sys
 
     return " ".join([prog, *(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))])
+
+
+def git_state(tree: Any, rev: str = "HEAD") -> tuple[str | None, bool | None]:
+    """(the full commit ``rev`` names in the git checkout ``tree``, whether that checkout has uncommitted changes to
+    tracked files); (None, None) where git cannot answer."""
+    git = ["git", "-C", str(tree)]
+    try:
+        sha = subprocess.run([*git, "rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return sha, bool(status)
