@@ -333,13 +333,21 @@ def end_to_end_rows(before_tree: Path, methods: list[str], repeats: int, steps: 
     return rows, raw
 
 
+FLAG_VARIANTS = {"default": [], "channels_last": ["channels_last=true"], "compile": ["compile=true"],
+                 "retain off": ["retain_freed_memory=false"]}
+FLAG_PAIRS = [  # (before, after, item, status)
+    ("default", "channels_last", "flag channels_last=true", "flag, default off"),
+    ("default", "compile", "flag compile=true", "flag, default off"),
+    ("retain off", "default", "retain_freed_memory (the allocator keeps freed pages)", "default"),
+]
+
+
 def flag_rows(repeats: int, steps: int, warmup: int, threads: int, compile_repeats: int,
               method: str = "lcm") -> tuple[list[dict], dict]:
-    variants = {"off": [], "channels_last": ["channels_last=true"], "compile": ["compile=true"]}
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    times: dict[str, list[float]] = {k: [] for k in FLAG_VARIANTS}
     raw: dict[str, Any] = {}
     for rep in range(repeats):
-        for k, ov in variants.items():
+        for k, ov in FLAG_VARIANTS.items():
             if k == "compile" and rep >= compile_repeats:
                 continue
             print(f"[lean] flags {method} {k} repeat {rep + 1}/{repeats}", flush=True)
@@ -350,15 +358,17 @@ def flag_rows(repeats: int, steps: int, warmup: int, threads: int, compile_repea
             if "error" not in res:
                 times[k].append(res["sec_per_step_median"])
     rows = []
-    for k in ("channels_last", "compile"):
-        if times["off"] and times[k]:
-            warn = next((w for r in raw[k] for w in r.get("stderr_warnings", [])), "")
-            wall = {v: statistics.median(r["process_wall_s"] for r in raw[v] if "error" not in r) for v in ("off", k)}
-            rows.append(row(f"flag {k}=true", f"{method} LoRA s/step after {warmup} warm-up steps, off vs on, "
-                            f"medians of {len(times['off'])} / {len(times[k])} interleaved runs of {steps} steps; "
-                            f"whole process {wall['off']:.0f} s vs {wall[k]:.0f} s", statistics.median(times["off"]),
-                            statistics.median(times[k]), unit="s", status="flag, default off" +
-                            (f"; {warn}" if warn else "")))
+    for before, after, item, status in FLAG_PAIRS:
+        if times[before] and times[after]:
+            warn = next((w for r in raw[after] for w in r.get("stderr_warnings", [])), "")
+            wall = {v: statistics.median(r["process_wall_s"] for r in raw[v] if "error" not in r)
+                    for v in (before, after)}
+            named = [" ".join(FLAG_VARIANTS[v]) or "defaults" for v in (before, after)]
+            how = (f"{method} LoRA s/step after {warmup} warm-up steps, `{named[0]}` vs `{named[1]}`, medians of "
+                   f"{len(times[before])} / {len(times[after])} interleaved runs of {steps} steps; whole process "
+                   f"{wall[before]:.0f} s vs {wall[after]:.0f} s")
+            rows.append(row(item, how, statistics.median(times[before]), statistics.median(times[after]), unit="s",
+                            status=status + (f"; {warn}" if warn else "")))
     return rows, raw
 
 

@@ -95,6 +95,10 @@ class TrainConfig:
     # A float32 base only (half-precision bases run peft's). Same maths, rounded in another order
     # (distill_diffusion.lora_merge; BENCHMARKS.md: its effect).
     lora_merge: str = "auto"
+    # Keep freed memory in the process for reuse (glibc's allocator: no re-mapping and re-zeroing of multi-MB
+    # activations on every op; a resident set that does not shrink after a peak). Same results, bit for bit
+    # (distill_diffusion.memory.retain_freed_memory; BENCHMARKS.md: its effect). false: the C library's policy.
+    retain_freed_memory: bool = True
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume: str | None = None  # "latest" or a checkpoint folder

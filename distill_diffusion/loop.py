@@ -55,6 +55,8 @@ class Trainer:
 def train(cfg: Any, method_cls: type[Method]) -> Path:
     """Run a distillation described by ``cfg`` (a validated OmegaConf TrainConfig) with ``method_cls``."""
     out = Path(cfg.output_dir)
+    if cfg.retain_freed_memory:
+        memory.retain_freed_memory()
     rss_baseline = memory.rss_bytes()  # before any model loads: the "import baseline" of memory.json
     spec = with_student_ema(method_cls.spec(method_object(cfg), cfg.student), cfg.ema_decay)
     candidates = check_start(cfg, spec, out)

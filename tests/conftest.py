@@ -18,6 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
+# As every training run does (TrainConfig.retain_freed_memory): the suite's forwards reuse freed pages.
+from distill_diffusion import memory as _memory  # noqa: E402
+
+_memory.retain_freed_memory()
 
 
 def _share_loaded_tokenizers() -> None:
