@@ -29,8 +29,8 @@ def retain_freed_memory() -> bool:
 
     Why: a CPU step allocates and frees activations of a few MB hundreds of times. glibc serves blocks above its
     mmap threshold (128 KiB, raised only as large blocks are freed) with fresh mmaps and trims the heap's top back to
-    the kernel, so every such buffer is zero-filled page by page again on first touch: on the embedded LCM-LoRA step
-    about 40 000 page faults a step, several % of its time (BENCHMARKS.md, "lean"). Raising the mmap threshold to
+    the kernel, so every such buffer is zero-filled page by page again on first touch, a page fault per 4 KiB
+    (README, "Benchmarks", and BENCHMARKS.md's lean rows: what that cost here). Raising the mmap threshold to
     32 MiB, the trim threshold to 1 GiB and the top pad to 256 MiB keeps those pages mapped; the price is a resident
     set that does not shrink after a peak. A no-op (False) where the C library is not glibc. Arithmetic is untouched:
     same results, bit for bit."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def _faults(mode: str) -> tuple[str, int]:
     return took, int(faults)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_retained_memory_is_reused_without_page_faults():
     took, retained = _faults("on")
     _, default = _faults("off")
