@@ -342,21 +342,33 @@ FLAG_PAIRS = [  # (before, after, item, status)
 ]
 
 
+def timed_runs(jobs: list[tuple[str, str, list[str], str]], repeats: int, steps: int, warmup: int, threads: int,
+               skip: Callable[[int, str], bool] = lambda rep, key: False) -> dict[str, list[dict]]:
+    """``benchmarks.train_step`` results per job key, the jobs interleaved within each repeat. ``jobs``: (key, method,
+    overrides, progress label); ``skip(rep, key)``: leave that run out. Each result also holds its process's wall."""
+    raw: dict[str, list[dict]] = {}
+    for rep in range(repeats):
+        for key, method, overrides, label in jobs:
+            if skip(rep, key):
+                continue
+            print(f"[lean] {label} repeat {rep + 1}/{repeats}", flush=True)
+            t0 = time.perf_counter()
+            res = train_step(ROOT, method, steps, warmup, threads, overrides)
+            res["process_wall_s"] = time.perf_counter() - t0
+            raw.setdefault(key, []).append(res)
+    return raw
+
+
+def _step_times(results: list[dict]) -> list[float]:
+    return [r["sec_per_step_median"] for r in results if "error" not in r]
+
+
 def flag_rows(repeats: int, steps: int, warmup: int, threads: int, compile_repeats: int,
               method: str = "lcm") -> tuple[list[dict], dict]:
-    times: dict[str, list[float]] = {k: [] for k in FLAG_VARIANTS}
-    raw: dict[str, Any] = {}
-    for rep in range(repeats):
-        for k, ov in FLAG_VARIANTS.items():
-            if k == "compile" and rep >= compile_repeats:
-                continue
-            print(f"[lean] flags {method} {k} repeat {rep + 1}/{repeats}", flush=True)
-            t0 = time.perf_counter()
-            res = train_step(ROOT, method, steps, warmup, threads, ov)
-            res["process_wall_s"] = time.perf_counter() - t0
-            raw.setdefault(k, []).append(res)
-            if "error" not in res:
-                times[k].append(res["sec_per_step_median"])
+    jobs = [(k, method, ov, f"flags {method} {k}") for k, ov in FLAG_VARIANTS.items()]
+    raw = timed_runs(jobs, repeats, steps, warmup, threads,
+                     skip=lambda rep, k: k == "compile" and rep >= compile_repeats)
+    times = {k: _step_times(raw.get(k, [])) for k in FLAG_VARIANTS}
     rows = []
     for before, after, item, status in FLAG_PAIRS:
         if times[before] and times[after]:
@@ -387,16 +399,9 @@ def merge_rows(methods: list[str], repeats: int, steps: int, warmup: int, thread
     """Whole-step s/step of each method's LoRA default through peft's wrappers and on merged weights; ``bf16``: also
     under mixed_precision=bf16, the bf16 base through peft (before) against the float32 base merged (after)."""
     variants = [v for v in MERGE_VARIANTS if bf16 or not v.startswith("bf16")]
-    times: dict[str, dict[str, list[float]]] = {m: {v: [] for v in variants} for m in methods}
-    raw: dict[str, Any] = {}
-    for rep in range(repeats):
-        for m in methods:
-            for v in variants:
-                print(f"[lean] {m} {' '.join(MERGE_VARIANTS[v])} repeat {rep + 1}/{repeats}", flush=True)
-                res = train_step(ROOT, m, steps, warmup, threads, MERGE_VARIANTS[v])
-                raw.setdefault(f"{m}/{v}", []).append(res)
-                if "error" not in res:
-                    times[m][v].append(res["sec_per_step_median"])
+    jobs = [(f"{m}/{v}", m, MERGE_VARIANTS[v], f"{m} {' '.join(MERGE_VARIANTS[v])}") for m in methods for v in variants]
+    raw = timed_runs(jobs, repeats, steps, warmup, threads)
+    times = {m: {v: _step_times(raw.get(f"{m}/{v}", [])) for v in variants} for m in methods}
     rows = []
     for m in methods:
         for before, after, item, status in MERGE_PAIRS:
