@@ -161,6 +161,13 @@ def spec_to_json(spec: SamplingSpec) -> dict[str, Any]:
             "steps": {str(k): dataclasses.asdict(v) for k, v in sorted(spec.steps.items())}}
 
 
+def adapter_metadata(peft_config: Any) -> dict[str, Any]:
+    """peft's adapter config as the LoRA file's metadata, with set-valued fields (``target_modules``) as sorted lists:
+    peft keeps them as sets, whose order follows the process's string hashing, so the same tensors would otherwise
+    be written as different bytes by every run."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in peft_config.to_dict().items()}
+
+
 def save_student(models: Any, folder: Path, spec: SamplingSpec, role: str = "student") -> None:
     """Write the student alone: LoRA safetensors (with adapter metadata so ``lora_alpha`` survives
     ``load_lora_weights``) or a full pipeline whose scheduler is the default step count's."""
@@ -170,7 +177,7 @@ def save_student(models: Any, folder: Path, spec: SamplingSpec, role: str = "stu
 
         state = get_peft_model_state_dict(models.denoiser, adapter_name=role)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        meta = models.denoiser.peft_config[role].to_dict()
+        meta = adapter_metadata(models.denoiser.peft_config[role])
         type(pipe).save_lora_weights(folder, **models.family.lora_save_kwargs(state, meta), weight_name=LORA_FILE)
     else:
         net = models.net(role)

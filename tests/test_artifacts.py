@@ -3,6 +3,7 @@ finished run versus an unfinished one, the students a run holds, and the NFE of 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -178,3 +179,15 @@ def test_nfe_of_the_teacher_and_of_a_hybrid():
     assert artifacts.hybrid_nfe(teacher, plain, 4, 3.0) == 2 + 3  # the teacher's guided first step, 3 student steps
     assert artifacts.hybrid_nfe(teacher, cfg, 4, 3.0) == 2 + 3 * 2
     assert artifacts.hybrid_nfe(teacher, plain, 4, 1.0) == 1 + 3
+
+
+def test_adapter_metadata_lists_target_modules_sorted():
+    """peft keeps target_modules as a set (iteration order follows string hashing, different in every process): the
+    LoRA file's metadata must not depend on it, so that the same tensors are written as the same bytes."""
+    from peft import LoraConfig
+
+    metas = [artifacts.adapter_metadata(LoraConfig(r=4, lora_alpha=8, target_modules=t))
+             for t in (["to_v", "to_q", "ff.net.2", "to_k"], ["ff.net.2", "to_k", "to_q", "to_v"])]
+    assert metas[0]["target_modules"] == ["ff.net.2", "to_k", "to_q", "to_v"]
+    assert json.dumps(metas[0], sort_keys=True) == json.dumps(metas[1], sort_keys=True)
+    assert metas[0]["r"] == 4 and metas[0]["lora_alpha"] == 8
