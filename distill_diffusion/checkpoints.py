@@ -221,8 +221,19 @@ def load(path: Path, tr: Trainer) -> int:
 
 
 def _load_loop_state(other: dict, tr: Trainer) -> None:
+    """The schedulers' step counts and the torch RNG from a checkpoint. The learning rates stay the run's own: a
+    scheduler's state carries the base rate it was built with, and loading it alone would keep the checkpoint's rate
+    whatever ``learning_rate`` the resumed run sets (the optimizers' moments are kept either way)."""
     for r, s in tr.schedulers.items():
+        configured = list(s.base_lrs)
         s.load_state_dict(other["schedulers"][r])
+        if s.base_lrs != configured:
+            if tr.accelerator.is_main_process:
+                print(f"resume: {r}'s learning rate {s.base_lrs[0]:g} in the checkpoint, {configured[0]:g} from "
+                      "now on (this run's setting)", flush=True)
+            s.base_lrs = configured
+            for g, base, factor in zip(s.optimizer.param_groups, configured, s.lr_lambdas):
+                g["initial_lr"], g["lr"] = base, base * factor(s.last_epoch)
     torch.set_rng_state(other["torch_rng"])
 
 

@@ -173,3 +173,27 @@ def test_resume_with_another_max_steps_is_refused_where_phases_are_cut_from_it(n
                                 "resume=latest"), METHODS)
     with pytest.raises(UserError, match="lr_schedule=cosine is cut from max_steps"):
         check_start(cfg, METHODS["lcm"].spec(method_object(cfg), "lora"), out)
+
+
+def test_resume_with_another_learning_rate_trains_at_it(tiny_teachers, image_folder, tmp_path, capsys):
+    """The checkpoint's schedulers carry the rate they were built with; a resumed run's ``learning_rate`` wins: the
+    first resumed Adam step (same moments, same gradient) moves the student a tenth as far at a tenth of the rate."""
+    import shutil
+
+    base = tmp_path / "base"
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, base, 2, "adam_weight_decay=0"), METHODS)
+    train(cfg, METHODS["lcm"])
+    start = _student(base)
+    moved = {}
+    for lr in ("1e-3", "1e-4"):
+        out = tmp_path / f"lr{lr}"
+        shutil.copytree(base / "checkpoints", out / "checkpoints")
+        cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, out, 3, "adam_weight_decay=0",
+                                    "resume=latest", f"learning_rate={lr}", "logging_steps=1"), METHODS)
+        train(cfg, METHODS["lcm"])
+        end = _student(out)
+        moved[lr] = torch.cat([(end[k] - start[k]).flatten() for k in start if "lora" in k]).norm()
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["student/lr"] == pytest.approx(float(lr))
+    assert "0.001 in the checkpoint, 0.0001 from now on" in capsys.readouterr().out
+    assert float(moved["1e-4"] / moved["1e-3"]) == pytest.approx(0.1, rel=1e-3)
