@@ -2,6 +2,7 @@
 registered method); a SIGKILL mid-run leaves no half checkpoint; resume=latest skips broken checkpoints."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,8 +179,6 @@ def test_resume_with_another_max_steps_is_refused_where_phases_are_cut_from_it(n
 def test_resume_with_another_learning_rate_trains_at_it(tiny_teachers, image_folder, tmp_path, capsys):
     """The checkpoint's schedulers carry the rate they were built with; a resumed run's ``learning_rate`` wins: the
     first resumed Adam step (same moments, same gradient) moves the student a tenth as far at a tenth of the rate."""
-    import shutil
-
     base = tmp_path / "base"
     cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, base, 2, "adam_weight_decay=0"), METHODS)
     train(cfg, METHODS["lcm"])
