@@ -206,6 +206,8 @@ def load(path: Path, tr: Trainer) -> int:
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to resume from an "
                         "earlier one") from None
     current = role_tensors(tr.models)
+    fresh = _new_ema_targets(saved, tr)
+    current = {k: v for k, v in current.items() if k.split("/", 1)[0] not in fresh}
     roles = sorted({k.split("/", 1)[0] for k in current})
     want_extra = {f"extra/{r}/{k}": v.shape for r, m in tr.extras.items() for k, v in m.state_dict().items()}
     got_extra = {k: v.shape for k, v in saved.items() if k.startswith("extra/")}
@@ -214,10 +216,24 @@ def load(path: Path, tr: Trainer) -> int:
         raise UserError(f"checkpoint {path} was written by a different configuration (student, roles or LoRA "
                         "rank differ); resume with the config it was written with")
     _load_extras(saved, tr.extras, list(tr.extras))
+    if fresh:
+        tr.models.reset_targets()
+        if tr.accelerator.is_main_process:
+            print(f"resume: checkpoint {path} has no EMA of the student; {', '.join(fresh)} starts from its "
+                  f"student (ema_decay={tr.cfg.ema_decay})", flush=True)
     for r, o in tr.optimizers.items():
         o.load_state_dict(other["optimizers"][r])
     _load_loop_state(other, tr)
     return step
+
+
+def _new_ema_targets(saved: dict[str, torch.Tensor], tr: Trainer) -> list[str]:
+    """The run's EMA targets when the checkpoint holds none of them (it was written without ``ema_decay``): the
+    resumed run starts them from the loaded student, as ``init_from`` does, so an EMA can be switched on for the rest
+    of a run. A checkpoint holding some but not all of them is a different configuration (``load`` refuses it)."""
+    ema = [n for n, s in tr.models.targets.items() if s.decay is not None]
+    missing = [n for n in ema if not any(k.startswith(f"{n}/") for k in saved)]
+    return missing if missing == ema else []
 
 
 def _load_loop_state(other: dict, tr: Trainer) -> None:

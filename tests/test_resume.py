@@ -196,3 +196,22 @@ def test_resume_with_another_learning_rate_trains_at_it(tiny_teachers, image_fol
         assert rows[-1]["student/lr"] == pytest.approx(float(lr))
     assert "0.001 in the checkpoint, 0.0001 from now on" in capsys.readouterr().out
     assert float(moved["1e-4"] / moved["1e-3"]) == pytest.approx(0.1, rel=1e-3)
+
+
+def test_resume_switches_an_ema_on(tiny_teachers, image_folder, tmp_path, capsys):
+    """A checkpoint written without ``ema_decay`` resumes into a run with one: the EMA starts from the loaded
+    student, so after one resumed step it is decay × the checkpoint's student + (1 − decay) × the new one."""
+    out = tmp_path / "run"
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, out, 2), METHODS)
+    train(cfg, METHODS["lcm"])
+    before = _student(out)
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, out, 3, "resume=latest", "ema_decay=0.9",
+                                "checkpointing_steps=1"), METHODS)
+    train(cfg, METHODS["lcm"])
+    assert "has no EMA of the student; student_ema starts from its student (ema_decay=0.9)" in capsys.readouterr().out
+    after = _student(out)
+    lora = [k for k in before if k.startswith("student/") and "lora" in k]
+    assert lora and not any(torch.equal(before[k], after[k]) for k in lora if "lora_B" in k)
+    for k in lora:
+        ema = after["student_ema/" + k.split("/", 1)[1].replace(".student.", ".student_ema.")]
+        torch.testing.assert_close(ema, 0.9 * before[k] + 0.1 * after[k])
