@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import artifacts, sharding
+from .config import lr_factor
 from .errors import UserError
 from .method import MethodSpec
 from .models import Models, resolve_teacher
@@ -61,19 +62,38 @@ def check_length(path: Path, cfg: Any, spec: MethodSpec) -> None:
     ``path`` was written with another one: its phases or stages would move under the half-trained run. Not a broken
     checkpoint (``resume=latest`` must not skip it and start over), so the loop asks before anything loads.
     Checkpoints from before ``max_steps`` was recorded, and unreadable ones (:func:`load` names those), pass.
-    A decaying learning rate (``lr_schedule`` cosine or linear) is cut from ``max_steps`` too."""
+    A decaying learning rate (``lr_schedule`` cosine or linear) is cut from ``max_steps`` too, unless the checkpoint
+    was written before its rate began to decay and this run's decay starts after it (``lr_decay_steps``)."""
     decays = cfg.lr_schedule != "constant"
     if not (spec.fixed_length or decays):
         return
     try:
-        written = json.loads((path / "state.json").read_text()).get("max_steps")
-    except (OSError, ValueError, AttributeError):
+        info = json.loads((path / "state.json").read_text())
+        written, step = info.get("max_steps"), int(info["step"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return
-    if written is not None and written != cfg.max_steps:
-        what = f"{cfg.method_name}'s phases or stages are" if spec.fixed_length else \
-            f"lr_schedule={cfg.lr_schedule} is"
-        raise UserError(f"checkpoint {path} was written with max_steps={written}, and {what} cut from max_steps: "
-                        f"resume with max_steps={written}, or start a longer run from this one's export with init_from")
+    if written is None or written == cfg.max_steps:
+        return
+    if spec.fixed_length:
+        raise UserError(f"checkpoint {path} was written with max_steps={written}, and {cfg.method_name}'s phases or "
+                        f"stages are cut from max_steps: resume with max_steps={written}, or start a longer run from "
+                        "this one's export with init_from")
+    if not _decay_follows(path, step, cfg):
+        raise UserError(f"checkpoint {path} was written with max_steps={written}, and lr_schedule={cfg.lr_schedule} "
+                        f"is cut from max_steps: resume with max_steps={written}, or, if its rate had not begun to "
+                        f"decay, decay only after it with lr_decay_steps={cfg.max_steps - step} or fewer")
+
+
+def _decay_follows(path: Path, step: int, cfg: Any) -> bool:
+    """Whether this run's learning rates agree with checkpoint ``path``'s up to its ``step``: every scheduler in it
+    still at its base rate (its decay, if any, not begun) and this run's decay starting after ``step``."""
+    if lr_factor(max(step - 1, 0), cfg.lr_warmup_steps, cfg.max_steps, cfg.lr_schedule, cfg.lr_decay_steps) != 1.0:
+        return False
+    try:  # mmap: the optimizer moments beside the schedulers' state are not read
+        schedulers = torch.load(path / "optim.pt", map_location="cpu", weights_only=True, mmap=True)["schedulers"]
+    except Exception:
+        return False
+    return all(list(s["_last_lr"]) == list(s["base_lrs"]) for s in schedulers.values())
 
 
 def role_tensors(models: Models) -> dict[str, nn.Parameter]:
@@ -243,13 +263,14 @@ def _load_loop_state(other: dict, tr: Trainer) -> None:
     for r, s in tr.schedulers.items():
         configured = list(s.base_lrs)
         s.load_state_dict(other["schedulers"][r])
-        if s.base_lrs != configured:
-            if tr.accelerator.is_main_process:
-                print(f"resume: {r}'s learning rate {s.base_lrs[0]:g} in the checkpoint, {configured[0]:g} from "
-                      "now on (this run's setting)", flush=True)
-            s.base_lrs = configured
-            for g, base, factor in zip(s.optimizer.param_groups, configured, s.lr_lambdas):
-                g["initial_lr"], g["lr"] = base, base * factor(s.last_epoch)
+        if s.base_lrs != configured and tr.accelerator.is_main_process:
+            print(f"resume: {r}'s learning rate {s.base_lrs[0]:g} in the checkpoint, {configured[0]:g} from "
+                  "now on (this run's setting)", flush=True)
+        s.base_lrs = configured
+        # this run's schedule (another lr_decay_steps or max_steps may bend it from here on) from the next iteration
+        for g, base, factor in zip(s.optimizer.param_groups, configured, s.lr_lambdas):
+            g["initial_lr"], g["lr"] = base, base * factor(s.last_epoch)
+        s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
     torch.set_rng_state(other["torch_rng"])
 
 

@@ -9,14 +9,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 
-LR_SCHEDULES = ("constant", "cosine", "linear")  # TrainConfig.lr_schedule; distill_diffusion.loop.lr_factor
+LR_SCHEDULES = ("constant", "cosine", "linear")  # TrainConfig.lr_schedule; lr_factor below
 LORA_MERGE_MODES = ("auto", "always", "no_grad", "off")  # TrainConfig.lora_merge; distill_diffusion.models.Models
+
+
+def lr_factor(i: int, warmup: int, total: int, kind: str = "constant", decay_steps: int | None = None) -> float:
+    """The learning rate of iteration ``i`` (0-based) as a fraction of the base rate: a linear warm-up over
+    ``warmup`` iterations ((i + 1) / warmup), then constant, or a cosine (0.5 (1 + cos(pi p))) or linear (1 - p) decay
+    with p = (i + 1 - start) / (total - start + 1), which reaches 1 one iteration past the run's last (``total``
+    iterations), so the last update still moves. The decay starts at the warm-up's end, or with ``decay_steps`` at
+    ``total - decay_steps`` (warmup-stable-decay: constant until then, so a longer run's checkpoint from before the
+    decay is the shorter run's, and a constant run's checkpoint can be annealed by resuming it). A decay is meant to
+    end a run settled rather than wherever a constant rate leaves it (issue 21's seed spread; the README's SiD and
+    sCM sections have the measurements)."""
+    w = max(warmup, 1)
+    if i + 1 < w or kind == "constant":
+        return min(1.0, (i + 1) / w)
+    start = w if decay_steps is None else max(w, total - decay_steps)
+    p = min(1.0, max(0, i + 1 - start) / max(total - start + 1, 1))
+    return 0.5 * (1.0 + math.cos(math.pi * p)) if kind == "cosine" else 1.0 - p
 
 
 @dataclass
@@ -67,6 +85,9 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     # After the warm-up: constant, or cosine / linear decay to 0 at max_steps (diffusers' --lr_scheduler names)
     lr_schedule: str = "constant"
+    # cosine / linear: decay over the last this many steps only, constant before (warmup-stable-decay); null: from
+    # the warm-up's end. Lets a resumed constant run anneal: resume=<its checkpoint> max_steps=<later> lr_decay_steps=..
+    lr_decay_steps: int | None = None
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
@@ -281,6 +302,10 @@ def validate(cfg: Any) -> None:
     need(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, f"ema_decay={cfg.ema_decay}: must be in (0, 1), or null")
     need(cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule={cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     need(cfg.max_steps > 0, f"max_steps={cfg.max_steps}: must be at least 1")
+    need(cfg.lr_decay_steps is None or cfg.lr_schedule != "constant", f"lr_decay_steps={cfg.lr_decay_steps}: "
+         "applies to a decaying lr_schedule (cosine or linear); set one, or lr_decay_steps=null")
+    need(cfg.lr_decay_steps is None or 0 < cfg.lr_decay_steps <= cfg.max_steps,
+         f"lr_decay_steps={cfg.lr_decay_steps}: must be between 1 and max_steps ({cfg.max_steps}), or null")
     need(cfg.batch_size > 0, f"batch_size={cfg.batch_size}: must be at least 1")
     need(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers}: must be 0 (decode in the training "
          "process) or more")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import artifacts, checkpoints, memory, sharding
-from .config import method_object, to_yaml
+from .config import lr_factor, method_object, to_yaml
 from .data import Samples, Source, Stream, build_source
 from .errors import UserError
 from .method import Batch, Method, MethodSpec, RunContext, StepRNG, TargetSpec
@@ -215,19 +215,6 @@ def build_stream(cfg: Any, spec: MethodSpec, models: Models, accelerator: Any) -
                   cfg.gradient_accumulation_steps, cfg.data.empty_prompt_prob, load_images=load_images)
 
 
-def lr_factor(i: int, warmup: int, total: int, kind: str = "constant") -> float:
-    """The learning rate of iteration ``i`` (0-based) as a fraction of the base rate: a linear warm-up over
-    ``warmup`` iterations ((i + 1) / warmup), then constant, or a cosine (0.5 (1 + cos(pi p))) or linear (1 - p) decay
-    with p = (i + 1 - warmup) / (total - warmup + 1), which reaches 1 one iteration past the run's last (``total``
-    iterations), so the last update still moves. A decay is meant to end a run settled rather than wherever a constant
-    rate leaves it (issue 21's seed spread; the README's SiD section has the one measurement, not conclusive)."""
-    w = max(warmup, 1)
-    if i + 1 < w or kind == "constant":
-        return min(1.0, (i + 1) / w)
-    p = min(1.0, (i + 1 - w) / max(total - w + 1, 1))
-    return 0.5 * (1.0 + math.cos(math.pi * p)) if kind == "cosine" else 1.0 - p
-
-
 def fused_adamw(params: list[nn.Parameter], sharded: bool) -> bool | None:
     """True where torch's fused AdamW applies: unsharded floating-point tensors on one device type that has the
     kernel. It updates every tensor in one call instead of torch's per-tensor loop on a CPU (a LoRA's hundreds of
@@ -257,7 +244,8 @@ def build_optimizers(tr: Trainer) -> None:
             eps=s.eps or cfg.adam_epsilon, fused=fused_adamw(tr.params[role], tr.sharded),
         )
         tr.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(
-            opt, functools.partial(lr_factor, warmup=cfg.lr_warmup_steps, total=cfg.max_steps, kind=cfg.lr_schedule))
+            opt, functools.partial(lr_factor, warmup=cfg.lr_warmup_steps, total=cfg.max_steps, kind=cfg.lr_schedule,
+                                   decay_steps=cfg.lr_decay_steps))
         tr.optimizers[role] = tr.accelerator.prepare(opt)
 
 

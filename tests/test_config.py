@@ -108,3 +108,18 @@ def test_lr_factor_closed_forms():
     assert math.isclose(lr_factor(6, 4, 10, "linear"), 4 / 7) and math.isclose(lr_factor(9, 4, 10, "linear"), 1 / 7)
     assert math.isclose(lr_factor(6, 4, 10, "cosine"), 0.5 * (1 + math.cos(math.pi * 3 / 7)))
     assert 0 < lr_factor(9, 0, 10, "cosine") < lr_factor(8, 0, 10, "cosine") < 1
+    # decay_steps 3 (warmup-stable-decay): constant through iteration 6, then p = (i + 1 - 7) / 4
+    assert [lr_factor(i, 4, 10, "linear", 3) for i in range(10)] == [0.25, 0.5, 0.75] + [1.0] * 4 + [0.75, 0.5, 0.25]
+    assert math.isclose(lr_factor(8, 4, 10, "cosine", 3), 0.5 * (1 + math.cos(math.pi / 2)))
+    # decay_steps longer than the stable part: the decay starts at the warm-up's end, as without it
+    assert [lr_factor(i, 4, 10, "cosine", 10) for i in range(10)] == [lr_factor(i, 4, 10, "cosine") for i in range(10)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["lr_decay_steps=10"], "applies to a decaying lr_schedule"),
+    (["lr_schedule=linear", "lr_decay_steps=0"], "must be between 1 and max_steps"),
+    (["lr_schedule=linear", "max_steps=5", "lr_decay_steps=6"], "must be between 1 and max_steps"),
+])
+def test_lr_decay_steps_is_checked(args, message):
+    with pytest.raises(UserError, match=message):
+        parse_config(["--method", "lcm", *args], METHODS)

@@ -215,3 +215,29 @@ def test_resume_switches_an_ema_on(tiny_teachers, image_folder, tmp_path, capsys
     for k in lora:
         ema = after["student_ema/" + k.split("/", 1)[1].replace(".student.", ".student_ema.")]
         torch.testing.assert_close(ema, 0.9 * before[k] + 0.1 * after[k])
+
+
+def test_constant_checkpoint_resumed_with_a_late_decay_equals_the_decaying_run(tiny_teachers, image_folder, tmp_path,
+                                                                              capsys):
+    """Warmup-stable-decay: a constant-rate run's checkpoint, resumed with a longer ``max_steps`` and a decay over
+    the steps after it (``lr_decay_steps``), trains exactly as a run with that schedule from the start (constant up
+    to the checkpoint). A decay that would have begun before the checkpoint is refused, naming the largest
+    ``lr_decay_steps`` that fits."""
+    from distill_diffusion.errors import UserError
+
+    decay = ("lr_schedule=linear", "lr_decay_steps=3")
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, whole, 5, *decay), METHODS)
+    train(cfg, METHODS["lcm"])
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, part, 3), METHODS)  # constant, 3 steps
+    train(cfg, METHODS["lcm"])
+    ck = shutil.copytree(part / "checkpoints" / "checkpoint-2", tmp_path / "checkpoint-2")
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, part, 5, *decay, f"resume={ck}",
+                                "allow_overwrite=true"), METHODS)
+    train(cfg, METHODS["lcm"])
+    a, b = _student(whole), _student(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg, _ = parse_config(_args("lcm", tiny_teachers["sd"], image_folder, part, 5, "lr_schedule=linear",
+                                "lr_decay_steps=4", f"resume={ck}", "allow_overwrite=true"), METHODS)
+    with pytest.raises(UserError, match="lr_decay_steps=3 or fewer"):
+        train(cfg, METHODS["lcm"])
