@@ -50,11 +50,16 @@ def candidates(resume: str | None, out: Path) -> list[Path]:
     if not resume:
         return []
     if resume != "latest":
-        p = Path(resume)
-        if not (p / "state.json").is_file():
-            raise UserError(f"resume={resume!r} is not a checkpoint folder (no state.json)")
-        return [p]
+        return [named(resume, "resume")]
     return listed(out / "checkpoints")[::-1]
+
+
+def named(path: str, key: str) -> Path:
+    """Checkpoint folder ``path``, given as config key ``key``; UserError when it is none."""
+    p = Path(path)
+    if not (p / "state.json").is_file():
+        raise UserError(f"{key}={path!r} is not a checkpoint folder (no state.json)")
+    return p
 
 
 def check_length(path: Path, cfg: Any, spec: MethodSpec) -> None:

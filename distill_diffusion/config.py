@@ -140,6 +140,9 @@ class TrainConfig:
     min_loss_scale: float = 1.0
     allow_overwrite: bool = False  # allow output_dir to hold a finished run that this one replaces
     export_initial: bool = False  # write the student as initialised, without a training step: the untrained row
+    # write checkpoint PATH's student (its EMA with ema_decay) as the run folder output_dir, without a training step:
+    # scoring a run's every checkpoint, whatever its method's schedule or the learning rate's
+    export_checkpoint: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     method: Any = None  # the method's own dataclass
 
@@ -302,6 +305,8 @@ def validate(cfg: Any) -> None:
     need(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, f"ema_decay={cfg.ema_decay}: must be in (0, 1), or null")
     need(cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule={cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     need(cfg.max_steps > 0, f"max_steps={cfg.max_steps}: must be at least 1")
+    need(not (cfg.export_checkpoint and (cfg.export_initial or cfg.resume)), "export_checkpoint writes a checkpoint "
+         "without training: drop export_initial and resume")
     need(cfg.lr_decay_steps is None or cfg.lr_schedule != "constant", f"lr_decay_steps={cfg.lr_decay_steps}: "
          "applies to a decaying lr_schedule (cosine or linear); set one, or lr_decay_steps=null")
     need(cfg.lr_decay_steps is None or 0 < cfg.lr_decay_steps <= cfg.max_steps,

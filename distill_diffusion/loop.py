@@ -63,12 +63,8 @@ def train(cfg: Any, method_cls: type[Method]) -> Path:
     accelerator = make_accelerator(cfg, out)
     tr = build_trainer(cfg, spec, method_cls, accelerator)
     stream = build_stream(cfg, spec, tr.models, accelerator)
-    if cfg.export_initial:
-        # The untrained student through the same run folder: the baseline row every quality bar is compared with.
-        if accelerator.is_main_process:
-            start_run_folder(cfg, out, accelerator, trackers=False)
-        export_and_validate(tr, out, 0)
-        accelerator.wait_for_everyone()
+    if cfg.export_initial or cfg.export_checkpoint:
+        export_only(tr, out)
         return out
     build_optimizers(tr)
     start = resume(tr, candidates, out)
@@ -102,6 +98,8 @@ def check_start(cfg: Any, spec: MethodSpec, out: Path) -> list[Path]:
     if extra and not cfg.init_from:
         raise UserError(f"this {cfg.method_name} config starts the {', '.join(extra)} from an earlier run: set "
                         "init_from=<that run's folder>")
+    if cfg.export_checkpoint:
+        checkpoints.named(cfg.export_checkpoint, "export_checkpoint")
     candidates = checkpoints.candidates(cfg.resume, out)
     for cand in candidates:  # every one: resume=latest may skip a broken newest checkpoint and load an older one
         checkpoints.check_length(cand, cfg, spec)
@@ -109,6 +107,18 @@ def check_start(cfg: Any, spec: MethodSpec, out: Path) -> list[Path]:
         raise UserError(f"output_dir {out} already holds a run; resume=latest continues it, or choose another "
                         "output_dir (allow_overwrite=true replaces it)")
     return candidates
+
+
+def export_only(tr: Trainer, out: Path) -> None:
+    """The student as initialised (``export_initial``: the baseline row every quality bar is compared with) or as a
+    checkpoint holds it (``export_checkpoint``), through the same run folder, without a training step."""
+    step = 0
+    if tr.cfg.export_checkpoint:  # no optimizers built: load restores the trained tensors only
+        step = checkpoints.load(checkpoints.named(tr.cfg.export_checkpoint, "export_checkpoint"), tr)
+    if tr.accelerator.is_main_process:
+        start_run_folder(tr.cfg, out, tr.accelerator, trackers=False)
+    export_and_validate(tr, out, step)
+    tr.accelerator.wait_for_everyone()
 
 
 def make_accelerator(cfg: Any, out: Path) -> Any:

@@ -1,6 +1,8 @@
 """Every registered method, LoRA and full: each role moves only its own tensors, the base never moves, the
 exported student samples through load_student at every step count. A new method is tested by registering it."""
 
+import json
+
 import pytest
 import torch
 
@@ -136,3 +138,39 @@ def test_ema_starts_from_the_init_from_student(tiny_teachers, image_folder, tmp_
     b = load_file(str(tmp_path / "b" / "student" / artifacts.LORA_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # a trained student, not B = 0
+
+
+@pytest.mark.parametrize("name", default_only(sorted(METHODS), {"tscd"}))
+def test_export_checkpoint_writes_what_the_run_wrote(name, tiny_teachers, image_folder, tmp_path):
+    """export_checkpoint=<checkpoint> writes that checkpoint's student as a run folder without a training step, for
+    every method (TSCD's stages and a decaying rate, which refuse a resume with another max_steps, included): the
+    last checkpoint's export holds the run's own student tensors, an earlier one's differ; the run is untouched."""
+    from safetensors.torch import load_file
+
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+
+    common = ["--method", name, f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}", "batch_size=2",
+              "report_to=none", "validation_seeds=0", "lora_rank=2", "learning_rate=1e-3", "lr_schedule=cosine"]
+    run = tmp_path / "run"
+    train(parse_config([*common, "max_steps=5", "checkpointing_steps=4", f"output_dir={run}"], METHODS)[0],
+          METHODS[name])
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*"))
+
+    def exported(step: int) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"at{step}"
+        train(parse_config([*common, "max_steps=5", f"output_dir={out}",
+                            f"export_checkpoint={run}/checkpoints/checkpoint-{step}"], METHODS)[0], METHODS[name])
+        assert json.loads((out / "sampling.json").read_text())["step"] == step
+        return load_file(str(next((out / "student").glob("*.safetensors"))))
+
+    final = load_file(str(next((run / "student").glob("*.safetensors"))))
+    last, earlier = exported(5), exported(4)
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    # the export at step 4 differs from the last wherever the exported role moved in step 5 (DMD2's student does not:
+    # it updates on every tenth iteration)
+    ck4, ck5 = (load_file(str(run / "checkpoints" / f"checkpoint-{i}" / "trainable.safetensors")) for i in (4, 5))
+    role = "student_ema/" if any(k.startswith("student_ema/") for k in ck5) else "student/"
+    moved = any(not torch.equal(ck4[k], ck5[k]) for k in ck5 if k.startswith(role))
+    assert moved == any(not torch.equal(final[k], earlier[k]) for k in final) and (moved or name == "dmd2")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*")) == before
