@@ -305,8 +305,8 @@ def validate(cfg: Any) -> None:
     need(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, f"ema_decay={cfg.ema_decay}: must be in (0, 1), or null")
     need(cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule={cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     need(cfg.max_steps > 0, f"max_steps={cfg.max_steps}: must be at least 1")
-    need(not (cfg.export_checkpoint and (cfg.export_initial or cfg.resume)), "export_checkpoint writes a checkpoint "
-         "without training: drop export_initial and resume")
+    need(not (cfg.export_checkpoint and cfg.export_initial), "export_checkpoint writes a checkpoint, export_initial "
+         "the untrained student: choose one")
     need(cfg.lr_decay_steps is None or cfg.lr_schedule != "constant", f"lr_decay_steps={cfg.lr_decay_steps}: "
          "applies to a decaying lr_schedule (cosine or linear); set one, or lr_decay_steps=null")
     need(cfg.lr_decay_steps is None or 0 < cfg.lr_decay_steps <= cfg.max_steps,

@@ -98,9 +98,9 @@ def check_start(cfg: Any, spec: MethodSpec, out: Path) -> list[Path]:
     if extra and not cfg.init_from:
         raise UserError(f"this {cfg.method_name} config starts the {', '.join(extra)} from an earlier run: set "
                         "init_from=<that run's folder>")
-    if cfg.export_checkpoint:
+    if cfg.export_checkpoint:  # a resumed run's config.yaml names its resume: not this one's business
         checkpoints.named(cfg.export_checkpoint, "export_checkpoint")
-    candidates = checkpoints.candidates(cfg.resume, out)
+    candidates = [] if cfg.export_checkpoint else checkpoints.candidates(cfg.resume, out)
     for cand in candidates:  # every one: resume=latest may skip a broken newest checkpoint and load an older one
         checkpoints.check_length(cand, cfg, spec)
     if not cfg.resume and (out / artifacts.SAMPLING_FILE).exists() and not cfg.allow_overwrite:

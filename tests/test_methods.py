@@ -144,7 +144,8 @@ def test_ema_starts_from_the_init_from_student(tiny_teachers, image_folder, tmp_
 def test_export_checkpoint_writes_what_the_run_wrote(name, tiny_teachers, image_folder, tmp_path):
     """export_checkpoint=<checkpoint> writes that checkpoint's student as a run folder without a training step, for
     every method (TSCD's stages and a decaying rate, which refuse a resume with another max_steps, included): the
-    last checkpoint's export holds the run's own student tensors, an earlier one's differ; the run is untouched."""
+    last checkpoint's export holds the run's own student tensors, an earlier one's differ; the run is untouched. A
+    ``resume`` (a resumed run's config.yaml names one, here not even a checkpoint) is not its business."""
     from safetensors.torch import load_file
 
     from distill_diffusion.config import parse_config
@@ -159,7 +160,7 @@ def test_export_checkpoint_writes_what_the_run_wrote(name, tiny_teachers, image_
 
     def exported(step: int) -> dict[str, torch.Tensor]:
         out = tmp_path / f"at{step}"
-        train(parse_config([*common, "max_steps=5", f"output_dir={out}",
+        train(parse_config([*common, "max_steps=5", f"output_dir={out}", f"resume={run}/checkpoints/checkpoint-1",
                             f"export_checkpoint={run}/checkpoints/checkpoint-{step}"], METHODS)[0], METHODS[name])
         assert json.loads((out / "sampling.json").read_text())["step"] == step
         return load_file(str(next((out / "student").glob("*.safetensors"))))
