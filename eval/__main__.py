@@ -35,7 +35,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m eval", description=__doc__.split("\n\n")[0],
                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", nargs="+", default=[], metavar="RUN", help="run folders (train.py's output_dir)")
+    ap.add_argument("--runs", nargs="+", default=[], metavar="RUN", help="run folders (train.py's output_dir), or "
+                    "checkpoint folders (RUN/checkpoints/checkpoint-N: exported once into the cache, row RUN_atN)")
     ap.add_argument("--teacher", default=None, help="teacher folder or hub id (default: the runs' teacher, or "
                     "'embedded' with --teacher-only)")
     ap.add_argument("--teacher-steps", nargs="+", type=int, default=None, metavar="N",
@@ -127,11 +128,21 @@ def check_args(a: argparse.Namespace) -> None:
             raise UserError("guidance scales must be >= 0 (diffusers convention: 1 = no guidance)")
 
 
+def cache_dir_of(a: argparse.Namespace) -> Path | None:
+    from .generate import default_cache_dir
+
+    return None if a.no_cache else (Path(a.cache_dir).expanduser() if a.cache_dir else default_cache_dir())
+
+
 def resolve_runs(a: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
-    """Read every run's sampling.json (UserError if missing) and settle the teacher."""
+    """Read every run's sampling.json (UserError if missing) and settle the teacher. A checkpoint folder in
+    ``--runs`` is exported first and scored as ``<run>_at<step>`` (:mod:`eval.checkpoints`)."""
     from distill_diffusion.artifacts import check_run, check_teacher, teacher_ref, weights_hash
 
-    runs = [{"dir": r, "info": check_run(r)} for r in a.runs]
+    from .checkpoints import as_run, is_checkpoint
+
+    dirs = [as_run(r, cache_dir_of(a)) if is_checkpoint(r) else r for r in a.runs]
+    runs = [{"dir": r, "info": check_run(r)} for r in dirs]
     teacher = a.teacher
     if teacher is None:
         refs = {r["info"].get("teacher", "embedded") for r in runs}
@@ -197,8 +208,7 @@ def build_context(a: argparse.Namespace, teacher: str) -> Any:
     evaluator = Path(a.evaluator).expanduser() if a.evaluator else metrics.EMBEDDED_EVALUATOR
     if a.evaluator and not evaluator.is_dir():
         raise UserError(f"--evaluator {a.evaluator!r} does not exist")
-    cache_dir = None if a.no_cache else (Path(a.cache_dir).expanduser() if a.cache_dir
-                                         else generate.default_cache_dir())
+    cache_dir = cache_dir_of(a)
     fm = metrics.select_features(a.features, evaluator if evaluator.is_dir() else None, a.inception_weights,
                                  cache_dir).to(device)
     ev_clip = metrics.load_clip(None, evaluator) if evaluator.is_dir() else None

@@ -456,3 +456,31 @@ def test_row_labels_keep_a_symlinked_run_folder_s_own_name(tmp_path, monkeypatch
     linked = [str(tmp_path / "dmd2_seed3"), str(tmp_path / "sweeps" / "point=1")]
     assert unique_names(linked) == ["dmd2_seed3", "point=1"]
     assert unique_names([".", str(tmp_path / "b" / "run/")]) == ["run#1", "run#2"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_folder_is_scored_as_its_export(tiny_teachers, image_folder, prompt_file, ref_folder,
+                                                     evaluator_dir, tmp_path, capsys):
+    """``--runs RUN/checkpoints/checkpoint-N`` exports the checkpoint once (train.py's export_checkpoint) into the
+    cache and scores it as row RUN_atN: the last checkpoint scores exactly as the run's own export; a second eval
+    takes the export from the cache."""
+    from distill_diffusion.config import parse_config
+    from distill_diffusion.loop import train
+    from methods import METHODS
+
+    run = tmp_path / "lcm_run"
+    cfg, _ = parse_config(["--method", "lcm", f"teacher={tiny_teachers['sd']}", f"data.images={image_folder}",
+                           "max_steps=2", "checkpointing_steps=1", "batch_size=2", f"output_dir={run}",
+                           "report_to=none", "validation_seeds=0", "learning_rate=1e-3"], METHODS)
+    train(cfg, METHODS["lcm"])
+    cache = tmp_path / "cache"
+    cks = [str(run / "checkpoints" / f"checkpoint-{i}") for i in (1, 2)]
+    assert main(_cli([str(run), *cks], prompt_file, ref_folder, evaluator_dir, tmp_path / "r1", cache)) == 0
+    assert capsys.readouterr().err.count("exporting ") == 2
+    rep = json.loads((tmp_path / "r1" / "report.json").read_text())
+    rows = {(r["label"], r["steps"]): r["fid"] for r in rep["rows"]}
+    steps = sorted(s for (label, s) in rows if label == "lcm_run")
+    assert steps and all(rows[("lcm_run_at2", s)] == rows[("lcm_run", s)] for s in steps)
+    assert any(rows[("lcm_run_at1", s)] != rows[("lcm_run", s)] for s in steps)
+    assert main(_cli(cks[1:], prompt_file, ref_folder, evaluator_dir, tmp_path / "r2", cache)) == 0
+    assert "exporting " not in capsys.readouterr().err
