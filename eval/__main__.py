@@ -141,8 +141,10 @@ def resolve_runs(a: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
 
     from .checkpoints import as_run, is_checkpoint
 
-    dirs = [as_run(r, cache_dir_of(a)) if is_checkpoint(r) else r for r in a.runs]
-    runs = [{"dir": r, "info": check_run(r)} for r in dirs]
+    runs = []
+    for given in a.runs:
+        d = as_run(given, cache_dir_of(a)) if is_checkpoint(given) else given
+        runs.append({"dir": d, "info": check_run(d), "checkpoint": given if d != given else None})
     teacher = a.teacher
     if teacher is None:
         refs = {r["info"].get("teacher", "embedded") for r in runs}
@@ -294,7 +296,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
     meta["reference_teacher_row"] = {"steps": ref_teacher["steps"], "guidance": ref_teacher["guidance"]}
     # Which runs this report scored, and how far each was trained (0: an untrained export_initial baseline).
     meta["runs"] = [{"dir": r["dir"], "method": r["info"].get("method"), "trained_steps": r["info"].get("step"),
-                     "teacher_hash": r["info"].get("teacher_hash"), "run_info": read_run_info(r["dir"])}
+                     "teacher_hash": r["info"].get("teacher_hash"), "run_info": read_run_info(r["dir"]),
+                     "checkpoint": r["checkpoint"]}
                     for r in runs]
     meta["notes"] = skipped
     report.write(out, rows, every, meta)

@@ -479,6 +479,7 @@ def test_a_checkpoint_folder_is_scored_as_its_export(tiny_teachers, image_folder
     assert capsys.readouterr().err.count("exporting ") == 2
     rep = json.loads((tmp_path / "r1" / "report.json").read_text())
     rows = {(r["label"], r["steps"]): r["fid"] for r in rep["rows"]}
+    assert [r["checkpoint"] for r in rep["meta"]["runs"]] == [None, *cks]
     steps = sorted(s for (label, s) in rows if label == "lcm_run")
     assert steps and all(rows[("lcm_run_at2", s)] == rows[("lcm_run", s)] for s in steps)
     assert any(rows[("lcm_run_at1", s)] != rows[("lcm_run", s)] for s in steps)
