@@ -275,7 +275,7 @@ def _load_loop_state(other: dict, tr: Trainer) -> None:
         # this run's schedule (another lr_decay_steps or max_steps may bend it from here on) from the next iteration
         for g, base, factor in zip(s.optimizer.param_groups, configured, s.lr_lambdas):
             g["initial_lr"], g["lr"] = base, base * factor(s.last_epoch)
-        s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
+        s._last_lr = [g["lr"] for g in s.optimizer.param_groups]  # what get_last_lr() reports (the logs)
     torch.set_rng_state(other["torch_rng"])
 
 

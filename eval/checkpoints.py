@@ -3,8 +3,9 @@
 A run's score wanders between its checkpoints (the README's sCM section), so which checkpoint to keep is an eval
 question. ``--runs runs/X/checkpoints/checkpoint-2500`` exports that checkpoint once with train.py's
 ``export_checkpoint`` (no training step; the run is untouched) into ``<cache>/checkpoints/<key>/X_at2500`` and scores
-that folder like any run, as row ``X_at2500``. The key follows the checkpoint's path and its tensors' size and time,
-so a checkpoint rewritten in place (a resumed run) is exported again.
+that folder like any run, as row ``X_at2500``. The key follows the checkpoint's path and its files' sizes and times,
+so a checkpoint rewritten in place (a resumed run) is exported again. With ``--no-cache`` the export goes to a
+temporary folder. A sharded (FSDP) checkpoint cannot be exported by one process: train.py says so.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def as_run(path: str | Path, cache_dir: Path | None) -> str:
     if not (run / "config.yaml").is_file():
         raise UserError(f"{path}: checkpoint of a run folder without config.yaml; export it with train.py "
                         "export_checkpoint=... and pass that folder")
-    tensors = [f for f in sorted(ck.rglob("*")) if f.is_file()]
-    stamp = "".join(f"{f.relative_to(ck)}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in tensors)
+    files = [f for f in sorted(ck.rglob("*")) if f.is_file()]
+    stamp = "".join(f"{f.relative_to(ck)}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files)
     key = hashlib.sha1(f"{ck}|{stamp}".encode()).hexdigest()[:12]
     root = cache_dir / "checkpoints" / key if cache_dir else Path(tempfile.mkdtemp(prefix="eval-checkpoint-"))
     out = root / f"{run.name}_at{ck.name.split('-')[-1]}"
