@@ -5,7 +5,7 @@ question. ``--runs runs/X/checkpoints/checkpoint-2500`` exports that checkpoint 
 ``export_checkpoint`` (no training step; the run is untouched) into ``<cache>/checkpoints/<key>/X_at2500`` and scores
 that folder like any run, as row ``X_at2500``. The key follows the checkpoint's path and its files' sizes and times,
 so a checkpoint rewritten in place (a resumed run) is exported again. With ``--no-cache`` the export goes to a
-temporary folder. A sharded (FSDP) checkpoint cannot be exported by one process: train.py says so.
+temporary folder. A sharded (FSDP) checkpoint is refused by the one-process export (one line from train.py).
 """
 
 from __future__ import annotations
