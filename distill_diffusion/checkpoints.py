@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 PREFIX = "checkpoint-"
 
 
-def _step_of(p: Path) -> int:
+def step_of(p: Path) -> int:
+    """The step of checkpoint folder ``p`` (``checkpoint-<step>``), from its name."""
     return int(p.name[len(PREFIX):])
 
 
@@ -42,7 +43,7 @@ def listed(ckdir: Path) -> list[Path]:
     if not ckdir.is_dir():
         return []
     found = [p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=_step_of)
+    return sorted(found, key=step_of)
 
 
 def candidates(resume: str | None, out: Path) -> list[Path]:

@@ -113,8 +113,8 @@ def export_only(tr: Trainer, out: Path) -> None:
     """The student as initialised (``export_initial``: the baseline row every quality bar is compared with) or as a
     checkpoint holds it (``export_checkpoint``), through the same run folder, without a training step."""
     step = 0
-    if tr.cfg.export_checkpoint:  # no optimizers built: load restores the trained tensors only
-        step = checkpoints.load(checkpoints.named(tr.cfg.export_checkpoint, "export_checkpoint"), tr)
+    if tr.cfg.export_checkpoint:  # checked by check_start; no optimizers built: load restores the tensors only
+        step = checkpoints.load(Path(tr.cfg.export_checkpoint), tr)
     if tr.accelerator.is_main_process:
         start_run_folder(tr.cfg, out, tr.accelerator, trackers=False)
     export_and_validate(tr, out, step)

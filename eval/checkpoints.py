@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from distill_diffusion.checkpoints import PREFIX, step_of
 from distill_diffusion.errors import UserError
 
 TRAIN = Path(__file__).resolve().parent.parent / "train.py"
@@ -25,7 +26,7 @@ TRAIN = Path(__file__).resolve().parent.parent / "train.py"
 def is_checkpoint(path: str | Path) -> bool:
     """A checkpoint folder train.py wrote (``<run>/checkpoints/checkpoint-<step>``), not a run folder."""
     p = Path(path)
-    return p.parent.name == "checkpoints" and (p / "state.json").is_file()
+    return p.parent.name == "checkpoints" and p.name.startswith(PREFIX) and (p / "state.json").is_file()
 
 
 def as_run(path: str | Path, cache_dir: Path | None) -> str:
@@ -39,7 +40,7 @@ def as_run(path: str | Path, cache_dir: Path | None) -> str:
     stamp = "".join(f"{f.relative_to(ck)}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files)
     key = hashlib.sha1(f"{ck}|{stamp}".encode()).hexdigest()[:12]
     root = cache_dir / "checkpoints" / key if cache_dir else Path(tempfile.mkdtemp(prefix="eval-checkpoint-"))
-    out = root / f"{run.name}_at{ck.name.split('-')[-1]}"
+    out = root / f"{run.name}_at{step_of(ck)}"
     if (out / "sampling.json").is_file():
         return str(out)
     cmd = [sys.executable, str(TRAIN), "--config", str(run / "config.yaml"), f"export_checkpoint={ck}",
