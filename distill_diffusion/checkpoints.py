@@ -211,15 +211,19 @@ def _load_extras(saved: dict[str, torch.Tensor], extras: dict[str, nn.Module], r
             extras[role].load_state_dict(state)
 
 
-def load(path: Path, tr: Trainer) -> int:
-    """Load checkpoint ``path`` into the trainer; its step. UserError when it is incomplete, unreadable or was
-    written by another configuration (then nothing is changed)."""
+def load(path: Path, tr: Trainer, average: int = 1) -> int:
+    """Load checkpoint ``path`` into the trainer; its step. With ``average`` > 1 the tensors are the uniform average
+    over the ``average`` checkpoints of its folder ending at it (:func:`window`). UserError when it is incomplete,
+    unreadable or was written by another configuration (then nothing is changed)."""
     from safetensors.torch import load_file
 
     sharded = (path / sharding.SHARDED_DIR).is_dir()
     if sharded != tr.sharded:
         raise UserError(f"checkpoint {path} was written {'with' if sharded else 'without'} fsdp; resume it with "
                         f"fsdp={'true' if sharded else 'false'} (and student=full)")
+    if sharded and average > 1:
+        raise UserError(f"export_average={average}: sharded (fsdp) checkpoints are not averaged; export one with "
+                        "export_average=1")
     if sharded:
         return _load_sharded(path, tr)
     if not all((path / f).is_file() for f in ("state.json", "trainable.safetensors", "optim.pt")):
@@ -231,6 +235,8 @@ def load(path: Path, tr: Trainer) -> int:
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to resume from an "
                         "earlier one") from None
+    if average > 1:
+        saved = _average(window(path, average), saved)
     current = role_tensors(tr.models)
     fresh = _new_ema_targets(saved, tr)
     current = {k: v for k, v in current.items() if k.split("/", 1)[0] not in fresh}
@@ -251,6 +257,40 @@ def load(path: Path, tr: Trainer) -> int:
         o.load_state_dict(other["optimizers"][r])
     _load_loop_state(other, tr)
     return step
+
+
+def window(path: Path, n: int) -> list[Path]:
+    """The ``n`` checkpoints of ``path``'s folder ending at ``path``, oldest first; UserError when it holds fewer."""
+    if not (path.name.startswith(PREFIX) and path.name[len(PREFIX):].isdigit()):
+        raise UserError(f"export_average={n}: {path} is not named {PREFIX}<step> in a run's checkpoints folder")
+    upto = [p for p in listed(path.parent) if step_of(p) <= step_of(path)]
+    if len(upto) < n:
+        raise UserError(f"export_average={n}: {path.parent} holds {len(upto)} checkpoint(s) up to {path.name}; "
+                        f"set export_average to at most {len(upto)}")
+    return upto[-n:]
+
+
+def _average(paths: list[Path], last: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The uniform average of checkpoints ``paths``' trainable tensors (``last``: the newest's, already read):
+    stochastic weight averaging's w_SWA = (1/n) sum_i w_i (Izmailov et al. 2018, "Averaging Weights Leads to Wider
+    Optima and Better Generalization", Algorithm 1 with a running mean). A LoRA's two factors are averaged each, as
+    an EMA of them is; the product of the averages is close to the average of the products when the checkpoints
+    are near one another on one run. Sums in float64, results in each tensor's dtype."""
+    from safetensors.torch import load_file
+
+    total = {k: v.double() for k, v in last.items() if v.is_floating_point()}
+    for p in paths[:-1]:
+        try:
+            other = load_file(str(p / "trainable.safetensors"))
+        except Exception as e:
+            raise UserError(f"checkpoint {p} cannot be read ({type(e).__name__}); average fewer checkpoints "
+                            "(export_average)") from None
+        if other.keys() != last.keys() or any(other[k].shape != v.shape for k, v in last.items()):
+            raise UserError(f"checkpoint {p} holds other tensors than {paths[-1]}: written by another "
+                            "configuration; average fewer checkpoints (export_average)")
+        for k in total:
+            total[k] += other[k].double()
+    return {k: (total[k] / len(paths)).to(v.dtype) if k in total else v for k, v in last.items()}
 
 
 def _new_ema_targets(saved: dict[str, torch.Tensor], tr: Trainer) -> list[str]:

@@ -143,6 +143,9 @@ class TrainConfig:
     # write checkpoint PATH's student (its EMA with ema_decay) as the run folder output_dir, without a training step:
     # scoring a run's every checkpoint, whatever its method's schedule or the learning rate's
     export_checkpoint: str | None = None
+    # with export_checkpoint: the uniform average of the tensors of this many checkpoints of its folder, ending at it
+    # (stochastic weight averaging: a constant-rate run's score wanders between checkpoints; README, sCM)
+    export_average: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     method: Any = None  # the method's own dataclass
 
@@ -307,6 +310,9 @@ def validate(cfg: Any) -> None:
     need(cfg.max_steps > 0, f"max_steps={cfg.max_steps}: must be at least 1")
     need(not (cfg.export_checkpoint and cfg.export_initial), "export_checkpoint writes a checkpoint, export_initial "
          "the untrained student: choose one")
+    need(cfg.export_average >= 1, f"export_average={cfg.export_average}: must be at least 1 (1: no average)")
+    need(cfg.export_average == 1 or cfg.export_checkpoint, f"export_average={cfg.export_average}: averages the "
+         "checkpoints ending at export_checkpoint=<checkpoint>; set it")
     need(cfg.lr_decay_steps is None or cfg.lr_schedule != "constant", f"lr_decay_steps={cfg.lr_decay_steps}: "
          "applies to a decaying lr_schedule (cosine or linear); set one, or lr_decay_steps=null")
     need(cfg.lr_decay_steps is None or 0 < cfg.lr_decay_steps <= cfg.max_steps,

@@ -99,7 +99,9 @@ def check_start(cfg: Any, spec: MethodSpec, out: Path) -> list[Path]:
         raise UserError(f"this {cfg.method_name} config starts the {', '.join(extra)} from an earlier run: set "
                         "init_from=<that run's folder>")
     if cfg.export_checkpoint:  # a resumed run's config.yaml names its resume: not this one's business
-        checkpoints.named(cfg.export_checkpoint, "export_checkpoint")
+        named = checkpoints.named(cfg.export_checkpoint, "export_checkpoint")
+        if cfg.export_average > 1:
+            checkpoints.window(named, cfg.export_average)
     candidates = [] if cfg.export_checkpoint else checkpoints.candidates(cfg.resume, out)
     for cand in candidates:  # every one: resume=latest may skip a broken newest checkpoint and load an older one
         checkpoints.check_length(cand, cfg, spec)
@@ -114,7 +116,7 @@ def export_only(tr: Trainer, out: Path) -> None:
     checkpoint holds it (``export_checkpoint``), through the same run folder, without a training step."""
     step = 0
     if tr.cfg.export_checkpoint:  # checked by check_start; no optimizers built: load restores the tensors only
-        step = checkpoints.load(Path(tr.cfg.export_checkpoint), tr)
+        step = checkpoints.load(Path(tr.cfg.export_checkpoint), tr, tr.cfg.export_average)
     if tr.accelerator.is_main_process:
         start_run_folder(tr.cfg, out, tr.accelerator, trackers=False)
     export_and_validate(tr, out, step)

@@ -98,6 +98,8 @@ TRAIN_CASES = [
      "is not a checkpoint folder"),
     ("export_checkpoint with export_initial", lambda b: _t(b, f"export_checkpoint={b['root']}",
                                                             "export_initial=true"), "choose one"),
+    ("export_average below 1", lambda b: _t(b, "export_average=0"), "must be at least 1"),
+    ("export_average without export_checkpoint", lambda b: _t(b, "export_average=2"), "ending at export_checkpoint"),
     ("mixed precision typo", lambda b: _t(b, "mixed_precision=fp32"), "mixed_precision='fp32'"),
     ("text length on a UNet teacher", lambda b: _t(b, "max_sequence_length=8"), "only flow-transformer teachers"),
     ("gradient checkpointing through other roles", lambda b: _t(b, "gradient_checkpointing=true", method="sid"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distill_diffusion import artifacts
+from distill_diffusion.errors import UserError
 from methods import METHODS
 from tests.helpers import build, default_only, fixed_batch, optimizers, snapshot, update
 
@@ -158,16 +159,21 @@ def test_export_checkpoint_writes_what_the_run_wrote(name, tiny_teachers, image_
           METHODS[name])
     before = sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*"))
 
-    def exported(step: int) -> dict[str, torch.Tensor]:
-        out = tmp_path / f"at{step}"
+    def exported(step: int, average: int = 1) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"at{step}_{average}"
         train(parse_config([*common, "max_steps=5", f"output_dir={out}", f"resume={run}/checkpoints/checkpoint-1",
-                            f"export_checkpoint={run}/checkpoints/checkpoint-{step}"], METHODS)[0], METHODS[name])
+                            f"export_checkpoint={run}/checkpoints/checkpoint-{step}", f"export_average={average}"],
+                           METHODS)[0], METHODS[name])
         assert json.loads((out / "sampling.json").read_text())["step"] == step
         return load_file(str(next((out / "student").glob("*.safetensors"))))
 
     final = load_file(str(next((run / "student").glob("*.safetensors"))))
-    last, earlier = exported(5), exported(4)
+    last, earlier, both = exported(5), exported(4), exported(5, average=2)
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    # export_average=2: the uniform average of checkpoints 4 and 5, factor by factor, summed in float64
+    assert all(torch.equal(both[k], ((last[k].double() + earlier[k].double()) / 2).float()) for k in final)
+    with pytest.raises(UserError, match="at most 2"):
+        exported(5, average=3)
     # the export at step 4 differs from the last wherever the exported role moved in step 5 (DMD2's student does not:
     # it updates on every tenth iteration)
     ck4, ck5 = (load_file(str(run / "checkpoints" / f"checkpoint-{i}" / "trainable.safetensors")) for i in (4, 5))
