@@ -38,11 +38,16 @@ def step_of(p: Path) -> int:
     return int(p.name[len(PREFIX):])
 
 
+def is_named(p: Path) -> bool:
+    """Whether ``p`` is named as train.py names checkpoint folders (``checkpoint-<step>``)."""
+    return p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+
+
 def listed(ckdir: Path) -> list[Path]:
     """Checkpoint folders of ``ckdir`` (complete or not), oldest first."""
     if not ckdir.is_dir():
         return []
-    found = [p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    found = [p for p in ckdir.iterdir() if p.is_dir() and is_named(p)]
     return sorted(found, key=step_of)
 
 
@@ -261,7 +266,7 @@ def load(path: Path, tr: Trainer, average: int = 1) -> int:
 
 def window(path: Path, n: int) -> list[Path]:
     """The ``n`` checkpoints of ``path``'s folder ending at ``path``, oldest first; UserError when it holds fewer."""
-    if not (path.name.startswith(PREFIX) and path.name[len(PREFIX):].isdigit()):
+    if not is_named(path):
         raise UserError(f"export_average={n}: {path} is not named {PREFIX}<step> in a run's checkpoints folder")
     upto = [p for p in listed(path.parent) if step_of(p) <= step_of(path)]
     if len(upto) < n:

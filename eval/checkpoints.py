@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from distill_diffusion.checkpoints import PREFIX, step_of
+from distill_diffusion.checkpoints import is_named, step_of
 from distill_diffusion.errors import UserError
 
 TRAIN = Path(__file__).resolve().parent.parent / "train.py"
@@ -26,7 +26,7 @@ TRAIN = Path(__file__).resolve().parent.parent / "train.py"
 def is_checkpoint(path: str | Path) -> bool:
     """A checkpoint folder train.py wrote (``<run>/checkpoints/checkpoint-<step>``), not a run folder."""
     p = Path(path)
-    return p.parent.name == "checkpoints" and p.name.startswith(PREFIX) and (p / "state.json").is_file()
+    return p.parent.name == "checkpoints" and is_named(p) and (p / "state.json").is_file()
 
 
 def as_run(path: str | Path, cache_dir: Path | None) -> str:
