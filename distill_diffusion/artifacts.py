@@ -349,11 +349,14 @@ def model_card(info: dict[str, Any], out: Path) -> str:
     grid = (f"\n## Validation grid\n![validation grid at the last step](validation/{grids[-1].name})\n"
             "Rows: the teacher, then the student at each step count.\n" if grids else "")
     front = yaml.safe_dump(card_metadata(info), sort_keys=False)
+    averaged = info.get("averaged_steps")
+    weights = ("" if not averaged else "\nWeights: the uniform average of the checkpoints at steps "
+               f"{', '.join(map(str, averaged))} (`export_average={len(averaged)}`).")
     return f"""---
 {front}---
 # {info['method']} student of `{info['teacher']}`
 
-Distilled with {_project_link()} (`train.py --method {info['method']}`); student: {info['student']}.
+Distilled with {_project_link()} (`train.py --method {info['method']}`); student: {info['student']}.{weights}
 Supported step counts: {steps} (default {info['default_steps']}). Sampling settings per step count are in
 `sampling.json`: the student needs them (its scheduler, timesteps and guidance), not the teacher's.
 

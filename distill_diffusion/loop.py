@@ -114,12 +114,15 @@ def check_start(cfg: Any, spec: MethodSpec, out: Path) -> list[Path]:
 def export_only(tr: Trainer, out: Path) -> None:
     """The student as initialised (``export_initial``: the baseline row every quality bar is compared with) or as a
     checkpoint holds it (``export_checkpoint``), through the same run folder, without a training step."""
-    step = 0
+    step, extra = 0, {}
     if tr.cfg.export_checkpoint:  # checked by check_start; no optimizers built: load restores the tensors only
-        step = checkpoints.load(Path(tr.cfg.export_checkpoint), tr, tr.cfg.export_average)
+        path = Path(tr.cfg.export_checkpoint)
+        step = checkpoints.load(path, tr, tr.cfg.export_average)
+        if tr.cfg.export_average > 1:  # the card and sampling.json say the weights are an average, and of what
+            extra["averaged_steps"] = [checkpoints.step_of(p) for p in checkpoints.window(path, tr.cfg.export_average)]
     if tr.accelerator.is_main_process:
         start_run_folder(tr.cfg, out, tr.accelerator, trackers=False)
-    export_and_validate(tr, out, step)
+    export_and_validate(tr, out, step, extra)
     tr.accelerator.wait_for_everyone()
 
 
@@ -531,19 +534,20 @@ def write_memory(tr: Trainer, out: Path, rss_baseline: int, setup_peak: int) -> 
     artifacts.atomic_write(out / "memory.json", json.dumps(mem, indent=1))
 
 
-def export_and_validate(tr: Trainer, out: Path, step: int) -> None:
+def export_and_validate(tr: Trainer, out: Path, step: int, extra: dict[str, Any] | None = None) -> None:
     """Write the run folder (student, sampling.json, model card) and a validation grid sampled through it, on the
-    main process. Every process calls it: a sharded run gathers its networks first."""
+    main process; ``extra``: more sampling.json keys. Every process calls it: a sharded run gathers its networks
+    first."""
     main = tr.accelerator.is_main_process
     with sharding.gathered(tr.models, main, {export_role(tr.cfg)}):
         if main:
-            _export_and_validate(tr, out, step)
+            _export_and_validate(tr, out, step, extra or {})
 
 
-def _export_and_validate(tr: Trainer, out: Path, step: int) -> None:
+def _export_and_validate(tr: Trainer, out: Path, step: int, extra: dict[str, Any]) -> None:
     cfg = tr.cfg
     artifacts.save_run(tr.models, cfg.method_name, tr.method.sampling(), out, cfg_yaml=to_yaml(cfg),
-                       role=export_role(cfg), extra={"step": step})
+                       role=export_role(cfg), extra={"step": step, **extra})
     if cfg.validation_seeds == 0:
         return
     grid = _validation_grid(out, list(cfg.validation_prompts), cfg.validation_seeds, cfg.validation_guidance,

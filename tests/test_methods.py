@@ -164,7 +164,11 @@ def test_export_checkpoint_writes_what_the_run_wrote(name, tiny_teachers, image_
         train(parse_config([*common, "max_steps=5", f"output_dir={out}", f"resume={run}/checkpoints/checkpoint-1",
                             f"export_checkpoint={run}/checkpoints/checkpoint-{step}", f"export_average={average}"],
                            METHODS)[0], METHODS[name])
-        assert json.loads((out / "sampling.json").read_text())["step"] == step
+        info = json.loads((out / "sampling.json").read_text())
+        assert info["step"] == step
+        # an average says so, and of which checkpoints, in sampling.json and the card (checkpoints 4 and 5 here)
+        assert info.get("averaged_steps") == ([4, 5] if average > 1 else None)
+        assert ("uniform average of the checkpoints at steps 4, 5" in (out / "README.md").read_text()) == (average > 1)
         return load_file(str(next((out / "student").glob("*.safetensors"))))
 
     final = load_file(str(next((run / "student").glob("*.safetensors"))))
