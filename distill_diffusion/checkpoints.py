@@ -216,9 +216,9 @@ def _load_extras(saved: dict[str, torch.Tensor], extras: dict[str, nn.Module], r
             extras[role].load_state_dict(state)
 
 
-def load(path: Path, tr: Trainer, average: int = 1) -> int:
-    """Load checkpoint ``path`` into the trainer; its step. With ``average`` > 1 the tensors are the uniform average
-    over the ``average`` checkpoints of its folder ending at it (:func:`window`). UserError when it is incomplete,
+def load(path: Path, tr: Trainer, averaged: list[Path] | None = None) -> int:
+    """Load checkpoint ``path`` into the trainer; its step. With ``averaged`` (:func:`window`'s checkpoints ending at
+    ``path``, more than one) the tensors are their uniform average. UserError when it is incomplete,
     unreadable or was written by another configuration (then nothing is changed)."""
     from safetensors.torch import load_file
 
@@ -226,8 +226,8 @@ def load(path: Path, tr: Trainer, average: int = 1) -> int:
     if sharded != tr.sharded:
         raise UserError(f"checkpoint {path} was written {'with' if sharded else 'without'} fsdp; resume it with "
                         f"fsdp={'true' if sharded else 'false'} (and student=full)")
-    if sharded and average > 1:
-        raise UserError(f"export_average={average}: sharded (fsdp) checkpoints are not averaged; export one with "
+    if sharded and averaged:
+        raise UserError(f"export_average={len(averaged)}: sharded (fsdp) checkpoints are not averaged; export one with "
                         "export_average=1")
     if sharded:
         return _load_sharded(path, tr)
@@ -240,8 +240,8 @@ def load(path: Path, tr: Trainer, average: int = 1) -> int:
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to resume from an "
                         "earlier one") from None
-    if average > 1:
-        saved = _average(window(path, average), saved)
+    if averaged:
+        saved = _average(averaged, saved)
     current = role_tensors(tr.models)
     fresh = _new_ema_targets(saved, tr)
     current = {k: v for k, v in current.items() if k.split("/", 1)[0] not in fresh}

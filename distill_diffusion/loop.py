@@ -116,10 +116,11 @@ def export_only(tr: Trainer, out: Path) -> None:
     checkpoint holds it (``export_checkpoint``), through the same run folder, without a training step."""
     step, extra = 0, {}
     if tr.cfg.export_checkpoint:  # checked by check_start; no optimizers built: load restores the tensors only
-        path = Path(tr.cfg.export_checkpoint)
-        step = checkpoints.load(path, tr, tr.cfg.export_average)
-        if tr.cfg.export_average > 1:  # the card and sampling.json say the weights are an average, and of what
-            extra["averaged_steps"] = [checkpoints.step_of(p) for p in checkpoints.window(path, tr.cfg.export_average)]
+        path, n = Path(tr.cfg.export_checkpoint), tr.cfg.export_average
+        averaged = checkpoints.window(path, n) if n > 1 else None
+        step = checkpoints.load(path, tr, averaged)
+        if averaged:  # the card and sampling.json say the weights are an average, and of what
+            extra["averaged_steps"] = [checkpoints.step_of(p) for p in averaged]
     if tr.accelerator.is_main_process:
         start_run_folder(tr.cfg, out, tr.accelerator, trackers=False)
     export_and_validate(tr, out, step, extra)
@@ -541,13 +542,13 @@ def export_and_validate(tr: Trainer, out: Path, step: int, extra: dict[str, Any]
     main = tr.accelerator.is_main_process
     with sharding.gathered(tr.models, main, {export_role(tr.cfg)}):
         if main:
-            _export_and_validate(tr, out, step, extra or {})
+            _export_and_validate(tr, out, step, extra)
 
 
-def _export_and_validate(tr: Trainer, out: Path, step: int, extra: dict[str, Any]) -> None:
+def _export_and_validate(tr: Trainer, out: Path, step: int, extra: dict[str, Any] | None) -> None:
     cfg = tr.cfg
     artifacts.save_run(tr.models, cfg.method_name, tr.method.sampling(), out, cfg_yaml=to_yaml(cfg),
-                       role=export_role(cfg), extra={"step": step, **extra})
+                       role=export_role(cfg), extra={"step": step, **(extra or {})})
     if cfg.validation_seeds == 0:
         return
     grid = _validation_grid(out, list(cfg.validation_prompts), cfg.validation_seeds, cfg.validation_guidance,
