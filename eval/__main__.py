@@ -270,7 +270,8 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
     from distill_diffusion.artifacts import SAMPLING_FILE, list_students, load_student, read_run_info
 
     skipped = []
-    for r, name in zip(runs, unique_names([r["dir"] for r in runs])):
+    names = unique_names([r["dir"] for r in runs])
+    for r, name in zip(runs, names):
         pipe = load_student(r["dir"], device=ctx.device)
         method = r["info"].get("method")
         for s in sorted(r["info"]["steps"]):
@@ -297,14 +298,21 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
     # Which runs this report scored, and how far each was trained (0: an untrained export_initial baseline).
     meta["runs"] = [{"dir": r["dir"], "method": r["info"].get("method"), "trained_steps": r["info"].get("step"),
                      "teacher_hash": r["info"].get("teacher_hash"), "run_info": read_run_info(r["dir"]),
-                     "checkpoint": r["checkpoint"]}
+                     "checkpoint": r["checkpoint"], "averaged_steps": r["info"].get("averaged_steps")}
                     for r in runs]
-    meta["notes"] = skipped
+    meta["notes"] = averaged_notes(runs, names) + skipped
     report.write(out, rows, every, meta)
     print(f"report written to {out}/report.md", file=sys.stderr)
     if a.update_cards:
         update_cards(runs, rows, meta, out)
     return out
+
+
+def averaged_notes(runs: list[dict[str, Any]], names: list[str]) -> list[str]:
+    """What a row's label does not say: which students are the average of several checkpoints (``export_average``,
+    recorded as ``averaged_steps`` in their sampling.json)."""
+    return [f"{name}: weights are the uniform average of the checkpoints at steps {', '.join(map(str, steps))}"
+            for r, name in zip(runs, names) if (steps := r["info"].get("averaged_steps"))]
 
 
 def update_cards(runs: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:

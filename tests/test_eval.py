@@ -458,6 +458,21 @@ def test_row_labels_keep_a_symlinked_run_folder_s_own_name(tmp_path, monkeypatch
     assert unique_names([".", str(tmp_path / "b" / "run/")]) == ["run#1", "run#2"]
 
 
+def test_an_averaged_student_is_named_in_the_report_notes(tmp_path):
+    """A student exported with ``export_average`` says so in the report (its label is only the folder's name): the
+    steps come from its sampling.json, as ``check_run`` reads it; a plain export adds no note."""
+    from eval.__main__ import averaged_notes
+
+    lora = tmp_path / "swa" / "student" / artifacts.LORA_FILE
+    lora.parent.mkdir(parents=True)
+    lora.write_bytes(b"")
+    (tmp_path / "swa" / artifacts.SAMPLING_FILE).write_text(json.dumps(
+        {"student": "lora", "steps": {}, "averaged_steps": [2750, 3000]}))
+    runs = [{"info": artifacts.check_run(tmp_path / "swa")}, {"info": {"student": "lora", "steps": {}}}]
+    assert averaged_notes(runs, ["swa", "plain"]) == [
+        "swa: weights are the uniform average of the checkpoints at steps 2750, 3000"]
+
+
 @pytest.mark.slow
 def test_a_checkpoint_folder_is_scored_as_its_export(tiny_teachers, image_folder, prompt_file, ref_folder,
                                                      evaluator_dir, tmp_path, capsys):
