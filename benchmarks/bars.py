@@ -130,7 +130,23 @@ def dmd2_few_step_bars() -> list[Bar]:
     ]
 
 
+def scm_bars() -> list[Bar]:
+    """Issue 19's sCM bars on the embedded flow teacher: FID <= 1.5x (one step) and <= 1.2x (two steps) the
+    teacher's 25 steps, and diversity >= 0.8x the teacher's at 25 steps at every step count the student exports."""
+    limit = {1: 1.5, 2: 1.2}
+
+    def scm(r: Row) -> bool:
+        return r["method"] == "scm"
+
+    return [
+        Bar("sCM FID vs teacher 25 steps", lambda r: scm(r) and r["steps"] in limit,
+            lambda r, t: _fid_ratio(r, t.get(25), limit[r["steps"]], "teacher 25 steps")),
+        Bar("sCM diversity vs teacher 25 steps", scm, lambda r, t: _diversity_share(r, t.get(25), 0.8)),
+    ]
+
+
 BARS: dict[str, list[Bar]] = {
+    "scm": scm_bars(),
     "embedded-flow": one_step_bars(("dmd2", "sid")) + few_step_bars(),
     "embedded": one_step_bars(("dmd2", "sid")) + tscd_bars() + dmd2_few_step_bars() + same_nfe_bars(),
 }

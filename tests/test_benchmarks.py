@@ -191,6 +191,29 @@ def test_dmd2_four_step_bars_by_hand():
     assert any(b.name.startswith("DMD2 4-step") for b in bars.BARS["embedded"])
 
 
+def test_scm_bars_by_hand():
+    """Issue 19's bars: FID <= 1.5x / 1.2x the 25-step teacher at one / two steps (four steps: no FID bar), diversity
+    >= 0.8x the 25-step teacher's at every step count; other methods' rows are not judged."""
+    from benchmarks import bars
+
+    teachers = {25: {"kind": "teacher", "steps": 25, "nfe": 50.0, "fid": 3.2918, "diversity": 0.1069}}
+
+    def s(steps, fid, div, method="scm"):
+        return {"kind": "student", "label": f"{method}{steps}", "run": "r", "method": method, "steps": steps,
+                "nfe": float(steps), "fid": fid, "diversity": div}
+
+    rows = [s(1, 4.9376, 0.0856), s(2, 3.9502, 0.0855), s(4, 9.0, 0.09), s(1, 1.0, 0.2, "dmd2")]
+    res = {(x["student"], x["bar"]): x for x in bars.judge(teachers, rows, {}, bars.BARS["scm"])}
+    assert set(res) == {("scm1", "sCM FID vs teacher 25 steps"), ("scm2", "sCM FID vs teacher 25 steps"),
+                        ("scm1", "sCM diversity vs teacher 25 steps"), ("scm2", "sCM diversity vs teacher 25 steps"),
+                        ("scm4", "sCM diversity vs teacher 25 steps")}
+    assert res[("scm1", "sCM FID vs teacher 25 steps")]["pass"]  # 4.9376 <= 1.5 x 3.2918 = 4.9377
+    assert not res[("scm2", "sCM FID vs teacher 25 steps")]["pass"]  # 3.9502 > 1.2 x 3.2918 = 3.95016
+    assert res[("scm1", "sCM diversity vs teacher 25 steps")]["pass"]  # 0.0856 >= 0.08552
+    assert not res[("scm2", "sCM diversity vs teacher 25 steps")]["pass"]  # 0.0855 < 0.08552
+    assert res[("scm4", "sCM diversity vs teacher 25 steps")]["pass"]
+
+
 def test_same_nfe_bar_judges_every_few_step_row_against_the_teacher_at_its_cost():
     """Issue 21: a k-step student (k > 1) against the teacher row of NFE k (k / 2 steps with CFG); one-step rows and
     rows without such a teacher row are not judged."""
