@@ -165,7 +165,7 @@ def load(path: Path) -> tuple[dict[int, Row], list[Row], dict[str, int | None]]:
                         f"`python -m eval --runs ...`")
     teachers = {r["steps"]: r for r in rep["rows"] if r["kind"] == "teacher"}
     students = [r for r in rep["rows"] if r["kind"] == "student"]
-    trained = {r["dir"]: r.get("trained_steps") for r in rep["meta"].get("runs", [])}
+    trained = {r["dir"]: r.get("trained_steps") for r in rep.get("meta", {}).get("runs", [])}
     return teachers, students, trained
 
 

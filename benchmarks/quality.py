@@ -136,6 +136,12 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def payload(command: str, rows: list[dict[str, Any]], report: dict[str, Any]) -> dict[str, Any]:
+    """quality.json: the command, the aggregated rows and the eval report's list of scored runs (``meta.runs``, with
+    their trained steps), so that ``python -m benchmarks.bars quality.json`` judges it as it judges a report."""
+    return {"command": command, "rows": rows, "meta": {"runs": report.get("meta", {}).get("runs", [])}}
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", required=True)
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n" + bars.markdown(bars.judge(teachers, seeds, {}, bars.BARS[a.bars]), out / "quality.json",
                                      a.bars)
     (ROOT / out / "quality.md").write_text(text)
-    (ROOT / out / "quality.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    (ROOT / out / "quality.json").write_text(json.dumps(payload(command, rows, report), indent=1))
     print(text, end="")
     return 0
 

@@ -258,6 +258,12 @@ def test_quality_spread_over_seed_runs_and_bars_on_the_mean(tmp_path):
     res = bars.judge({r["steps"]: r for r in out if r["kind"] == "teacher"}, seed, {}, bars.BARS["embedded-flow"])
     assert {x["bar"]: x["pass"] for x in res} == {"1-step FID vs teacher 25 steps": True,  # 1.5x exactly
                                                   "1-step FID vs teacher 1 step": True, "1-step accuracy": True}
+    # quality.json judged by the bars' own command: the seeds' mean, never the untrained row
+    runs = [{"dir": f"runs/a_seed{k}", "trained_steps": 300} for k in range(3)]
+    p = tmp_path / "quality.json"
+    p.write_text(json.dumps(quality.payload("cmd", out, {"rows": rows, "meta": {"runs": runs + [
+        {"dir": "runs/a_untrained", "trained_steps": 0}]}})))
+    assert [x["student"] for x in bars.judge(*bars.load(p), bars.BARS["embedded-flow"])] == ["sid x3 seeds"] * 3
     run = tmp_path / "r"
     run.mkdir()
     (run / "config.yaml").write_text("max_steps: 300\n")
