@@ -349,9 +349,8 @@ def model_card(info: dict[str, Any], out: Path) -> str:
     grid = (f"\n## Validation grid\n![validation grid at the last step](validation/{grids[-1].name})\n"
             "Rows: the teacher, then the student at each step count.\n" if grids else "")
     front = yaml.safe_dump(card_metadata(info), sort_keys=False)
-    averaged = info.get("averaged_steps")
-    weights = ("" if not averaged else "\nWeights: the uniform average of the checkpoints at steps "
-               f"{', '.join(map(str, averaged))} (`export_average={len(averaged)}`).")
+    averaged = averaged_weights(info)
+    weights = f"\nWeights: {averaged} (`export_average={len(info['averaged_steps'])}`)." if averaged else ""
     return f"""---
 {front}---
 # {info['method']} student of `{info['teacher']}`
@@ -373,6 +372,13 @@ Or, with distill-diffusion installed: `pipe = distill_diffusion.load_student("{o
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
+
+
+def averaged_weights(info: dict[str, Any]) -> str | None:
+    """What an ``export_average`` student's weights are ("the uniform average of the checkpoints at steps 4, 5"), from
+    its sampling.json's ``averaged_steps``; None for a plain export. The model card and eval's report say it so."""
+    steps = info.get("averaged_steps")
+    return f"the uniform average of the checkpoints at steps {', '.join(map(str, steps))}" if steps else None
 
 
 def read_sampling(run_dir: str | Path, name: str = SAMPLING_FILE) -> dict[str, Any]:

@@ -311,8 +311,9 @@ def run(a: argparse.Namespace, argv: list[str]) -> Path:
 def averaged_notes(runs: list[dict[str, Any]], names: list[str]) -> list[str]:
     """What a row's label does not say: which students are the average of several checkpoints (``export_average``,
     recorded as ``averaged_steps`` in their sampling.json)."""
-    return [f"{name}: weights are the uniform average of the checkpoints at steps {', '.join(map(str, steps))}"
-            for r, name in zip(runs, names) if (steps := r["info"].get("averaged_steps"))]
+    from distill_diffusion.artifacts import averaged_weights
+
+    return [f"{name}: weights are {w}" for r, name in zip(runs, names) if (w := averaged_weights(r["info"]))]
 
 
 def update_cards(runs: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
