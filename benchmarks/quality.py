@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -89,10 +90,16 @@ def _stats(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
+def setting_name(run: str) -> str:
+    """The setting a seed run belongs to: its folder's name without ``_seed<k>`` / ``_untrained`` (``--name``)."""
+    return re.sub(r"_(seed\d+|untrained)$", "", Path(run).name)
+
+
 def aggregate(report: dict[str, Any], seed_runs: list[str], untrained: str | None) -> list[dict[str, Any]]:
     """Per step count, the spread over the seed runs' student rows (their main student only), with the teacher's
     rows and the untrained row as they are. Each row has ``fid`` / ``accuracy`` / ``diversity`` (the mean for
-    seed rows, which ``benchmarks.bars`` judges) and ``spread`` (mean, std, min, max, n per metric)."""
+    seed rows, which ``benchmarks.bars`` judges) and ``spread`` (mean, std, min, max, n per metric). Rows are
+    labelled by the setting's ``--name`` (the method's name by default), so that two settings' tables differ."""
     rows = report["rows"]
     same = {str(Path(x)) for x in seed_runs}
     untrained = str(Path(untrained)) if untrained is not None else None
@@ -104,10 +111,10 @@ def aggregate(report: dict[str, Any], seed_runs: list[str], untrained: str | Non
     for steps, rs in sorted(by_steps.items()):
         spread = {m: _stats([x[m] for x in rs]) for m in METRICS if all(x.get(m) is not None for x in rs)}
         first = rs[0]
-        out.append({"kind": "student", "label": f"{first['method']} x{len(rs)} seeds", "run": first["run"],
+        out.append({"kind": "student", "label": f"{setting_name(first['run'])} x{len(rs)} seeds", "run": first["run"],
                     "method": first["method"], "steps": steps, "nfe": first["nfe"],
                     **{m: s["mean"] for m, s in spread.items()}, "spread": spread})
-    out += [dict(r, label=f"{r['method']} untrained", spread=None) for r in rows
+    out += [dict(r, label=f"{setting_name(r['run'])} untrained", spread=None) for r in rows
             if r["kind"] == "student" and str(Path(r["run"])) == untrained and "/" not in r["label"]]
     return out
 

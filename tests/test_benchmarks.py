@@ -248,13 +248,15 @@ def test_quality_spread_over_seed_runs_and_bars_on_the_mean(tmp_path):
             s("runs/a_seed0", 1, 5.0, 0.90), s("runs/a_seed1", 1, 6.0, 0.84), s("runs/a_seed2", 1, 7.0, 0.81),
             s("runs/a_seed0", 1, 99.0, 0.1, label="a_seed0/student_S4"), s("runs/a_untrained", 1, 50.0, 0.2)]
     out = quality.aggregate({"rows": rows}, ["runs/a_seed0", "runs/a_seed1", "runs/a_seed2"], "runs/a_untrained")
+    # rows are labelled by the setting (--name, the runs' prefix), so two settings of one method read apart
+    assert quality.setting_name("runs/sid_seed2") == "sid" and quality.setting_name("r/scm_r64_untrained") == "scm_r64"
     seed = [r for r in out if r.get("spread")]
     assert len(seed) == 1 and seed[0]["fid"] == 6.0
     sp = seed[0]["spread"]["fid"]
     assert (sp["std"], sp["min"], sp["max"], sp["n"]) == (1.0, 5.0, 7.0, 3)
-    assert [r["label"] for r in out if r["kind"] == "student" and not r.get("spread")] == ["sid untrained"]
+    assert [r["label"] for r in out if r["kind"] == "student" and not r.get("spread")] == ["a untrained"]
     md = quality.markdown(out, "python -m benchmarks.quality --method sid")
-    assert "| sid x3 seeds | 1 | 1 | 6.00 ± 1.00 (5.00–7.00) | 85.0 ± 4.6% |" in md
+    assert "| a x3 seeds | 1 | 1 | 6.00 ± 1.00 (5.00–7.00) | 85.0 ± 4.6% |" in md
     res = bars.judge({r["steps"]: r for r in out if r["kind"] == "teacher"}, seed, {}, bars.BARS["embedded-flow"])
     assert {x["bar"]: x["pass"] for x in res} == {"1-step FID vs teacher 25 steps": True,  # 1.5x exactly
                                                   "1-step FID vs teacher 1 step": True, "1-step accuracy": True}
@@ -263,7 +265,7 @@ def test_quality_spread_over_seed_runs_and_bars_on_the_mean(tmp_path):
     p = tmp_path / "quality.json"
     p.write_text(json.dumps(quality.payload("cmd", out, {"rows": rows, "meta": {"runs": runs + [
         {"dir": "runs/a_untrained", "trained_steps": 0}]}})))
-    assert [x["student"] for x in bars.judge(*bars.load(p), bars.BARS["embedded-flow"])] == ["sid x3 seeds"] * 3
+    assert [x["student"] for x in bars.judge(*bars.load(p), bars.BARS["embedded-flow"])] == ["a x3 seeds"] * 3
     run = tmp_path / "r"
     run.mkdir()
     (run / "config.yaml").write_text("max_steps: 300\n")
