@@ -27,8 +27,8 @@ def lr_factor(i: int, warmup: int, total: int, kind: str = "constant", decay_ste
     iterations), so the last update still moves. The decay starts at the warm-up's end, or with ``decay_steps`` at
     ``total - decay_steps`` (warmup-stable-decay: constant until then, so a longer run's checkpoint from before the
     decay is the shorter run's, and a constant run's checkpoint can be annealed by resuming it). A decay is meant to
-    end a run settled rather than wherever a constant rate leaves it (issue 21's seed spread; the README's SiD and
-    sCM sections have the measurements)."""
+    end a run settled rather than wherever a constant rate leaves it (issue 21's seed spread; the README's SiD
+    section and docs/scm-experiments.md have the measurements)."""
     w = max(warmup, 1)
     if i + 1 < w or kind == "constant":
         return min(1.0, (i + 1) / w)
