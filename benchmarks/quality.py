@@ -31,6 +31,7 @@ from distill_diffusion.provenance import command_line
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL = ["--num-images", "2000", "--teacher-steps", "1", "2", "4", "25", "--guidance-grid", "2", "3", "4"]
 METRICS = ("fid", "accuracy", "diversity")
+SEED, UNTRAINED = "_seed", "_untrained"  # run folders: RUNS/NAME_seed{k}, RUNS/NAME_untrained
 
 
 def finished(run: Path) -> bool:
@@ -50,9 +51,9 @@ def train_commands(a: argparse.Namespace) -> list[tuple[Path, list[str]]]:
     base = [sys.executable, "train.py", "--method", a.method] + (["--config", a.config] if a.config else [])
     out = []
     for k in a.seeds:
-        run = Path(a.runs_dir) / f"{a.name}_seed{k}"
+        run = Path(a.runs_dir) / f"{a.name}{SEED}{k}"
         out.append((run, base + [f"seed={k}", f"output_dir={run}", *a.overrides]))
-    run = Path(a.runs_dir) / f"{a.name}_untrained"
+    run = Path(a.runs_dir) / f"{a.name}{UNTRAINED}"
     out.append((run, base + ["export_initial=true", f"output_dir={run}", *a.overrides]))
     return out
 
@@ -62,7 +63,7 @@ def train_all(cmds: list[tuple[Path, list[str]]], env: dict[str, str]) -> bool:
     interrupted one with ``resume=latest``; False, with one line, at the first failure (finished runs are kept, so a
     second call resumes)."""
     for run, cmd in cmds:
-        if finished(run) or (run.name.endswith("_untrained") and (run / "sampling.json").is_file()):
+        if finished(run) or (run.name.endswith(UNTRAINED) and (run / "sampling.json").is_file()):
             print(f"[train] kept {run}", flush=True)
             continue
         if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
@@ -92,7 +93,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def setting_name(run: str) -> str:
     """The setting a seed run belongs to: its folder's name without ``_seed<k>`` / ``_untrained`` (``--name``)."""
-    return re.sub(r"_(seed\d+|untrained)$", "", Path(run).name)
+    return re.sub(rf"({SEED}\d+|{UNTRAINED})$", "", Path(run).name)
 
 
 def aggregate(report: dict[str, Any], seed_runs: list[str], untrained: str | None) -> list[dict[str, Any]]:
